@@ -1,0 +1,1 @@
+//! Workdir preparation, as the kernel does it at mount (`W/work`).
