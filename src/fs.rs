@@ -1,16 +1,558 @@
-//! The `fuser::Filesystem` impl: a thin dispatcher over the other modules.
+//! The `fuser::Filesystem` impl: a thin dispatcher. Each request is handed
+//! to the module that owns it, and every error becomes an errno reply.
 
+use crate::dir::{Caller, NewObj};
+use crate::file::Handles;
+use crate::inode::Inode;
+use crate::inode_ops::SetAttr;
 use crate::options::MountConfig;
+use crate::overlay::Overlay;
+use crate::readdir::DirEntry;
+use crate::sys::{self, Stat};
+use dashmap::DashMap;
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
 use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 /// The overlay filesystem served over FUSE.
-pub struct OverlayFs {}
+pub struct OverlayFs {
+    pub ovl: Arc<Overlay>,
+    files: Handles,
+    dirs: DashMap<u64, Arc<Vec<DirEntry>>>,
+    next_dir: AtomicU64,
+}
 
 impl OverlayFs {
     /// Opens the layers named by `cfg`. Changes nothing on disk.
-    pub fn new(_cfg: &MountConfig) -> io::Result<Self> {
-        Err(io::Error::other("not implemented yet"))
+    pub fn new(cfg: &MountConfig) -> io::Result<Self> {
+        Ok(OverlayFs {
+            ovl: Arc::new(Overlay::new(cfg)?),
+            files: Handles::default(),
+            dirs: DashMap::new(),
+            next_dir: AtomicU64::new(1),
+        })
     }
 }
 
-impl fuser::Filesystem for OverlayFs {}
+fn errno(e: io::Error) -> Errno {
+    Errno::from_i32(sys::errno_of(&e))
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+impl OverlayFs {
+    fn reply_entry(&self, reply: ReplyEntry, r: io::Result<(Arc<Inode>, Stat)>) {
+        match r {
+            Ok((node, st)) => {
+                let attr = self.ovl.attr(&node, &st);
+                reply.entry(&self.ovl.ttl, &attr, Generation(0));
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn reply_attr(&self, reply: ReplyAttr, r: io::Result<(Arc<Inode>, Stat)>) {
+        match r {
+            Ok((node, st)) => reply.attr(&self.ovl.ttl, &self.ovl.attr(&node, &st)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        obj: NewObj<'_>,
+    ) -> io::Result<(Arc<Inode>, Stat)> {
+        let (node, st, _) = self
+            .ovl
+            .create_obj(parent.0, name, mode, obj, caller(req))?;
+        Ok((node, st))
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: io::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, r: io::Result<Vec<u8>>) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+impl fuser::Filesystem for OverlayFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let want = InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_CACHE_SYMLINKS;
+        let have = config.capabilities();
+        let _ = config.add_capabilities(want & have);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.reply_entry(reply, self.ovl.lookup(parent.0, name));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.ovl.table.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let r = self.ovl.getattr(ino.0, fh.map(|f| f.0), &self.files);
+        self.reply_attr(reply, r);
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh: fh.map(|f| f.0),
+        };
+        let r = self.ovl.setattr(ino.0, &a, &self.files);
+        self.reply_attr(reply, r);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.ovl.readlink(ino.0) {
+            Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = mode & libc::S_IFMT;
+        // A 0/0 character device is a whiteout: the kernel refuses to make one.
+        if kind == libc::S_IFCHR && rdev == 0 {
+            return reply.error(Errno::EPERM);
+        }
+        let obj = if kind == libc::S_IFREG {
+            NewObj::File {
+                flags: libc::O_WRONLY,
+            }
+        } else {
+            NewObj::Node { rdev: rdev as u64 }
+        };
+        let r = self.make(req, parent, name, mode & !umask | kind, obj);
+        self.reply_entry(reply, r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.make(req, parent, name, mode & !umask, NewObj::Dir);
+        self.reply_entry(reply, r);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.ovl.remove(parent.0, name, false));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.ovl.remove(parent.0, name, true));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = sys::cstr(target.as_os_str()).and_then(|t| {
+            self.make(
+                req,
+                parent,
+                link_name,
+                0o777,
+                NewObj::Symlink { target: &t },
+            )
+        });
+        self.reply_entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        empty(
+            reply,
+            self.ovl
+                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+        );
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.ovl.node(ino.0).and_then(|src| {
+            if src.is_dir() {
+                return Err(sys::err(libc::EPERM));
+            }
+            self.make(req, newparent, newname, 0, NewObj::Link { src: &src })
+        });
+        self.reply_entry(reply, r);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.ovl.open(ino.0, flags.0, &self.files) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(h) = self.files.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        match self.ovl.read(&h, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(h) = self.files.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        match self.ovl.write(&h, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.files.get(fh.0) {
+            Some(h) => empty(reply, self.ovl.fsync(&h, datasync)),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let r = self.ovl.node(ino.0).and_then(|n| self.ovl.read_merged(&n));
+        match r {
+            Ok(entries) => {
+                let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+                self.dirs.insert(fh, Arc::new(entries));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.dirs.get(&fh.0).map(|e| e.clone()) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.ino), i as u64 + 1, e.kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.ovl.node(ino.0).and_then(|n| {
+            let fd = self.ovl.path_fd(&n)?;
+            let d = sys::reopen(
+                std::os::fd::AsFd::as_fd(&fd),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )?;
+            sys::fsync(std::os::fd::AsFd::as_fd(&d), false)
+        });
+        empty(reply, r);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.ovl.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                crate::overlay::NAME_MAX as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.ovl.setxattr(ino.0, name, value, flags));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        xattr_reply(reply, size, self.ovl.getxattr(ino.0, name));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(reply, size, self.ovl.listxattr(ino.0));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.ovl.removexattr(ino.0, name));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let r = self.ovl.node(ino.0).and_then(|n| {
+            if mask.bits() & libc::W_OK != 0 && self.ovl.read_only() {
+                return Err(sys::err(libc::EROFS));
+            }
+            self.ovl.real_stat(&n).map(drop)
+        });
+        empty(reply, r);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.ovl.create_obj(
+            parent.0,
+            name,
+            mode & !umask,
+            NewObj::File { flags },
+            caller(req),
+        );
+        match r {
+            Ok((node, st, Some(fd))) => {
+                let fh = self.ovl.new_handle(&node, fd, flags, &self.files);
+                let attr = self.ovl.attr(&node, &st);
+                reply.created(
+                    &self.ovl.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                );
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.files.get(fh.0) {
+            Some(h) => empty(reply, self.ovl.fallocate(&h, mode, offset, length)),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.files.get(fh.0) {
+            Some(h) => match self.ovl.lseek(&h, offset, whence) {
+                Ok(o) => reply.offset(o),
+                Err(e) => reply.error(errno(e)),
+            },
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let (Some(hi), Some(ho)) = (self.files.get(fh_in.0), self.files.get(fh_out.0)) else {
+            return reply.error(Errno::EBADF);
+        };
+        match self
+            .ovl
+            .copy_file_range(&hi, offset_in, &ho, offset_out, len)
+        {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}

@@ -3,7 +3,18 @@
 //! The layout follows the kernel's `fs/overlayfs`: one concern per module.
 //! `fs` is the thin `fuser::Filesystem` dispatcher over the others.
 
+pub mod copyup;
+pub mod dir;
+pub mod file;
 pub mod fs;
+pub mod inode;
+pub mod inode_ops;
+pub mod layer;
+pub mod lookup;
 pub mod options;
+pub mod overlay;
+pub mod readdir;
 pub mod session;
+pub mod sys;
 pub mod workdir;
+pub mod xattr;

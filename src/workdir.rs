@@ -1,1 +1,445 @@
 //! Workdir preparation, as the kernel does it at mount (`W/work`).
+//!
+//! The kernel marks upper and work dirs "in use" so two overlays cannot share
+//! them; rovl takes `flock`s instead, held for the life of [`WorkDir`].
+//! Leftovers in `W/work` come from interrupted copy-ups and are removed
+//! without following symlinks.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Name of the scratch dir inside the workdir (the kernel's `OVL_WORKDIR_NAME`).
+pub const WORK_NAME: &str = "work";
+
+/// A prepared workdir: `W/work` is fresh and empty, and both W and the upper
+/// dir are locked against other rovl mounts until this is dropped.
+#[derive(Debug)]
+pub struct WorkDir {
+    work: OwnedFd,
+    /// W itself; holds the workdir lock.
+    base: OwnedFd,
+    /// Holds the upperdir lock.
+    _upper: OwnedFd,
+}
+
+impl WorkDir {
+    /// `W/work`, where copy-ups are built before being renamed into place.
+    pub fn work_fd(&self) -> BorrowedFd<'_> {
+        self.work.as_fd()
+    }
+
+    /// The workdir W itself (the kernel also keeps `W/index` here).
+    pub fn base_fd(&self) -> BorrowedFd<'_> {
+        self.base.as_fd()
+    }
+
+    /// Creates `W/work/incompat/volatile` as the kernel does for `volatile`
+    /// mounts; it makes later mounts of this workdir fail until removed.
+    pub fn mark_volatile(&self) -> io::Result<()> {
+        let incompat = c"incompat";
+        mkdir_if_missing(self.work.as_fd(), incompat)?;
+        let dir = open_dir(self.work.as_fd(), incompat)?;
+        mkdir_if_missing(dir.as_fd(), c"volatile")
+    }
+}
+
+fn cstr(p: &OsStr) -> io::Result<CString> {
+    CString::new(p.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+}
+
+/// Opens a layer root by path (following symlinks, like the kernel's lookup).
+fn open_root(what: &str, p: &Path) -> io::Result<OwnedFd> {
+    let c = cstr(p.as_os_str())?;
+    // SAFETY: valid C string; the returned fd is owned below.
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })
+    .map_err(|e| with_path(e, what, p))?;
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    let rc = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{what} is busy: {} is in use by another mount", p.display()),
+        ))
+    } else {
+        Err(with_path(e, what, p))
+    }
+}
+
+/// Opens a directory entry of `dir` without following a symlink.
+fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: valid fd and C string; the returned fd is owned below.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `lstat` relative to `dir`; `None` if the entry does not exist.
+fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
+    // SAFETY: fstatat only writes into `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(st));
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+fn is_dir(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+fn mkdir_if_missing(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // Mode 0, like the kernel's work dirs (`d---------`).
+    // SAFETY: valid fd and C string.
+    let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::AlreadyExists {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Names in `dir`, except `.` and `..`.
+fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
+    // fdopendir takes ownership of the fd, so give it a duplicate.
+    let dup = dir.try_clone_to_owned()?;
+    // SAFETY: `dup` is a valid directory fd; on success DIR owns it.
+    let d = unsafe { libc::fdopendir(dup.as_raw_fd()) };
+    if d.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(dup);
+    // The dup shares the offset with `dir`; start from the beginning.
+    // SAFETY: `d` is a valid DIR stream until closedir below.
+    unsafe { libc::rewinddir(d) };
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: errno reset lets us tell end-of-stream from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error() == Some(0) {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: d_name is NUL-terminated within the entry.
+        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    };
+    // SAFETY: closes the stream and the dup fd it owns.
+    unsafe { libc::closedir(d) };
+    result.map(|_| names)
+}
+
+/// Lets us (not root) enter a mode-0 dir we left behind; root never needs it.
+fn make_accessible(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // An O_PATH|O_NOFOLLOW fd pins the entry, so a swapped-in symlink is never chmod'ed through.
+    // SAFETY: valid fd and C string; the returned fd is owned below.
+    let fd = cvt(unsafe {
+        libc::openat(
+            parent.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let proc_path = cstr(OsStr::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))?;
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::chmod(proc_path.as_ptr(), 0o700) })?;
+    Ok(())
+}
+
+/// Removes everything below `dir`, never following symlinks.
+fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    for name in list_dir(dir)? {
+        remove_entry(dir, &name)?;
+    }
+    Ok(())
+}
+
+/// Removes `name` in `parent` (recursively if a directory); missing is fine.
+fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let Some(st) = lstat_at(parent, name)? else {
+        return Ok(());
+    };
+    if is_dir(&st) {
+        let sub = match open_dir(parent, name) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                make_accessible(parent, name)?;
+                open_dir(parent, name)?
+            }
+            r => r?,
+        };
+        if let Err(e) = empty_dir(sub.as_fd()) {
+            if e.kind() != io::ErrorKind::PermissionDenied {
+                return Err(e);
+            }
+            // Opened without read/write permission (mode 0, not root).
+            drop(sub);
+            make_accessible(parent, name)?;
+            empty_dir(open_dir(parent, name)?.as_fd())?;
+        }
+        // SAFETY: valid fd and C string.
+        cvt(unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
+    } else {
+        // SAFETY: valid fd and C string.
+        cvt(unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), 0) })?;
+    }
+    Ok(())
+}
+
+/// The kernel refuses a workdir whose `work/incompat/` has entries
+/// (e.g. `volatile` from an unclean volatile mount); checked before removing anything.
+fn check_incompat(base: BorrowedFd<'_>, workdir: &Path) -> io::Result<()> {
+    let Some(st) = lstat_at(base, c"work")? else {
+        return Ok(());
+    };
+    if !is_dir(&st) {
+        return Ok(());
+    }
+    let work = match open_dir(base, c"work") {
+        Ok(fd) => fd,
+        // Not ours to judge without access; removal will report it.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(st) = lstat_at(work.as_fd(), c"incompat")? else {
+        return Ok(());
+    };
+    if !is_dir(&st) {
+        return Ok(());
+    }
+    let incompat = open_dir(work.as_fd(), c"incompat")?;
+    if let Some(feature) = list_dir(incompat.as_fd())?.first() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "workdir {}: overlay with incompat feature '{}' cannot be mounted (remove {}/work to reuse it)",
+                workdir.display(),
+                feature.to_string_lossy(),
+                workdir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Locks `workdir` and `upperdir` (failing with `ResourceBusy` if another mount
+/// holds them), then recreates `W/work` empty with mode 0000 as the kernel does.
+/// Call only after [`crate::options::validate`] passed.
+pub fn prepare(workdir: &Path, upperdir: &Path) -> io::Result<WorkDir> {
+    let base = open_root("workdir", workdir)?;
+    lock(base.as_fd(), "workdir", workdir)?;
+    let upper = open_root("upperdir", upperdir)?;
+    lock(upper.as_fd(), "upperdir", upperdir)?;
+
+    check_incompat(base.as_fd(), workdir)?;
+    remove_entry(base.as_fd(), c"work")
+        .map_err(|e| with_path(e, "cannot clean up workdir", &workdir.join(WORK_NAME)))?;
+    mkdir_if_missing(base.as_fd(), c"work")
+        .map_err(|e| with_path(e, "cannot create", &workdir.join(WORK_NAME)))?;
+    let work = match open_dir(base.as_fd(), c"work") {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            // Without CAP_DAC_OVERRIDE we could not use a mode-0 dir at all.
+            make_accessible(base.as_fd(), c"work")?;
+            open_dir(base.as_fd(), c"work")
+        }
+        r => r,
+    }
+    .map_err(|e| with_path(e, "cannot open", &workdir.join(WORK_NAME)))?;
+    Ok(WorkDir {
+        work,
+        base,
+        _upper: upper,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    fn dirs() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let u = t.path().join("u");
+        let w = t.path().join("w");
+        fs::create_dir(&u).unwrap();
+        fs::create_dir(&w).unwrap();
+        (t, u, w)
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn creates_work_mode_0() {
+        let (_t, u, w) = dirs();
+        let wd = prepare(&w, &u).unwrap();
+        let work = w.join(WORK_NAME);
+        assert!(work.is_dir());
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(mode(&work), 0);
+        }
+        // The fd really is W/work.
+        let st_fd = {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::fstat(wd.work_fd().as_raw_fd(), &mut st) }, 0);
+            st.st_ino
+        };
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(st_fd, fs::metadata(&work).unwrap().ino());
+        assert_eq!(fs::read_dir(&u).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn removes_leftovers_without_following_symlinks() {
+        let (t, u, w) = dirs();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), b"x").unwrap();
+        let work = w.join(WORK_NAME);
+        fs::create_dir_all(work.join("#1/deep/er")).unwrap();
+        fs::write(work.join("#1/deep/er/f"), b"x").unwrap();
+        fs::write(work.join("#2"), b"x").unwrap();
+        symlink(&outside, work.join("#1/link")).unwrap();
+        symlink(&outside, work.join("#3")).unwrap();
+        // A locked-down leftover dir, as the kernel would leave it.
+        fs::create_dir(work.join("#4")).unwrap();
+        fs::write(work.join("#4/g"), b"x").unwrap();
+        fs::set_permissions(work.join("#4"), fs::Permissions::from_mode(0o000)).unwrap();
+        fs::set_permissions(&work, fs::Permissions::from_mode(0o000)).unwrap();
+
+        let _wd = prepare(&w, &u).unwrap();
+        assert_eq!(fs::read_dir(&work).unwrap().count(), 0);
+        assert!(outside.join("keep").exists());
+        assert!(outside.is_dir());
+    }
+
+    #[test]
+    fn work_as_symlink_is_replaced_not_followed() {
+        let (t, u, w) = dirs();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), b"x").unwrap();
+        symlink(&outside, w.join(WORK_NAME)).unwrap();
+        let _wd = prepare(&w, &u).unwrap();
+        assert!(fs::symlink_metadata(w.join(WORK_NAME)).unwrap().is_dir());
+        assert!(outside.join("keep").exists());
+    }
+
+    #[test]
+    fn busy_detection() {
+        let (t, u, w) = dirs();
+        let wd = prepare(&w, &u).unwrap();
+
+        // Same workdir, another upper.
+        let u2 = t.path().join("u2");
+        fs::create_dir(&u2).unwrap();
+        let e = prepare(&w, &u2).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert!(e.to_string().contains("workdir is busy"), "{e}");
+
+        // Same upper, another workdir.
+        let w2 = t.path().join("w2");
+        fs::create_dir(&w2).unwrap();
+        let e = prepare(&w2, &u).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert!(e.to_string().contains("upperdir is busy"), "{e}");
+        // The failed attempt changed nothing and released the workdir lock.
+        assert!(!w2.join(WORK_NAME).exists());
+        assert!(w.join(WORK_NAME).is_dir());
+
+        drop(wd);
+        prepare(&w2, &u).unwrap();
+    }
+
+    #[test]
+    fn busy_leaves_leftovers_alone() {
+        let (_t, u, w) = dirs();
+        let wd = prepare(&w, &u).unwrap();
+        let marker = w.join(WORK_NAME).join("in-flight");
+        if fs::write(&marker, b"x").is_ok() {
+            assert!(prepare(&w, &u).is_err());
+            assert!(marker.exists());
+        }
+        drop(wd);
+    }
+
+    #[test]
+    fn incompat_volatile_refused() {
+        let (_t, u, w) = dirs();
+        let wd = prepare(&w, &u).unwrap();
+        wd.mark_volatile().unwrap();
+        drop(wd);
+        let e = prepare(&w, &u).unwrap_err();
+        assert!(e.to_string().contains("incompat feature 'volatile'"), "{e}");
+        // Nothing was removed.
+        assert!(fs::symlink_metadata(w.join("work/incompat/volatile")).is_ok());
+    }
+
+    #[test]
+    fn missing_dirs_are_errors() {
+        let (t, u, _w) = dirs();
+        let e = prepare(&t.path().join("nope"), &u).unwrap_err();
+        assert!(e.to_string().contains("workdir"), "{e}");
+    }
+}

@@ -1,0 +1,297 @@
+//! Copy-up (the kernel's `copy_up.c`): a lower object is rebuilt in the
+//! workdir with its data and metadata, then renamed into the upper layer, so a
+//! crash never leaves a half-copied file visible.
+
+use crate::inode::{Inode, Key, ROOT};
+use crate::layer::{LayerIdx, UPPER};
+use crate::overlay::Overlay;
+use crate::sys::{self, Stat};
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+
+impl Overlay {
+    /// Makes sure `node` exists in the upper layer, copying up its parents first.
+    pub fn copy_up(&self, node: &Arc<Inode>) -> io::Result<()> {
+        self.check_writable()?;
+        if node.top() == Some(UPPER) {
+            return Ok(());
+        }
+        let _guard = node.copyup_lock.lock();
+        // Another thread may have finished it while we waited.
+        if node.top() == Some(UPPER) {
+            return Ok(());
+        }
+        if node.nodeid == ROOT {
+            return Ok(());
+        }
+        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
+        self.copy_up(&parent)?;
+        let lower = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let cname = sys::cstr(&name)?;
+        let (lower_dir, _) = self.entry_in(node, lower)?;
+        let upper_dir = self.dir_fd(&parent, UPPER)?;
+        let st = sys::fstatat(lower_dir.as_fd(), &cname)?;
+        // The parent's times are restored afterwards, as the kernel does.
+        let pst = sys::fstat(upper_dir.as_fd())?;
+
+        let work = self.work_fd()?;
+        let tmp = self.tmp_name();
+        let res = self.build_copy(lower_dir.as_fd(), &cname, &st, work, &tmp);
+        let origin = match res {
+            Ok(o) => o,
+            Err(e) => {
+                self.remove_tmp(work, &tmp, &st);
+                return Err(e);
+            }
+        };
+        if let Err(e) = sys::renameat2(work, &tmp, upper_dir.as_fd(), &cname, 0) {
+            self.remove_tmp(work, &tmp, &st);
+            return Err(e);
+        }
+        if origin {
+            self.set_impure(&parent, upper_dir.as_fd());
+        }
+        let _ = sys::utimensat(upper_dir.as_fd(), c".", &sys::stat_times(&pst));
+
+        let ust = sys::fstatat(upper_dir.as_fd(), &cname)?;
+        let old_ino = node.ino();
+        self.copied_inos.insert(ust.st_ino, old_ino);
+        {
+            let mut s = node.state.write();
+            let mut layers: Vec<LayerIdx> = vec![UPPER];
+            if node.is_dir() {
+                layers.extend(s.layers.iter().copied());
+            }
+            s.layers = layers;
+        }
+        self.table
+            .rekey(node, Key::Real(self.layers.get(UPPER).dev, ust.st_ino));
+        log::debug!("copied up {:?} (node {})", name, node.nodeid);
+        Ok(())
+    }
+
+    /// Builds the copy at `work/tmp`. Returns whether an origin was recorded.
+    fn build_copy(
+        &self,
+        ldir: BorrowedFd<'_>,
+        name: &CStr,
+        st: &Stat,
+        work: BorrowedFd<'_>,
+        tmp: &CStr,
+    ) -> io::Result<bool> {
+        let src = sys::openat(ldir, name, libc::O_PATH, 0)?;
+        match sys::mode_type(st.st_mode) {
+            libc::S_IFREG => {
+                let out = sys::openat(
+                    work,
+                    tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    0o600,
+                )?;
+                let input = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
+                copy_data(input.as_fd(), out.as_fd(), st.st_size as u64)?;
+                if !self.cfg.volatile {
+                    sys::fsync(out.as_fd(), false)?;
+                }
+            }
+            libc::S_IFDIR => sys::mkdirat(work, tmp, 0o700)?,
+            libc::S_IFLNK => {
+                let target = sys::readlinkat(ldir, name)?;
+                sys::symlinkat(&sys::cstr(&target)?, work, tmp)?;
+            }
+            _ => sys::mknodat(work, tmp, st.st_mode, st.st_rdev)?,
+        }
+        let dst = sys::openat(work, tmp, libc::O_PATH, 0)?;
+        // Owner before mode (chown clears setuid), xattrs after owner
+        // (chown clears file capabilities), times last.
+        set_owner_mode(work, tmp, dst.as_fd(), st)?;
+        self.copy_xattrs(src.as_fd(), dst.as_fd())?;
+        let origin = self.set_origin(src.as_fd(), dst.as_fd());
+        sys::utimensat(work, tmp, &sys::stat_times(st))?;
+        Ok(origin)
+    }
+
+    /// Copies every xattr but the overlay's own.
+    fn copy_xattrs(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<()> {
+        let list = match sys::listxattr(src) {
+            Ok(l) => l,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for raw in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            let Ok(name) = std::ffi::CString::new(raw) else {
+                continue;
+            };
+            if self.is_private_xattr(raw) {
+                continue;
+            }
+            let val = match sys::getxattr(src, &name) {
+                Ok(v) => v,
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+                Err(e) => return Err(e),
+            };
+            match sys::setxattr(dst, &name, &val, 0) {
+                Ok(()) => {}
+                // Like the kernel, skip what the upper fs does not support.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) => {
+                    log::debug!("copy-up: xattr {:?} not copied: {}", name, e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `origin` as the kernel does: a file handle of the lower object.
+    fn set_origin(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> bool {
+        let Some(fh) = self.encode_fh(src, false) else {
+            return false;
+        };
+        sys::setxattr(dst, &self.xattr_name("origin"), &fh, 0).is_ok()
+    }
+
+    /// The kernel's `struct ovl_fb`: version 0, magic 0xfb, length, flags,
+    /// handle type, the layer fs UUID, then the handle.
+    pub fn encode_fh(&self, fd: BorrowedFd<'_>, upper: bool) -> Option<Vec<u8>> {
+        let (typ, handle) = sys::file_handle(fd).ok()?;
+        let st = sys::fstat(fd).ok()?;
+        let uuid = self
+            .layers
+            .all
+            .iter()
+            .find(|l| l.dev == st.st_dev)
+            .map(|l| l.uuid)
+            .unwrap_or([0; 16]);
+        let len = 21 + handle.len();
+        if len > 255 || typ < 0 || typ > 255 {
+            return None;
+        }
+        let mut flags = 0u8;
+        if cfg!(target_endian = "big") {
+            flags |= 1;
+        }
+        if upper {
+            flags |= 4;
+        }
+        let mut fb = vec![0u8, 0xfb, len as u8, flags, typ as u8];
+        fb.extend_from_slice(&uuid);
+        fb.extend_from_slice(&handle);
+        Some(fb)
+    }
+
+    /// Marks an upper dir as holding copied-up entries (`impure=y`).
+    pub fn set_impure(&self, dir: &Arc<Inode>, fd: BorrowedFd<'_>) {
+        if dir.state.read().impure {
+            return;
+        }
+        let name = self.xattr_name("impure");
+        let already = matches!(sys::getxattr(fd, &name), Ok(v) if v == b"y");
+        if already || sys::setxattr(fd, &name, b"y", 0).is_ok() {
+            dir.state.write().impure = true;
+        }
+    }
+
+    /// The overlay's own xattrs; escaped ones (`<prefix>overlay.X`) belong to the user.
+    pub fn is_private_xattr(&self, name: &[u8]) -> bool {
+        let p = self.xattr_prefix.as_bytes();
+        name.starts_with(p) && !name[p.len()..].starts_with(b"overlay.")
+    }
+
+    /// Removes a half-built object from the workdir.
+    fn remove_tmp(&self, work: BorrowedFd<'_>, tmp: &CStr, st: &Stat) {
+        let flags = if sys::is_dir(st.st_mode) {
+            libc::AT_REMOVEDIR
+        } else {
+            0
+        };
+        let _ = sys::unlinkat(work, tmp, flags);
+    }
+}
+
+/// Copies file data, keeping holes: FICLONE when the fs shares extents,
+/// then copy_file_range over each data extent, read/write as the fallback.
+pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    if sys::ficlone(out, input).is_ok() {
+        return Ok(());
+    }
+    let mut pos: i64 = 0;
+    let end = size as i64;
+    while pos < end {
+        let data = match sys::lseek(input, pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No more data: the rest is a hole.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(_) => pos,
+        };
+        let hole = sys::lseek(input, data, libc::SEEK_HOLE)
+            .unwrap_or(end)
+            .min(end);
+        copy_range(input, out, data, hole - data)?;
+        pos = hole;
+    }
+    sys::ftruncate(out, size)
+}
+
+fn copy_range(input: BorrowedFd<'_>, out: BorrowedFd<'_>, start: i64, len: i64) -> io::Result<()> {
+    let mut off_in = start;
+    let mut off_out = start;
+    let mut left = len;
+    while left > 0 {
+        match sys::copy_file_range(input, &mut off_in, out, &mut off_out, left as usize) {
+            Ok(0) => break,
+            Ok(n) => left -= n as i64,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                ) =>
+            {
+                return copy_rw(input, out, off_in, left);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn copy_rw(
+    input: BorrowedFd<'_>,
+    out: BorrowedFd<'_>,
+    mut off: i64,
+    mut left: i64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let want = (left as usize).min(buf.len());
+        let n = sys::pread(input, &mut buf[..want], off as u64)?;
+        if n == 0 {
+            break;
+        }
+        let mut done = 0;
+        while done < n {
+            done += sys::pwrite(out, &buf[done..n], off as u64 + done as u64)?;
+        }
+        off += n as i64;
+        left -= n as i64;
+    }
+    Ok(())
+}
+
+/// Sets owner, then mode: chown clears setuid, so the mode comes after it.
+pub fn set_owner_mode(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    fd: BorrowedFd<'_>,
+    st: &Stat,
+) -> io::Result<()> {
+    sys::fchownat(dir, name, st.st_uid, st.st_gid)?;
+    if sys::mode_type(st.st_mode) != libc::S_IFLNK {
+        sys::fchmod_any(fd, st.st_mode & 0o7777)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! Directory operations (the kernel's `dir.c`): create, remove and rename
+//! names in the merged view, with whiteouts and opaque directories.
+
+use crate::inode::Inode;
+use crate::layer::UPPER;
+use crate::lookup::Found;
+use crate::overlay::{cstr_of, Overlay};
+use crate::sys::{self, Stat};
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+/// What to create.
+pub enum NewObj<'a> {
+    File { flags: i32 },
+    Dir,
+    Node { rdev: u64 },
+    Symlink { target: &'a CStr },
+    Link { src: &'a Arc<Inode> },
+}
+
+/// The caller's identity, for the owner of new objects.
+#[derive(Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Overlay {
+    /// Creates `name` in `parent`. Returns the node, its stat and, for
+    /// files, the open fd.
+    pub fn create_obj(
+        &self,
+        parent_id: u64,
+        name: &OsStr,
+        mode: u32,
+        obj: NewObj<'_>,
+        who: Caller,
+    ) -> io::Result<(Arc<Inode>, Stat, Option<OwnedFd>)> {
+        self.check_writable()?;
+        let parent = self.node(parent_id)?;
+        let cname = Self::check_name(name)?;
+        if self.find(&parent, &cname)?.is_some() {
+            return Err(sys::err(libc::EEXIST));
+        }
+        if let NewObj::Link { src } = &obj {
+            self.copy_up(src)?;
+        }
+        self.copy_up(&parent)?;
+        let ufd = self.dir_fd(&parent, UPPER)?;
+        let over_whiteout = match sys::fstatat(ufd.as_fd(), &cname) {
+            Ok(st) if sys::is_whiteout(&st) => true,
+            Ok(_) => return Err(sys::err(libc::EEXIST)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+            Err(e) => return Err(e),
+        };
+        let pst = sys::fstat(ufd.as_fd())?;
+        // New objects belong to the caller; a setgid parent gives its group.
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            who.gid
+        };
+        let is_dir = matches!(obj, NewObj::Dir);
+        let file = if over_whiteout {
+            // Build in the workdir, then swap with the whiteout atomically.
+            let work = self.work_fd()?;
+            let tmp = self.tmp_name();
+            let built = self.make_obj(work, &tmp, mode, &obj, who.uid, gid);
+            let file = match built {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = sys::unlinkat(work, &tmp, if is_dir { libc::AT_REMOVEDIR } else { 0 });
+                    return Err(e);
+                }
+            };
+            let r = (|| {
+                if is_dir {
+                    let fd = sys::openat(work, &tmp, libc::O_PATH, 0)?;
+                    sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0)?;
+                }
+                sys::renameat2(work, &tmp, ufd.as_fd(), &cname, libc::RENAME_EXCHANGE)
+            })();
+            if let Err(e) = r {
+                let _ = sys::unlinkat(work, &tmp, if is_dir { libc::AT_REMOVEDIR } else { 0 });
+                return Err(e);
+            }
+            // The whiteout is now at the temporary name.
+            let _ = sys::unlinkat(work, &tmp, 0);
+            file
+        } else {
+            self.make_obj(ufd.as_fd(), &cname, mode, &obj, who.uid, gid)?
+        };
+        let st = sys::fstatat(ufd.as_fd(), &cname)?;
+        let found = Found {
+            st,
+            layers: vec![UPPER],
+        };
+        let node = match obj {
+            NewObj::Link { src } => {
+                self.table.lookup(
+                    src.state.read().key.clone(),
+                    src.kind,
+                    vec![UPPER],
+                    src.ino(),
+                    &parent,
+                    &name.to_os_string(),
+                );
+                src.clone()
+            }
+            _ => self.instantiate(&parent, name, found).0,
+        };
+        Ok((node, st, file))
+    }
+
+    /// Makes one object at `dir/name`, owned by `uid:gid`.
+    fn make_obj(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        mode: u32,
+        obj: &NewObj<'_>,
+        uid: u32,
+        gid: u32,
+    ) -> io::Result<Option<OwnedFd>> {
+        let perm = mode & 0o7777;
+        let mut file = None;
+        match obj {
+            NewObj::File { flags } => {
+                let fl = (flags & !(libc::O_TRUNC | libc::O_APPEND)) | libc::O_CREAT | libc::O_EXCL;
+                file = Some(sys::openat(dir, name, fl, perm)?);
+            }
+            NewObj::Dir => sys::mkdirat(dir, name, perm)?,
+            NewObj::Node { rdev } => sys::mknodat(dir, name, mode, *rdev)?,
+            NewObj::Symlink { target } => sys::symlinkat(target, dir, name)?,
+            NewObj::Link { src } => {
+                let (sdir, sname) = self.entry_in(src, UPPER)?;
+                sys::linkat(sdir.as_fd(), &sname, dir, name)?;
+                return Ok(None);
+            }
+        }
+        let r = (|| {
+            sys::fchownat(dir, name, uid, gid)?;
+            // chown cleared setuid/setgid: put them back.
+            if perm & 0o6000 != 0 && !matches!(obj, NewObj::Symlink { .. }) {
+                let fd = sys::openat(dir, name, libc::O_PATH, 0)?;
+                let st = sys::fstat(fd.as_fd())?;
+                sys::fchmod_any(fd.as_fd(), (st.st_mode & 0o7777) | (perm & 0o6000))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            let _ = sys::unlinkat(
+                dir,
+                name,
+                if matches!(obj, NewObj::Dir) {
+                    libc::AT_REMOVEDIR
+                } else {
+                    0
+                },
+            );
+            return Err(e);
+        }
+        Ok(file)
+    }
+
+    /// unlink and rmdir.
+    pub fn remove(&self, parent_id: u64, name: &OsStr, dir: bool) -> io::Result<()> {
+        self.check_writable()?;
+        let parent = self.node(parent_id)?;
+        let cname = Self::check_name(name)?;
+        let f = self
+            .find(&parent, &cname)?
+            .ok_or_else(|| sys::err(libc::ENOENT))?;
+        let is_dir = sys::is_dir(f.st.st_mode);
+        if dir && !is_dir {
+            return Err(sys::err(libc::ENOTDIR));
+        }
+        if !dir && is_dir {
+            return Err(sys::err(libc::EISDIR));
+        }
+        let node = self.table.find_key(&self.key_of(&parent, name, &f).0);
+        if is_dir {
+            let probe = match &node {
+                Some(n) => n.clone(),
+                None => self.instantiate(&parent, name, f).0,
+            };
+            let res = self.check_empty(&probe);
+            if node.is_none() {
+                self.table.forget(probe.nodeid, 1);
+            }
+            res?;
+        }
+        self.copy_up(&parent)?;
+        let ufd = self.dir_fd(&parent, UPPER)?;
+        let in_upper = match sys::fstatat(ufd.as_fd(), &cname) {
+            Ok(st) => !sys::is_whiteout(&st),
+            Err(_) => false,
+        };
+        if self.lower_positive(&parent, &cname)? {
+            self.whiteout(ufd.as_fd(), &cname, in_upper, is_dir)?;
+        } else if is_dir {
+            clear_whiteouts(ufd.as_fd(), &cname)?;
+            sys::unlinkat(ufd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
+        } else {
+            sys::unlinkat(ufd.as_fd(), &cname, 0)?;
+        }
+        if let Some(n) = node {
+            self.detach(&n, parent.nodeid, name);
+        }
+        Ok(())
+    }
+
+    /// Forgets one name of a node; a node with no names left loses its key.
+    fn detach(&self, node: &Arc<Inode>, parent: u64, name: &OsStr) {
+        node.remove_alias(parent, &name.to_os_string());
+        if node.state.read().aliases.is_empty() {
+            self.table.unkey(node);
+            if node.is_dir() {
+                self.forget_dir_fds(node.nodeid);
+            }
+        }
+    }
+
+    /// Puts a whiteout at `dir/name`, atomically replacing what the upper layer has there.
+    fn whiteout(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        exists: bool,
+        is_dir: bool,
+    ) -> io::Result<()> {
+        let work = self.work_fd()?;
+        let tmp = self.tmp_name();
+        sys::mknodat(work, &tmp, libc::S_IFCHR, 0)?;
+        let flags = if exists { libc::RENAME_EXCHANGE } else { 0 };
+        if let Err(e) = sys::renameat2(work, &tmp, dir, name, flags) {
+            let _ = sys::unlinkat(work, &tmp, 0);
+            return Err(e);
+        }
+        if exists {
+            // The replaced object is now at the temporary name.
+            if is_dir {
+                clear_whiteouts(work, &tmp)?;
+                sys::unlinkat(work, &tmp, libc::AT_REMOVEDIR)?;
+            } else {
+                sys::unlinkat(work, &tmp, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent_id: u64,
+        name: &OsStr,
+        newparent_id: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return Err(sys::err(libc::EINVAL));
+        }
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let parent = self.node(parent_id)?;
+        let newparent = self.node(newparent_id)?;
+        let cname = Self::check_name(name)?;
+        let cnew = Self::check_name(newname)?;
+        let src_f = self
+            .find(&parent, &cname)?
+            .ok_or_else(|| sys::err(libc::ENOENT))?;
+        let dst_f = self.find(&newparent, &cnew)?;
+        if exchange && dst_f.is_none() {
+            return Err(sys::err(libc::ENOENT));
+        }
+        if flags & libc::RENAME_NOREPLACE != 0 && dst_f.is_some() {
+            return Err(sys::err(libc::EEXIST));
+        }
+        if parent_id == newparent_id && name == newname {
+            return Ok(());
+        }
+        let src = self.instantiate(&parent, name, src_f).0;
+        let dst = dst_f.map(|f| self.instantiate(&newparent, newname, f).0);
+        let res = self.rename_nodes(
+            &parent,
+            &cname,
+            &src,
+            &newparent,
+            &cnew,
+            dst.as_ref(),
+            exchange,
+        );
+        // Drop the references taken above.
+        self.table.forget(src.nodeid, 1);
+        if let Some(d) = &dst {
+            self.table.forget(d.nodeid, 1);
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_nodes(
+        &self,
+        parent: &Arc<Inode>,
+        cname: &CStr,
+        src: &Arc<Inode>,
+        newparent: &Arc<Inode>,
+        cnew: &CStr,
+        dst: Option<&Arc<Inode>>,
+        exchange: bool,
+    ) -> io::Result<()> {
+        let src_dir = src.is_dir();
+        // Without redirect_dir a directory with lower layers cannot move.
+        if src_dir && src.layers().iter().any(|&l| !self.layers.is_upper(l)) {
+            return Err(sys::err(libc::EXDEV));
+        }
+        if let Some(d) = dst {
+            let dst_dir = d.is_dir();
+            if exchange {
+                if dst_dir && d.layers().iter().any(|&l| !self.layers.is_upper(l)) {
+                    return Err(sys::err(libc::EXDEV));
+                }
+            } else {
+                if src_dir && !dst_dir {
+                    return Err(sys::err(libc::ENOTDIR));
+                }
+                if !src_dir && dst_dir {
+                    return Err(sys::err(libc::EISDIR));
+                }
+                if dst_dir {
+                    self.check_empty(d)?;
+                }
+            }
+            if Arc::ptr_eq(src, d) {
+                // Two names of one file: nothing to do.
+                return Ok(());
+            }
+        }
+        // Moving a directory into another directory is what the kernel would refuse as a loop.
+        if src_dir && self.is_ancestor(src, newparent) {
+            return Err(sys::err(libc::EINVAL));
+        }
+        self.copy_up(src)?;
+        self.copy_up(parent)?;
+        self.copy_up(newparent)?;
+        if exchange {
+            if let Some(d) = dst {
+                self.copy_up(d)?;
+            }
+        }
+        let old_ufd = self.dir_fd(parent, UPPER)?;
+        let new_ufd = self.dir_fd(newparent, UPPER)?;
+        let src_lower = self.lower_positive(parent, cname)?;
+        let src_opaque = src_dir && self.is_opaque_at(old_ufd.as_fd(), cname);
+        // A directory moving into a merged directory must not merge with
+        // a lower one of its new name.
+        if src_dir && !src_opaque && newparent.layers().len() > 1 {
+            let fd = sys::openat(old_ufd.as_fd(), cname, libc::O_PATH, 0)?;
+            sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0)?;
+        }
+        if exchange {
+            let d = dst.ok_or_else(|| sys::err(libc::ENOENT))?;
+            if d.is_dir() && parent.layers().len() > 1 && !self.is_opaque_at(new_ufd.as_fd(), cnew)
+            {
+                let fd = sys::openat(new_ufd.as_fd(), cnew, libc::O_PATH, 0)?;
+                sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0)?;
+            }
+            sys::renameat2(
+                old_ufd.as_fd(),
+                cname,
+                new_ufd.as_fd(),
+                cnew,
+                libc::RENAME_EXCHANGE,
+            )?;
+            self.mark_impure_after_move(newparent, new_ufd.as_fd(), cnew);
+            self.mark_impure_after_move(parent, old_ufd.as_fd(), cname);
+            let (n1, n2) = (cstr_of(cname), cstr_of(cnew));
+            src.remove_alias(parent.nodeid, &n1.to_os_string());
+            d.remove_alias(newparent.nodeid, &n2.to_os_string());
+            src.add_alias(newparent, &n2.to_os_string());
+            d.add_alias(parent, &n1.to_os_string());
+            return Ok(());
+        }
+        // Target in the upper layer: a whiteout, an empty dir, or a file.
+        let target = match sys::fstatat(new_ufd.as_fd(), cnew) {
+            Ok(st) => Some(st),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(t) = &target {
+            if sys::is_dir(t.st_mode) {
+                clear_whiteouts(new_ufd.as_fd(), cnew)?;
+            }
+        }
+        let target_is_whiteout = target.as_ref().is_some_and(sys::is_whiteout);
+        if src_dir && target_is_whiteout {
+            // A directory cannot replace a device: swap, then deal with the whiteout.
+            sys::renameat2(
+                old_ufd.as_fd(),
+                cname,
+                new_ufd.as_fd(),
+                cnew,
+                libc::RENAME_EXCHANGE,
+            )?;
+            if !src_lower {
+                sys::unlinkat(old_ufd.as_fd(), cname, 0)?;
+            }
+        } else {
+            let fl = if src_lower { libc::RENAME_WHITEOUT } else { 0 };
+            sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, fl)?;
+        }
+        self.mark_impure_after_move(newparent, new_ufd.as_fd(), cnew);
+        if let Some(d) = dst {
+            self.detach(d, newparent.nodeid, cstr_of(cnew));
+        }
+        src.remove_alias(parent.nodeid, &cstr_of(cname).to_os_string());
+        src.add_alias(newparent, &cstr_of(cnew).to_os_string());
+        Ok(())
+    }
+
+    /// Whether `a` is `b` or one of its ancestors.
+    fn is_ancestor(&self, a: &Arc<Inode>, b: &Arc<Inode>) -> bool {
+        let mut cur = Some(b.clone());
+        while let Some(n) = cur {
+            if n.nodeid == a.nodeid {
+                return true;
+            }
+            cur = n.alias().map(|(p, _)| p);
+        }
+        false
+    }
+
+    /// As the kernel: a dir gaining an entry that has an origin becomes impure.
+    fn mark_impure_after_move(&self, dir: &Arc<Inode>, dfd: BorrowedFd<'_>, name: &CStr) {
+        if let Ok(fd) = sys::openat(dfd, name, libc::O_PATH, 0) {
+            if sys::getxattr(fd.as_fd(), &self.xattr_name("origin")).is_ok() {
+                self.set_impure(dir, dfd);
+            }
+        }
+    }
+}
+
+/// Removes the whiteouts inside upper dir `dir/name` (it holds nothing else).
+fn clear_whiteouts(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let d = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    for e in sys::read_dir_all(&d)? {
+        let c = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(e.name.as_os_str()))
+            .map_err(|_| sys::err(libc::EINVAL))?;
+        let st = sys::fstatat(d.as_fd(), &c)?;
+        if !sys::is_whiteout(&st) {
+            return Err(sys::err(libc::ENOTEMPTY));
+        }
+        sys::unlinkat(d.as_fd(), &c, 0)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! File operations (the kernel's `file.c`): open handles and data I/O.
+//! Opening for write copies up first; a read-only handle opened before a
+//! copy-up switches to the upper file, as the kernel's does.
+
+use crate::inode::Inode;
+use crate::layer::UPPER;
+use crate::overlay::Overlay;
+use crate::sys;
+use dashmap::DashMap;
+use parking_lot::RwLock;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub struct Handle {
+    pub node: Arc<Inode>,
+    fd: RwLock<Arc<OwnedFd>>,
+    flags: i32,
+    pub writable: bool,
+    in_upper: AtomicBool,
+}
+
+impl Handle {
+    pub fn fd(&self) -> Arc<OwnedFd> {
+        self.fd.read().clone()
+    }
+}
+
+/// Open files, by FUSE file handle.
+#[derive(Default)]
+pub struct Handles {
+    map: DashMap<u64, Arc<Handle>>,
+    next: AtomicU64,
+}
+
+impl Handles {
+    pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.map.get(&fh).map(|h| h.clone())
+    }
+
+    fn insert(&self, h: Handle) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.map.insert(fh, Arc::new(h));
+        fh
+    }
+
+    pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.map.remove(&fh).map(|(_, h)| h)
+    }
+}
+
+/// Flags never passed to the real open: the kernel handles them above us.
+const STRIP: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_APPEND | libc::O_DIRECT;
+
+fn wants_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl Overlay {
+    pub fn open(&self, nodeid: u64, flags: i32, handles: &Handles) -> io::Result<u64> {
+        let node = self.node(nodeid)?;
+        if node.is_dir() {
+            return Err(sys::err(libc::EISDIR));
+        }
+        let write = wants_write(flags);
+        if write {
+            self.check_writable()?;
+            self.copy_up(&node)?;
+        }
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let (pfd, name) = self.entry_in(&node, top)?;
+        let fd = sys::openat(pfd.as_fd(), &name, flags & !STRIP, 0)?;
+        Ok(self.new_handle(&node, fd, flags, handles))
+    }
+
+    pub fn new_handle(&self, node: &Arc<Inode>, fd: OwnedFd, flags: i32, handles: &Handles) -> u64 {
+        let in_upper = node.top() == Some(UPPER) && self.layers.has_upper;
+        handles.insert(Handle {
+            node: node.clone(),
+            fd: RwLock::new(Arc::new(fd)),
+            flags,
+            writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
+            in_upper: AtomicBool::new(in_upper),
+        })
+    }
+
+    /// The fd to read through: the upper file once the node was copied up.
+    fn read_fd(&self, h: &Handle) -> io::Result<Arc<OwnedFd>> {
+        if !h.in_upper.load(Ordering::Acquire)
+            && self.layers.has_upper
+            && h.node.top() == Some(UPPER)
+        {
+            let (pfd, name) = self.entry_in(&h.node, UPPER)?;
+            let fd = Arc::new(sys::openat(
+                pfd.as_fd(),
+                &name,
+                h.flags & !STRIP & !libc::O_TRUNC,
+                0,
+            )?);
+            *h.fd.write() = fd.clone();
+            h.in_upper.store(true, Ordering::Release);
+            return Ok(fd);
+        }
+        Ok(h.fd())
+    }
+
+    pub fn read(&self, h: &Handle, off: u64, size: u32) -> io::Result<Vec<u8>> {
+        let fd = self.read_fd(h)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = sys::pread(fd.as_fd(), &mut buf[done..], off + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, h: &Handle, off: u64, data: &[u8]) -> io::Result<usize> {
+        let fd = h.fd();
+        let mut done = 0;
+        while done < data.len() {
+            done += sys::pwrite(fd.as_fd(), &data[done..], off + done as u64)?;
+        }
+        Ok(done)
+    }
+
+    pub fn fsync(&self, h: &Handle, datasync: bool) -> io::Result<()> {
+        sys::fsync(self.read_fd(h)?.as_fd(), datasync)
+    }
+
+    pub fn fallocate(&self, h: &Handle, mode: i32, off: u64, len: u64) -> io::Result<()> {
+        sys::fallocate(h.fd().as_fd(), mode, off, len)
+    }
+
+    pub fn lseek(&self, h: &Handle, off: i64, whence: i32) -> io::Result<i64> {
+        sys::lseek(self.read_fd(h)?.as_fd(), off, whence)
+    }
+
+    pub fn copy_file_range(
+        &self,
+        hin: &Handle,
+        off_in: u64,
+        hout: &Handle,
+        off_out: u64,
+        len: u64,
+    ) -> io::Result<usize> {
+        let fin = self.read_fd(hin)?;
+        let fout = hout.fd();
+        let (mut oi, mut oo) = (off_in as i64, off_out as i64);
+        sys::copy_file_range(fin.as_fd(), &mut oi, fout.as_fd(), &mut oo, len as usize)
+    }
+}

@@ -1,0 +1,259 @@
+//! The inode table: FUSE node ids, lookup counts, and what each node is made of.
+//!
+//! Node ids are handed out from a counter and never reused, so a node id the
+//! kernel still holds always means the same file. Nodes are found again by a
+//! key (the real inode of their top layer), so hard links share one node.
+
+use crate::layer::LayerIdx;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub const ROOT: u64 = 1;
+
+/// How a node is found again by a later lookup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum Key {
+    /// The real inode (device, inode number) of the node's top layer.
+    Real(u64, u64),
+    /// A lower hard link that copy-up would split: one node per name.
+    Name(u64, OsString),
+    Root,
+}
+
+/// Mutable facts about a node, updated by lookups and by our own changes.
+pub struct State {
+    /// Names this node is known by, as (parent, name). Empty for the root and
+    /// for unlinked nodes. Directories have at most one.
+    pub aliases: Vec<(Arc<Inode>, OsString)>,
+    /// Layers holding this object, top-down. For a directory, the layers
+    /// merged into it; for anything else, exactly one.
+    pub layers: Vec<LayerIdx>,
+    /// The inode number reported to users; kept across copy-up.
+    pub ino: u64,
+    pub key: Key,
+    /// The upper dir is known to carry the impure xattr.
+    pub impure: bool,
+}
+
+impl State {
+    pub fn top(&self) -> Option<LayerIdx> {
+        self.layers.first().copied()
+    }
+}
+
+pub struct Inode {
+    pub nodeid: u64,
+    /// `S_IFMT` bits; the type of a node never changes.
+    pub kind: u32,
+    lookups: AtomicU64,
+    pub state: RwLock<State>,
+    /// Serializes copy-up of this node.
+    pub copyup_lock: Mutex<()>,
+}
+
+impl Inode {
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    /// The first known (parent, name), if any.
+    pub fn alias(&self) -> Option<(Arc<Inode>, OsString)> {
+        self.state.read().aliases.first().cloned()
+    }
+
+    pub fn layers(&self) -> Vec<LayerIdx> {
+        self.state.read().layers.clone()
+    }
+
+    pub fn top(&self) -> Option<LayerIdx> {
+        self.state.read().top()
+    }
+
+    pub fn ino(&self) -> u64 {
+        self.state.read().ino
+    }
+
+    pub fn add_alias(&self, parent: &Arc<Inode>, name: &OsString) {
+        let mut st = self.state.write();
+        if !st
+            .aliases
+            .iter()
+            .any(|(p, n)| p.nodeid == parent.nodeid && n == name)
+        {
+            if self.is_dir() {
+                st.aliases.clear();
+            }
+            st.aliases.push((parent.clone(), name.clone()));
+        }
+    }
+
+    pub fn remove_alias(&self, parent: u64, name: &OsString) {
+        self.state
+            .write()
+            .aliases
+            .retain(|(p, n)| !(p.nodeid == parent && n == name));
+    }
+}
+
+pub struct InodeTable {
+    nodes: DashMap<u64, Arc<Inode>>,
+    keys: DashMap<Key, u64>,
+    next: AtomicU64,
+}
+
+impl InodeTable {
+    pub fn new(root_layers: Vec<LayerIdx>, root_ino: u64) -> InodeTable {
+        let t = InodeTable {
+            nodes: DashMap::new(),
+            keys: DashMap::new(),
+            next: AtomicU64::new(ROOT + 1),
+        };
+        let root = Arc::new(Inode {
+            nodeid: ROOT,
+            kind: libc::S_IFDIR,
+            // The kernel never forgets the root.
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(State {
+                aliases: Vec::new(),
+                layers: root_layers,
+                ino: root_ino,
+                key: Key::Root,
+                impure: false,
+            }),
+            copyup_lock: Mutex::new(()),
+        });
+        t.nodes.insert(ROOT, root);
+        t
+    }
+
+    pub fn get(&self, nodeid: u64) -> Option<Arc<Inode>> {
+        self.nodes.get(&nodeid).map(|n| n.clone())
+    }
+
+    /// The node a key maps to, without counting a lookup.
+    pub fn find_key(&self, key: &Key) -> Option<Arc<Inode>> {
+        let id = *self.keys.get(key)?;
+        self.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Finds the node for `key` or makes one, and counts one kernel lookup.
+    /// `fresh` gives (kind, layers, ino) for a new node, and refreshes the
+    /// layers of an existing one.
+    pub fn lookup(
+        &self,
+        key: Key,
+        kind: u32,
+        layers: Vec<LayerIdx>,
+        ino: u64,
+        parent: &Arc<Inode>,
+        name: &OsString,
+    ) -> Arc<Inode> {
+        // The key's shard lock orders us against forget() dropping the node.
+        let node = match self.keys.entry(key.clone()) {
+            Entry::Occupied(e) => {
+                let id = *e.get();
+                match self.nodes.get(&id).map(|n| n.clone()) {
+                    Some(n) if n.kind == kind => {
+                        n.lookups.fetch_add(1, Ordering::Relaxed);
+                        {
+                            let mut st = n.state.write();
+                            st.layers = layers;
+                        }
+                        n
+                    }
+                    _ => {
+                        let n = self.make(key, kind, layers, ino);
+                        e.replace_entry(n.nodeid);
+                        n
+                    }
+                }
+            }
+            Entry::Vacant(e) => {
+                let n = self.make(key, kind, layers, ino);
+                e.insert(n.nodeid);
+                n
+            }
+        };
+        if node.nodeid != ROOT {
+            node.add_alias(parent, name);
+        }
+        node
+    }
+
+    fn make(&self, key: Key, kind: u32, layers: Vec<LayerIdx>, ino: u64) -> Arc<Inode> {
+        let nodeid = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = Arc::new(Inode {
+            nodeid,
+            kind,
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(State {
+                aliases: Vec::new(),
+                layers,
+                ino,
+                key,
+                impure: false,
+            }),
+            copyup_lock: Mutex::new(()),
+        });
+        self.nodes.insert(nodeid, n.clone());
+        n
+    }
+
+    /// Drops `n` kernel references; frees the node when none remain.
+    pub fn forget(&self, nodeid: u64, n: u64) {
+        if nodeid == ROOT {
+            return;
+        }
+        let Some(node) = self.get(nodeid) else {
+            return;
+        };
+        let prev = node.lookups.fetch_sub(n, Ordering::AcqRel);
+        if prev > n {
+            return;
+        }
+        let key = node.state.read().key.clone();
+        // Decide under the key's shard lock: a lookup may have revived it.
+        match self.keys.entry(key) {
+            Entry::Occupied(e) if *e.get() == nodeid => {
+                if node.lookups.load(Ordering::Acquire) == 0 {
+                    e.remove();
+                    self.nodes.remove(&nodeid);
+                }
+            }
+            _ => {
+                if node.lookups.load(Ordering::Acquire) == 0 {
+                    self.nodes.remove(&nodeid);
+                }
+            }
+        }
+    }
+
+    /// Moves a node to a new key (after copy-up changes its top layer).
+    pub fn rekey(&self, node: &Arc<Inode>, new: Key) {
+        let old = {
+            let mut st = node.state.write();
+            std::mem::replace(&mut st.key, new.clone())
+        };
+        self.keys.remove_if(&old, |_, id| *id == node.nodeid);
+        self.keys.insert(new, node.nodeid);
+    }
+
+    /// Forgets the key of a node whose name went away, so a new file that
+    /// reuses the real inode number gets a new node.
+    pub fn unkey(&self, node: &Arc<Inode>) {
+        let key = node.state.read().key.clone();
+        self.keys.remove_if(&key, |_, id| *id == node.nodeid);
+    }
+}

@@ -1,0 +1,149 @@
+//! Inode operations (the kernel's `inode.c`): attributes, setattr with
+//! copy-up, readlink, statfs.
+
+use crate::file::Handles;
+use crate::inode::Inode;
+use crate::overlay::Overlay;
+use crate::sys::{self, Stat};
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The attribute changes of one setattr request.
+#[derive(Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<fuser::TimeOrNow>,
+    pub mtime: Option<fuser::TimeOrNow>,
+    pub fh: Option<u64>,
+}
+
+impl Overlay {
+    pub fn getattr(
+        &self,
+        nodeid: u64,
+        fh: Option<u64>,
+        handles: &Handles,
+    ) -> io::Result<(Arc<Inode>, Stat)> {
+        let node = self.node(nodeid)?;
+        if let Some(h) = fh.and_then(|fh| handles.get(fh)) {
+            let st = sys::fstat(h.fd().as_fd())?;
+            return Ok((node, st));
+        }
+        let st = self.real_stat(&node)?;
+        Ok((node, st))
+    }
+
+    pub fn setattr(
+        &self,
+        nodeid: u64,
+        a: &SetAttr,
+        handles: &Handles,
+    ) -> io::Result<(Arc<Inode>, Stat)> {
+        self.check_writable()?;
+        let node = self.node(nodeid)?;
+        self.copy_up(&node)?;
+        let fd = self.path_fd(&node)?;
+        if a.uid.is_some() || a.gid.is_some() {
+            let (pfd, name) = self.upper_entry(&node)?;
+            let uid = a.uid.unwrap_or(u32::MAX);
+            let gid = a.gid.unwrap_or(u32::MAX);
+            sys::fchownat(pfd.as_fd(), &name, uid, gid)?;
+        }
+        if let Some(mode) = a.mode {
+            sys::fchmod_any(fd.as_fd(), mode & 0o7777)?;
+        }
+        if let Some(size) = a.size {
+            if node.is_dir() {
+                return Err(sys::err(libc::EISDIR));
+            }
+            let h = a.fh.and_then(|fh| handles.get(fh)).filter(|h| h.writable);
+            match h {
+                Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
+                None => {
+                    let w = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;
+                    sys::ftruncate(w.as_fd(), size)?;
+                }
+            }
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            let times = [to_timespec(a.atime), to_timespec(a.mtime)];
+            if node.nodeid == crate::inode::ROOT {
+                sys::futimens(fd.as_fd(), &times)?;
+            } else {
+                let (pfd, name) = self.upper_entry(&node)?;
+                sys::utimensat(pfd.as_fd(), &name, &times)?;
+            }
+        }
+        let st = sys::fstat(fd.as_fd())?;
+        Ok((node, st))
+    }
+
+    /// The upper parent fd and name of a copied-up node (root: ".").
+    fn upper_entry(
+        &self,
+        node: &Arc<Inode>,
+    ) -> io::Result<(Arc<std::os::fd::OwnedFd>, std::ffi::CString)> {
+        if node.nodeid == crate::inode::ROOT {
+            return Ok((
+                self.layers.get(crate::layer::UPPER).root.clone(),
+                c".".into(),
+            ));
+        }
+        self.entry_in(node, crate::layer::UPPER)
+    }
+
+    pub fn readlink(&self, nodeid: u64) -> io::Result<OsString> {
+        let node = self.node(nodeid)?;
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let (pfd, name) = self.entry_in(&node, top)?;
+        sys::readlinkat(pfd.as_fd(), &name)
+    }
+
+    /// Statistics of the upper layer (the top lower on a read-only mount), as the kernel.
+    pub fn statfs(&self) -> io::Result<libc::statfs> {
+        sys::fstatfs(self.layers.get(0).root.as_fd())
+    }
+}
+
+fn to_timespec(t: Option<fuser::TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(fuser::TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(fuser::TimeOrNow::SpecificTime(t)) => {
+            let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let mut s = -(d.as_secs() as i64);
+                    let mut n = d.subsec_nanos() as i64;
+                    if n > 0 {
+                        s -= 1;
+                        n = 1_000_000_000 - n;
+                    }
+                    (s, n)
+                }
+            };
+            libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            }
+        }
+    }
+}
+
+/// For callers that need "now".
+pub fn now() -> SystemTime {
+    SystemTime::now()
+}

@@ -1,0 +1,83 @@
+//! Layers: the upper dir and the lower dirs, each held by a directory fd.
+
+use crate::sys;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Index into `Layers::all`; the upper layer, when present, is index 0.
+pub type LayerIdx = u16;
+
+pub struct Layer {
+    /// `O_PATH | O_DIRECTORY` fd of the layer root.
+    pub root: Arc<OwnedFd>,
+    pub dev: u64,
+    pub path: PathBuf,
+    /// The layer filesystem's UUID (null when it has none), for origin file handles.
+    pub uuid: [u8; 16],
+}
+
+impl Layer {
+    pub fn open(path: &Path) -> io::Result<Layer> {
+        let root = sys::open_dir_path(path)?;
+        let st = sys::fstat(root.as_fd())?;
+        let uuid = fs_uuid(root.as_fd()).unwrap_or([0; 16]);
+        Ok(Layer {
+            root: Arc::new(root),
+            dev: st.st_dev,
+            path: path.to_path_buf(),
+            uuid,
+        })
+    }
+}
+
+/// `FS_IOC_GETFSUUID`: the UUID the kernel stores in origin file handles.
+fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    // _IOR(0x15, 0, struct fsuuid2)
+    const FS_IOC_GETFSUUID: libc::c_ulong = (2 << 30) | (17 << 16) | (0x15 << 8);
+    let dir = sys::reopen(fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut u = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            FS_IOC_GETFSUUID as _,
+            &mut u,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u.uuid)
+}
+
+/// All layers of a mount, upper first when there is one.
+pub struct Layers {
+    pub all: Vec<Layer>,
+    pub has_upper: bool,
+}
+
+pub const UPPER: LayerIdx = 0;
+
+impl Layers {
+    pub fn is_upper(&self, l: LayerIdx) -> bool {
+        self.has_upper && l == UPPER
+    }
+
+    pub fn get(&self, l: LayerIdx) -> &Layer {
+        &self.all[l as usize]
+    }
+
+    /// All layer indices, top-down.
+    pub fn indices(&self) -> impl Iterator<Item = LayerIdx> {
+        0..self.all.len() as LayerIdx
+    }
+}

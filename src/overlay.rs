@@ -1,0 +1,265 @@
+//! The overlay instance (the kernel's `struct ovl_fs`) and the helpers every
+//! operation shares: resolving a node to real fds, and building attributes.
+
+use crate::inode::{Inode, InodeTable, ROOT};
+use crate::layer::{Layer, LayerIdx, Layers, UPPER};
+use crate::options::MountConfig;
+use crate::sys::{self, Stat};
+use dashmap::DashMap;
+use lru::LruCache;
+use parking_lot::Mutex;
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The longest name any layer accepts (the kernel takes the minimum too).
+pub const NAME_MAX: usize = 255;
+
+pub struct Overlay {
+    pub layers: Layers,
+    pub table: InodeTable,
+    /// LRU of directory fds by (node id, layer): name resolution without
+    /// walking from the layer root each time. Bounded by `cache_entries`.
+    dircache: Mutex<LruCache<(u64, LayerIdx), Arc<OwnedFd>>>,
+    /// `W/work`, where copy-ups and whiteouts are built before they are renamed into place.
+    pub work: Option<OwnedFd>,
+    pub cfg: MountConfig,
+    /// `trusted.overlay.` or, with `userxattr`, `user.overlay.`.
+    pub xattr_prefix: &'static str,
+    /// Reported inode numbers of files copied up during this mount, by upper inode.
+    pub copied_inos: DashMap<u64, u64>,
+    tmp_counter: AtomicU64,
+    pub ttl: Duration,
+    pub notifier: OnceLock<fuser::Notifier>,
+}
+
+impl Overlay {
+    pub fn new(cfg: &MountConfig) -> io::Result<Overlay> {
+        let mut all = Vec::new();
+        let has_upper = cfg.upperdir.is_some();
+        if let Some(u) = &cfg.upperdir {
+            all.push(Layer::open(u)?);
+        }
+        for l in &cfg.lowerdirs {
+            all.push(Layer::open(l)?);
+        }
+        if all.len() > u16::MAX as usize {
+            return Err(sys::err(libc::EINVAL));
+        }
+        let work = match &cfg.workdir {
+            Some(w) if has_upper => Some(sys::open_dir_path(&w.join("work"))?),
+            _ => None,
+        };
+        let layers = Layers { all, has_upper };
+        let root_layers: Vec<LayerIdx> = layers.indices().collect();
+        let root_ino = sys::fstat(layers.get(0).root.as_fd())?.st_ino;
+        let cap = NonZeroUsize::new(cfg.cache_entries.max(16)).unwrap_or(NonZeroUsize::MIN);
+        Ok(Overlay {
+            table: InodeTable::new(root_layers, root_ino),
+            layers,
+            dircache: Mutex::new(LruCache::new(cap)),
+            work,
+            cfg: cfg.clone(),
+            xattr_prefix: if cfg.userxattr {
+                "user.overlay."
+            } else {
+                "trusted.overlay."
+            },
+            copied_inos: DashMap::new(),
+            tmp_counter: AtomicU64::new(0),
+            ttl: Duration::from_secs(86400),
+            notifier: OnceLock::new(),
+        })
+    }
+
+    pub fn read_only(&self) -> bool {
+        !self.layers.has_upper || self.cfg.read_only
+    }
+
+    pub fn node(&self, nodeid: u64) -> io::Result<Arc<Inode>> {
+        self.table.get(nodeid).ok_or_else(|| sys::err(libc::ENOENT))
+    }
+
+    pub fn work_fd(&self) -> io::Result<BorrowedFd<'_>> {
+        self.work
+            .as_ref()
+            .map(|w| w.as_fd())
+            .ok_or_else(|| sys::err(libc::EROFS))
+    }
+
+    pub fn upper_root(&self) -> BorrowedFd<'_> {
+        self.layers.get(UPPER).root.as_fd()
+    }
+
+    /// A unique temporary name in the workdir, in the kernel's `#N` style.
+    pub fn tmp_name(&self) -> CString {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("#rovl{:x}.{}", n, std::process::id())).expect("no NUL")
+    }
+
+    pub fn xattr_name(&self, suffix: &str) -> CString {
+        CString::new(format!("{}{}", self.xattr_prefix, suffix)).expect("no NUL")
+    }
+
+    /// The fd of directory `node` in `layer` (O_PATH). Walks up the parents,
+    /// one `openat(O_NOFOLLOW)` per component, filling the cache.
+    pub fn dir_fd(&self, node: &Arc<Inode>, layer: LayerIdx) -> io::Result<Arc<OwnedFd>> {
+        if node.nodeid == ROOT {
+            return Ok(self.layers.get(layer).root.clone());
+        }
+        if let Some(fd) = self.dircache.lock().get(&(node.nodeid, layer)) {
+            return Ok(fd.clone());
+        }
+        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let pfd = self.dir_fd(&parent, layer)?;
+        let c = sys::cstr(&name)?;
+        let fd = Arc::new(sys::openat(
+            pfd.as_fd(),
+            &c,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?);
+        self.dircache.lock().put((node.nodeid, layer), fd.clone());
+        Ok(fd)
+    }
+
+    /// Drops cached fds of a directory (after rmdir or rename).
+    pub fn forget_dir_fds(&self, nodeid: u64) {
+        let mut c = self.dircache.lock();
+        for l in self.layers.indices() {
+            c.pop(&(nodeid, l));
+        }
+    }
+
+    /// The parent dir fd in `layer` and the name of a non-root node.
+    pub fn entry_in(
+        &self,
+        node: &Arc<Inode>,
+        layer: LayerIdx,
+    ) -> io::Result<(Arc<OwnedFd>, CString)> {
+        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
+        Ok((self.dir_fd(&parent, layer)?, sys::cstr(&name)?))
+    }
+
+    /// An O_PATH fd of the node's real object in its top layer.
+    pub fn path_fd(&self, node: &Arc<Inode>) -> io::Result<OwnedFd> {
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        self.path_fd_in(node, top)
+    }
+
+    pub fn path_fd_in(&self, node: &Arc<Inode>, layer: LayerIdx) -> io::Result<OwnedFd> {
+        if node.nodeid == ROOT {
+            return sys::openat(self.layers.get(layer).root.as_fd(), c".", libc::O_PATH, 0);
+        }
+        let (pfd, name) = self.entry_in(node, layer)?;
+        sys::openat(pfd.as_fd(), &name, libc::O_PATH, 0)
+    }
+
+    /// Real stat of the node's top layer object.
+    pub fn real_stat(&self, node: &Arc<Inode>) -> io::Result<Stat> {
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        if node.nodeid == ROOT {
+            return sys::fstat(self.layers.get(top).root.as_fd());
+        }
+        let (pfd, name) = self.entry_in(node, top)?;
+        sys::fstatat(pfd.as_fd(), &name)
+    }
+
+    /// The attributes the kernel overlay would report for `node`.
+    pub fn attr(&self, node: &Inode, st: &Stat) -> fuser::FileAttr {
+        let s = node.state.read();
+        let mut nlink = st.st_nlink as u32;
+        // As the kernel: merged directories report one link.
+        if node.is_dir() && s.layers.len() > 1 {
+            nlink = 1;
+        }
+        fuser::FileAttr {
+            ino: fuser::INodeNo(s.ino),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: to_time(st.st_atime, st.st_atime_nsec),
+            mtime: to_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: to_time(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind: file_type(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// Name checks shared by every operation that takes one.
+    pub fn check_name(name: &OsStr) -> io::Result<CString> {
+        if name.len() > NAME_MAX {
+            return Err(sys::err(libc::ENAMETOOLONG));
+        }
+        sys::cstr(name)
+    }
+
+    pub fn check_writable(&self) -> io::Result<()> {
+        if self.read_only() {
+            Err(sys::err(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Tells the kernel to drop its cached entry for `name` in `parent`.
+    pub fn inval_entry(&self, parent: u64, name: &OsStr) {
+        if let Some(n) = self.notifier.get() {
+            let _ = n.inval_entry(fuser::INodeNo(parent), name);
+        }
+    }
+
+    pub fn inval_inode(&self, nodeid: u64) {
+        if let Some(n) = self.notifier.get() {
+            let _ = n.inval_inode(fuser::INodeNo(nodeid), 0, 0);
+        }
+    }
+}
+
+pub fn to_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs((-sec) as u64) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+pub fn file_type(mode: u32) -> fuser::FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => fuser::FileType::Directory,
+        libc::S_IFLNK => fuser::FileType::Symlink,
+        libc::S_IFCHR => fuser::FileType::CharDevice,
+        libc::S_IFBLK => fuser::FileType::BlockDevice,
+        libc::S_IFIFO => fuser::FileType::NamedPipe,
+        libc::S_IFSOCK => fuser::FileType::Socket,
+        _ => fuser::FileType::RegularFile,
+    }
+}
+
+/// `d_type` of a mode.
+pub fn dtype_kind(d_type: u8) -> fuser::FileType {
+    match d_type {
+        libc::DT_DIR => fuser::FileType::Directory,
+        libc::DT_LNK => fuser::FileType::Symlink,
+        libc::DT_CHR => fuser::FileType::CharDevice,
+        libc::DT_BLK => fuser::FileType::BlockDevice,
+        libc::DT_FIFO => fuser::FileType::NamedPipe,
+        libc::DT_SOCK => fuser::FileType::Socket,
+        _ => fuser::FileType::RegularFile,
+    }
+}
+
+pub fn cstr_of(s: &CStr) -> &OsStr {
+    use std::os::unix::ffi::OsStrExt;
+    OsStr::from_bytes(s.to_bytes())
+}

@@ -1,0 +1,103 @@
+//! Merged directory listings (the kernel's `readdir.c`): entries of every
+//! merged layer, top layer first, de-duplicated, with whiteouts hidden.
+//! A listing is read once at opendir, so an open directory sees a snapshot.
+
+use crate::inode::Inode;
+use crate::overlay::{dtype_kind, Overlay};
+use crate::sys;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+pub struct DirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    pub kind: fuser::FileType,
+}
+
+impl Overlay {
+    /// The merged listing of a directory, with `.` and `..` first.
+    pub fn read_merged(&self, node: &Arc<Inode>) -> io::Result<Vec<DirEntry>> {
+        let layers = node.layers();
+        let parent_ino = match node.alias() {
+            Some((p, _)) => p.ino(),
+            None => node.ino(),
+        };
+        let mut out = vec![
+            DirEntry {
+                name: ".".into(),
+                ino: node.ino(),
+                kind: fuser::FileType::Directory,
+            },
+            DirEntry {
+                name: "..".into(),
+                ino: parent_ino,
+                kind: fuser::FileType::Directory,
+            },
+        ];
+        let merged = layers.len() > 1;
+        let mut seen: HashSet<OsString> = HashSet::new();
+        for &l in &layers {
+            let dfd = self.dir_fd(node, l)?;
+            let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            let upper = self.layers.is_upper(l);
+            for e in sys::read_dir_all(&rd)? {
+                if merged && !seen.insert(e.name.clone()) {
+                    continue;
+                }
+                let mut d_type = e.d_type;
+                if d_type == libc::DT_CHR || d_type == libc::DT_UNKNOWN {
+                    let c = sys::cstr(&e.name)?;
+                    match sys::fstatat(dfd.as_fd(), &c) {
+                        Ok(st) if sys::is_whiteout(&st) => continue,
+                        Ok(st) => d_type = mode_dtype(st.st_mode),
+                        Err(_) => continue,
+                    }
+                }
+                let ino = if upper {
+                    self.copied_inos.get(&e.ino).map(|v| *v).unwrap_or(e.ino)
+                } else {
+                    e.ino
+                };
+                out.push(DirEntry {
+                    name: e.name,
+                    ino,
+                    kind: dtype_kind(d_type),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a merged directory holds nothing visible (rmdir's test).
+    /// Returns the whiteout names found in its upper layer.
+    pub fn check_empty(&self, node: &Arc<Inode>) -> io::Result<Vec<OsString>> {
+        let entries = self.read_merged(node)?;
+        if entries.len() > 2 {
+            return Err(sys::err(libc::ENOTEMPTY));
+        }
+        let mut whiteouts = Vec::new();
+        if node.top().is_some_and(|t| self.layers.is_upper(t)) {
+            let dfd = self.dir_fd(node, crate::layer::UPPER)?;
+            let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            for e in sys::read_dir_all(&rd)? {
+                whiteouts.push(e.name);
+            }
+        }
+        Ok(whiteouts)
+    }
+}
+
+fn mode_dtype(mode: u32) -> u8 {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => libc::DT_DIR,
+        libc::S_IFLNK => libc::DT_LNK,
+        libc::S_IFCHR => libc::DT_CHR,
+        libc::S_IFBLK => libc::DT_BLK,
+        libc::S_IFIFO => libc::DT_FIFO,
+        libc::S_IFSOCK => libc::DT_SOCK,
+        _ => libc::DT_REG,
+    }
+}

@@ -1,0 +1,74 @@
+//! Extended attributes (the kernel's `xattrs.c`). The overlay's own xattrs
+//! are hidden; a name in the overlay namespace set through the mount is
+//! stored escaped (`trusted.overlay.overlay.X`), as kernels since 6.7 do.
+
+use crate::overlay::Overlay;
+use crate::sys;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+
+impl Overlay {
+    /// The real xattr name behind a name seen through the mount.
+    fn real_xattr_name(&self, name: &OsStr) -> io::Result<CString> {
+        let b = name.as_bytes();
+        let p = self.xattr_prefix.as_bytes();
+        if b.starts_with(p) {
+            let mut v = p.to_vec();
+            v.extend_from_slice(b"overlay.");
+            v.extend_from_slice(&b[p.len()..]);
+            return CString::new(v).map_err(|_| sys::err(libc::EINVAL));
+        }
+        sys::cstr(name)
+    }
+
+    pub fn getxattr(&self, nodeid: u64, name: &OsStr) -> io::Result<Vec<u8>> {
+        let node = self.node(nodeid)?;
+        let fd = self.path_fd(&node)?;
+        sys::getxattr(fd.as_fd(), &self.real_xattr_name(name)?)
+    }
+
+    pub fn listxattr(&self, nodeid: u64) -> io::Result<Vec<u8>> {
+        let node = self.node(nodeid)?;
+        let fd = self.path_fd(&node)?;
+        let raw = sys::listxattr(fd.as_fd())?;
+        let p = self.xattr_prefix.as_bytes();
+        let mut esc = p.to_vec();
+        esc.extend_from_slice(b"overlay.");
+        let mut out = Vec::with_capacity(raw.len());
+        for n in raw.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if n.starts_with(&esc) {
+                out.extend_from_slice(p);
+                out.extend_from_slice(&n[esc.len()..]);
+            } else if n.starts_with(p) {
+                continue;
+            } else {
+                out.extend_from_slice(n);
+            }
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+        self.check_writable()?;
+        let node = self.node(nodeid)?;
+        let real = self.real_xattr_name(name)?;
+        self.copy_up(&node)?;
+        let fd = self.path_fd(&node)?;
+        sys::setxattr(fd.as_fd(), &real, value, flags)
+    }
+
+    pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> io::Result<()> {
+        self.check_writable()?;
+        let node = self.node(nodeid)?;
+        let real = self.real_xattr_name(name)?;
+        // Like the kernel: no copy-up just to learn the xattr is absent.
+        let fd = self.path_fd(&node)?;
+        sys::getxattr(fd.as_fd(), &real)?;
+        self.copy_up(&node)?;
+        let fd = self.path_fd(&node)?;
+        sys::removexattr(fd.as_fd(), &real)
+    }
+}
