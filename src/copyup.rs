@@ -108,7 +108,9 @@ impl Overlay {
         // (chown clears file capabilities), times last.
         set_owner_mode(work, tmp, dst.as_fd(), st)?;
         self.copy_xattrs(src.as_fd(), dst.as_fd())?;
-        let origin = self.set_origin(src.as_fd(), dst.as_fd());
+        // Like the kernel: a lower hard link gets no origin, its copy is a new inode.
+        let origin = (sys::is_dir(st.st_mode) || st.st_nlink == 1)
+            && self.set_origin(src.as_fd(), dst.as_fd());
         sys::utimensat(work, tmp, &sys::stat_times(st))?;
         Ok(origin)
     }
@@ -165,7 +167,7 @@ impl Overlay {
             .map(|l| l.uuid)
             .unwrap_or([0; 16]);
         let len = 21 + handle.len();
-        if len > 255 || typ < 0 || typ > 255 {
+        if len > 255 || !(0..=255).contains(&typ) {
             return None;
         }
         let mut flags = 0u8;

@@ -26,13 +26,12 @@ impl Reporter {
         let Some(mut pipe) = self.pipe else {
             return;
         };
-        if let Err(e) = pipe.write_all(&[READY]) {
-            log::warn!("cannot report readiness: {e}");
-        }
-        drop(pipe);
-        // After reporting, so the parent still saw any earlier message.
+        // Before reporting, so the caller's stdio is released when `rovl mount` returns.
         if let Err(e) = redirect_stdio_to_null() {
             log::warn!("cannot redirect stdio to /dev/null: {e}");
+        }
+        if let Err(e) = pipe.write_all(&[READY]) {
+            log::warn!("cannot report readiness: {e}");
         }
     }
 
@@ -88,8 +87,25 @@ pub fn daemonize() -> io::Result<Reporter> {
         wait_for_child(File::from(read_end), pid);
     }
     drop(read_end);
-    // SAFETY: plain syscalls in the child.
+    // Inherited descriptors (a caller's pipes, say) would stay open for the
+    // daemon's whole life and could keep the caller waiting for EOF.
+    let keep = write_end.as_raw_fd() as libc::c_uint;
+    // SAFETY: we own no descriptors >= 3 other than `keep`; errors (old kernels) are harmless.
     unsafe {
+        if keep > 3 {
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                keep - 1,
+                0 as libc::c_uint,
+            );
+        }
+        libc::syscall(
+            libc::SYS_close_range,
+            keep + 1,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        );
         libc::setsid();
     }
     // Do not keep the caller's cwd busy; all paths are absolute by now.

@@ -99,8 +99,9 @@ impl Overlay {
         };
         let node = match obj {
             NewObj::Link { src } => {
+                let key = src.state.read().key.clone();
                 self.table.lookup(
-                    src.state.read().key.clone(),
+                    key,
                     src.kind,
                     vec![UPPER],
                     src.ino(),

@@ -351,7 +351,10 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = self.ovl.node(ino.0).and_then(|n| self.ovl.read_merged(&n));
+        let r = self
+            .ovl
+            .node(ino.0)
+            .and_then(|n| self.ovl.read_merged(&n, false));
         match r {
             Ok(entries) => {
                 let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);

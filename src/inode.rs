@@ -1,8 +1,12 @@
 //! The inode table: FUSE node ids, lookup counts, and what each node is made of.
 //!
-//! Node ids are handed out from a counter and never reused, so a node id the
-//! kernel still holds always means the same file. Nodes are found again by a
-//! key (the real inode of their top layer), so hard links share one node.
+//! fuser sends a node's `st_ino` as its FUSE node id, so a node id is the
+//! inode number users see: the kernel overlay's number (the lower inode for
+//! lower and copied-up files, the upper inode for pure upper ones). When that
+//! number is taken by another live node, a synthetic one is used instead, so
+//! a node id the kernel still holds always means the same file. Nodes are
+//! found again by a key (the real inode of their top layer), so hard links
+//! share one node.
 
 use crate::layer::LayerIdx;
 use dashmap::mapref::entry::Entry;
@@ -13,6 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const ROOT: u64 = 1;
+
+/// Synthetic inode numbers start here, above any real one.
+const SYNTHETIC: u64 = 1 << 62;
 
 /// How a node is found again by a later lookup.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -32,8 +39,6 @@ pub struct State {
     /// Layers holding this object, top-down. For a directory, the layers
     /// merged into it; for anything else, exactly one.
     pub layers: Vec<LayerIdx>,
-    /// The inode number reported to users; kept across copy-up.
-    pub ino: u64,
     pub key: Key,
     /// The upper dir is known to carry the impure xattr.
     pub impure: bool,
@@ -73,8 +78,9 @@ impl Inode {
         self.state.read().top()
     }
 
+    /// The inode number reported to users (the node id); kept across copy-up.
     pub fn ino(&self) -> u64 {
-        self.state.read().ino
+        self.nodeid
     }
 
     pub fn add_alias(&self, parent: &Arc<Inode>, name: &OsString) {
@@ -106,11 +112,11 @@ pub struct InodeTable {
 }
 
 impl InodeTable {
-    pub fn new(root_layers: Vec<LayerIdx>, root_ino: u64) -> InodeTable {
+    pub fn new(root_layers: Vec<LayerIdx>) -> InodeTable {
         let t = InodeTable {
             nodes: DashMap::new(),
             keys: DashMap::new(),
-            next: AtomicU64::new(ROOT + 1),
+            next: AtomicU64::new(SYNTHETIC),
         };
         let root = Arc::new(Inode {
             nodeid: ROOT,
@@ -120,7 +126,6 @@ impl InodeTable {
             state: RwLock::new(State {
                 aliases: Vec::new(),
                 layers: root_layers,
-                ino: root_ino,
                 key: Key::Root,
                 impure: false,
             }),
@@ -193,21 +198,33 @@ impl InodeTable {
     }
 
     fn make(&self, key: Key, kind: u32, layers: Vec<LayerIdx>, ino: u64) -> Arc<Inode> {
-        let nodeid = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = Arc::new(Inode {
-            nodeid,
-            kind,
-            lookups: AtomicU64::new(1),
-            state: RwLock::new(State {
-                aliases: Vec::new(),
-                layers,
-                ino,
-                key,
-                impure: false,
-            }),
-            copyup_lock: Mutex::new(()),
-        });
-        self.nodes.insert(nodeid, n.clone());
+        let mut nodeid = ino;
+        let n = loop {
+            if nodeid <= ROOT || nodeid >= SYNTHETIC {
+                nodeid = self.next.fetch_add(1, Ordering::Relaxed);
+            }
+            let n = Arc::new(Inode {
+                nodeid,
+                kind,
+                lookups: AtomicU64::new(1),
+                state: RwLock::new(State {
+                    aliases: Vec::new(),
+                    layers: layers.clone(),
+                    key: key.clone(),
+                    impure: false,
+                }),
+                copyup_lock: Mutex::new(()),
+            });
+            // The number may belong to a live node (a reused inode number,
+            // or a split hard link): then take a synthetic one.
+            match self.nodes.entry(nodeid) {
+                Entry::Vacant(v) => {
+                    v.insert(n.clone());
+                    break n;
+                }
+                Entry::Occupied(_) => nodeid = SYNTHETIC,
+            }
+        };
         n
     }
 

@@ -74,7 +74,7 @@ impl Overlay {
         if a.atime.is_some() || a.mtime.is_some() {
             let times = [to_timespec(a.atime), to_timespec(a.mtime)];
             if node.nodeid == crate::inode::ROOT {
-                sys::futimens(fd.as_fd(), &times)?;
+                sys::futimens_any(fd.as_fd(), &times)?;
             } else {
                 let (pfd, name) = self.upper_entry(&node)?;
                 sys::utimensat(pfd.as_fd(), &name, &times)?;

@@ -180,7 +180,7 @@ fn serve(cfg: &MountConfig, reporter: Reporter) -> Result<(), Reported> {
         }
     }
 
-    let mut session = match rovl::session::mount(cfg) {
+    let session = match rovl::session::mount(cfg) {
         Ok(s) => s,
         Err(e) => {
             reporter.failed(&format!(
@@ -190,7 +190,7 @@ fn serve(cfg: &MountConfig, reporter: Reporter) -> Result<(), Reported> {
             return Err(Reported);
         }
     };
-    let unmounter = session.unmount_callable();
+    let unmounter = session.unmounter();
     let mountpoint = cfg.mountpoint.clone();
     let spawned = std::thread::Builder::new()
         .name("rovl-signals".into())
@@ -219,7 +219,7 @@ fn serve(cfg: &MountConfig, reporter: Reporter) -> Result<(), Reported> {
 }
 
 /// Waits for SIGTERM/SIGINT/SIGHUP and unmounts; `session.run()` then returns.
-fn signal_loop(set: libc::sigset_t, mut unmounter: fuser::SessionUnmounter, mountpoint: &Path) {
+fn signal_loop(set: libc::sigset_t, mut unmounter: rovl::session::Unmounter, mountpoint: &Path) {
     let mut signalled = false;
     loop {
         let mut sig = 0;

@@ -56,10 +56,9 @@ impl Overlay {
         };
         let layers = Layers { all, has_upper };
         let root_layers: Vec<LayerIdx> = layers.indices().collect();
-        let root_ino = sys::fstat(layers.get(0).root.as_fd())?.st_ino;
         let cap = NonZeroUsize::new(cfg.cache_entries.max(16)).unwrap_or(NonZeroUsize::MIN);
         Ok(Overlay {
-            table: InodeTable::new(root_layers, root_ino),
+            table: InodeTable::new(root_layers),
             layers,
             dircache: Mutex::new(LruCache::new(cap)),
             work,
@@ -74,6 +73,27 @@ impl Overlay {
             ttl: Duration::from_secs(86400),
             notifier: OnceLock::new(),
         })
+    }
+
+    /// As the kernel (uuid=auto): a new overlay, whose upper root is not yet
+    /// impure, gets a persistent random UUID in the upper root's xattr.
+    pub fn init_upper_uuid(&self) {
+        if self.read_only() {
+            return;
+        }
+        let root = self.upper_root();
+        let uuid = self.xattr_name("uuid");
+        let absent = |name: &CStr| matches!(sys::getxattr(root, name), Err(e) if e.raw_os_error() == Some(libc::ENODATA));
+        if absent(&uuid) && absent(&self.xattr_name("impure")) {
+            let mut b = [0u8; 16];
+            let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+            if n == 16 {
+                // RFC 4122 version 4, as uuid_gen() makes them.
+                b[6] = (b[6] & 0x0f) | 0x40;
+                b[8] = (b[8] & 0x3f) | 0x80;
+                let _ = sys::setxattr(root, &uuid, &b, 0);
+            }
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -178,7 +198,7 @@ impl Overlay {
             nlink = 1;
         }
         fuser::FileAttr {
-            ino: fuser::INodeNo(s.ino),
+            ino: fuser::INodeNo(node.nodeid),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: to_time(st.st_atime, st.st_atime_nsec),

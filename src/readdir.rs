@@ -18,8 +18,10 @@ pub struct DirEntry {
 }
 
 impl Overlay {
-    /// The merged listing of a directory, with `.` and `..` first.
-    pub fn read_merged(&self, node: &Arc<Inode>) -> io::Result<Vec<DirEntry>> {
+    /// The merged listing of a directory, with `.` and `..` first. As the
+    /// kernel, a directory of one layer is listed as it is (whiteouts show
+    /// as character devices) unless `all_merged` asks for the merged view.
+    pub fn read_merged(&self, node: &Arc<Inode>, all_merged: bool) -> io::Result<Vec<DirEntry>> {
         let layers = node.layers();
         let parent_ino = match node.alias() {
             Some((p, _)) => p.ino(),
@@ -38,6 +40,7 @@ impl Overlay {
             },
         ];
         let merged = layers.len() > 1;
+        let hide_whiteouts = merged || all_merged;
         let mut seen: HashSet<OsString> = HashSet::new();
         for &l in &layers {
             let dfd = self.dir_fd(node, l)?;
@@ -48,7 +51,7 @@ impl Overlay {
                     continue;
                 }
                 let mut d_type = e.d_type;
-                if d_type == libc::DT_CHR || d_type == libc::DT_UNKNOWN {
+                if hide_whiteouts && (d_type == libc::DT_CHR || d_type == libc::DT_UNKNOWN) {
                     let c = sys::cstr(&e.name)?;
                     match sys::fstatat(dfd.as_fd(), &c) {
                         Ok(st) if sys::is_whiteout(&st) => continue,
@@ -74,7 +77,7 @@ impl Overlay {
     /// Whether a merged directory holds nothing visible (rmdir's test).
     /// Returns the whiteout names found in its upper layer.
     pub fn check_empty(&self, node: &Arc<Inode>) -> io::Result<Vec<OsString>> {
-        let entries = self.read_merged(node)?;
+        let entries = self.read_merged(node, true)?;
         if entries.len() > 2 {
             return Err(sys::err(libc::ENOTEMPTY));
         }

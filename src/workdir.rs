@@ -41,7 +41,7 @@ impl WorkDir {
     pub fn mark_volatile(&self) -> io::Result<()> {
         let incompat = c"incompat";
         mkdir_if_missing(self.work.as_fd(), incompat)?;
-        let dir = open_dir(self.work.as_fd(), incompat)?;
+        let dir = open_dir_force(self.work.as_fd(), incompat)?;
         mkdir_if_missing(dir.as_fd(), c"volatile")
     }
 }
@@ -206,6 +206,17 @@ fn make_accessible(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     Ok(())
 }
 
+/// [`open_dir`], making a mode-0 dir accessible first if we lack the capability.
+fn open_dir_force(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    match open_dir(parent, name) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_accessible(parent, name)?;
+            open_dir(parent, name)
+        }
+        r => r,
+    }
+}
+
 /// Removes everything below `dir`, never following symlinks.
 fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     for name in list_dir(dir)? {
@@ -220,13 +231,7 @@ fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         return Ok(());
     };
     if is_dir(&st) {
-        let sub = match open_dir(parent, name) {
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                make_accessible(parent, name)?;
-                open_dir(parent, name)?
-            }
-            r => r?,
-        };
+        let sub = open_dir_force(parent, name)?;
         if let Err(e) = empty_dir(sub.as_fd()) {
             if e.kind() != io::ErrorKind::PermissionDenied {
                 return Err(e);
@@ -254,19 +259,14 @@ fn check_incompat(base: BorrowedFd<'_>, workdir: &Path) -> io::Result<()> {
     if !is_dir(&st) {
         return Ok(());
     }
-    let work = match open_dir(base, c"work") {
-        Ok(fd) => fd,
-        // Not ours to judge without access; removal will report it.
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(()),
-        Err(e) => return Err(e),
-    };
+    let work = open_dir_force(base, c"work")?;
     let Some(st) = lstat_at(work.as_fd(), c"incompat")? else {
         return Ok(());
     };
     if !is_dir(&st) {
         return Ok(());
     }
-    let incompat = open_dir(work.as_fd(), c"incompat")?;
+    let incompat = open_dir_force(work.as_fd(), c"incompat")?;
     if let Some(feature) = list_dir(incompat.as_fd())?.first() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -295,15 +295,9 @@ pub fn prepare(workdir: &Path, upperdir: &Path) -> io::Result<WorkDir> {
         .map_err(|e| with_path(e, "cannot clean up workdir", &workdir.join(WORK_NAME)))?;
     mkdir_if_missing(base.as_fd(), c"work")
         .map_err(|e| with_path(e, "cannot create", &workdir.join(WORK_NAME)))?;
-    let work = match open_dir(base.as_fd(), c"work") {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            // Without CAP_DAC_OVERRIDE we could not use a mode-0 dir at all.
-            make_accessible(base.as_fd(), c"work")?;
-            open_dir(base.as_fd(), c"work")
-        }
-        r => r,
-    }
-    .map_err(|e| with_path(e, "cannot open", &workdir.join(WORK_NAME)))?;
+    // Without CAP_DAC_OVERRIDE a mode-0 dir would be unusable: then it gets 0700.
+    let work = open_dir_force(base.as_fd(), c"work")
+        .map_err(|e| with_path(e, "cannot open", &workdir.join(WORK_NAME)))?;
     Ok(WorkDir {
         work,
         base,

@@ -1,0 +1,1136 @@
+//! Integration-test harness: layer trees, rovl and kernel overlay mounts
+//! with unmount guards, and small libc wrappers that report raw errnos.
+//!
+//! Every test binary includes this with `mod common;` and uses a subset.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs;
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a mount may take to appear, and a daemon to exit after unmount.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+pub fn rovl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rovl"))
+}
+
+fn ci() -> bool {
+    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
+}
+
+/// Reports a missing prerequisite: a failure under CI=true, a skip otherwise.
+fn missing(reason: &str) -> bool {
+    if ci() {
+        panic!("prerequisite missing (CI=true): {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn require_root_fuse() -> bool {
+    if !is_root() {
+        return missing("rovl tests need root (euid 0)");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return missing("/dev/fuse does not exist");
+    }
+    true
+}
+
+pub fn require_kernel_overlay() -> bool {
+    if !is_root() {
+        return missing("kernel overlay tests need root (euid 0)");
+    }
+    let fss = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fss
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("overlay"))
+    {
+        return missing("kernel overlayfs is not available (not in /proc/filesystems)");
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
+// Layers
+
+/// A unique temp dir under /tmp with `l0..l{n-1}`, `upper`, `work`, `merged`.
+/// `lowers[0]` is the topmost lower layer (kernel order).
+pub struct Layers {
+    pub dir: tempfile::TempDir,
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+}
+
+impl Layers {
+    pub fn new(n_lowers: usize) -> Layers {
+        let dir = tempfile::Builder::new()
+            .prefix("rovl-test-")
+            .tempdir_in("/tmp")
+            .expect("create temp dir under /tmp");
+        // Canonical, so paths compare equal to /proc/self/mountinfo entries.
+        let root = fs::canonicalize(dir.path()).expect("canonicalize temp dir");
+        let lowers: Vec<PathBuf> = (0..n_lowers).map(|i| root.join(format!("l{i}"))).collect();
+        for l in &lowers {
+            fs::create_dir(l).expect("create lower dir");
+        }
+        let upper = root.join("upper");
+        let work = root.join("work");
+        let merged = root.join("merged");
+        for d in [&upper, &work, &merged] {
+            fs::create_dir(d).expect("create layer dir");
+        }
+        Layers {
+            dir,
+            lowers,
+            upper,
+            work,
+            merged,
+        }
+    }
+
+    /// The canonical root of the temp dir.
+    pub fn root(&self) -> PathBuf {
+        self.merged.parent().unwrap().to_path_buf()
+    }
+
+    pub fn lowerdir_opt(&self) -> String {
+        let l: Vec<String> = self
+            .lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        format!("lowerdir={}", l.join(":"))
+    }
+
+    pub fn opts(&self) -> String {
+        format!(
+            "{},upperdir={},workdir={}",
+            self.lowerdir_opt(),
+            self.upper.display(),
+            self.work.display()
+        )
+    }
+
+    pub fn opts_ro(&self) -> String {
+        self.lowerdir_opt()
+    }
+
+    pub fn lower(&self, i: usize) -> &Path {
+        &self.lowers[i]
+    }
+
+    /// Path of `rel` in the merged dir.
+    pub fn m(&self, rel: &str) -> PathBuf {
+        self.merged.join(rel)
+    }
+
+    /// Path of `rel` in the upper dir.
+    pub fn u(&self, rel: &str) -> PathBuf {
+        self.upper.join(rel)
+    }
+
+    /// Path of `rel` in lower layer `i`.
+    pub fn l(&self, i: usize, rel: &str) -> PathBuf {
+        self.lowers[i].join(rel)
+    }
+}
+
+impl Drop for Layers {
+    fn drop(&mut self) {
+        // Never let TempDir's recursive delete walk into a live mount:
+        // detach anything still mounted below the temp dir first.
+        let root = self.root();
+        let mut below: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        below.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for m in below {
+            let _ = umount2(&m, libc::MNT_DETACH);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Mount table
+
+/// One line of /proc/self/mountinfo.
+#[derive(Clone, Debug)]
+pub struct MountInfo {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    pub options: String,
+    pub super_options: String,
+}
+
+/// Undoes the octal escapes (`\040`) of /proc mount tables.
+fn unescape_mount_field(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = oct.iter().fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
+                out.push(v as u8);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+pub fn mountinfo() -> Vec<MountInfo> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let (pre, post) = match line.split_once(" - ") {
+            Some(x) => x,
+            None => continue,
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        if pre.len() < 6 || post.len() < 3 {
+            continue;
+        }
+        v.push(MountInfo {
+            mount_point: unescape_mount_field(pre[4]),
+            options: pre[5].to_string(),
+            fstype: post[0].to_string(),
+            source: unescape_mount_field(post[1]).display().to_string(),
+            super_options: post[2].to_string(),
+        });
+    }
+    v
+}
+
+fn mount_points() -> Vec<PathBuf> {
+    mountinfo().into_iter().map(|m| m.mount_point).collect()
+}
+
+/// The topmost mount at `p` (the last one listed), if any.
+pub fn mount_at(p: &Path) -> Option<MountInfo> {
+    let p = canonical_no_follow_last(p);
+    mountinfo().into_iter().rev().find(|m| m.mount_point == p)
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    mount_at(p).is_some()
+}
+
+/// Canonicalizes the parent only, so a hung FUSE mount at `p` is never stat'ed.
+fn canonical_no_follow_last(p: &Path) -> PathBuf {
+    match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => fs::canonicalize(parent)
+            .map(|c| c.join(name))
+            .unwrap_or_else(|_| p.to_path_buf()),
+        _ => fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
+pub fn umount2(p: &Path, flags: libc::c_int) -> io::Result<()> {
+    let c = cstr(p);
+    // SAFETY: c is a valid NUL-terminated path.
+    let r = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Unmounts `p`, retrying while busy, lazily detaching as a last resort.
+/// Returns Ok once nothing is mounted there any more.
+pub fn unmount_path(p: &Path) -> io::Result<()> {
+    for _ in 0..20 {
+        match umount2(p, 0) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            // EINVAL: not a mount point (already gone).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    umount2(p, libc::MNT_DETACH)
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// Waits up to `limit` for `child`; kills it by PID (SIGKILL) if still running.
+/// Returns the status and whether it exited on its own.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> (ExitStatus, bool) {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return (st, true),
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(POLL),
+            _ => break,
+        }
+    }
+    let _ = child.kill();
+    // Never panics (it runs in Drop): a failed wait reports "killed".
+    let st = child
+        .wait()
+        .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
+    (st, false)
+}
+
+/// Sends `sig` to a process we started.
+pub fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; the PID is our child's.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// A temp file used as a child's stderr, so the child never blocks on a pipe.
+fn stderr_file() -> tempfile::NamedTempFile {
+    tempfile::Builder::new()
+        .prefix("rovl-stderr-")
+        .tempfile_in("/tmp")
+        .expect("create stderr temp file")
+}
+
+/// A `rovl` command with RUST_LOG cleared so stderr holds only real errors.
+pub fn rovl_cmd() -> Command {
+    let mut c = Command::new(rovl_bin());
+    c.env_remove("RUST_LOG").stdin(Stdio::null());
+    c
+}
+
+/// Result of running `rovl` to completion (bounded).
+pub struct Run {
+    pub status: ExitStatus,
+    /// False if the process had to be killed after the time limit.
+    pub exited: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `rovl ARGS` with stdout/stderr in temp files (a daemon that keeps them
+/// open cannot block us); kills it by PID after `EXIT_TIMEOUT`.
+pub fn run_rovl<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    let out = stderr_file();
+    let err = stderr_file();
+    let mut child = rovl_cmd()
+        .args(args)
+        .stdout(out.reopen().expect("reopen"))
+        .stderr(err.reopen().expect("reopen"))
+        .spawn()
+        .expect("spawn rovl");
+    let (status, exited) = wait_bounded(&mut child, EXIT_TIMEOUT);
+    Run {
+        status,
+        exited,
+        stdout: fs::read_to_string(out.path()).unwrap_or_default(),
+        stderr: fs::read_to_string(err.path()).unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Mount guards
+
+/// `rovl mount -f -o OPTS MNT` as a child process; unmounted on drop.
+pub struct RovlMount {
+    pub child: Child,
+    pub mountpoint: PathBuf,
+    stderr: tempfile::NamedTempFile,
+    done: bool,
+    /// Shared with the watchdog: true once the child may be reaped, so the
+    /// watchdog never signals a reused PID.
+    reaping: Arc<Mutex<bool>>,
+}
+
+/// How long one rovl mount may live before the watchdog kills the daemon,
+/// turning a hung filesystem into a failing test instead of a stuck run.
+fn watchdog_limit() -> Duration {
+    let secs = std::env::var("ROVL_TEST_WATCHDOG_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+fn start_watchdog(pid: u32, reaping: Arc<Mutex<bool>>) {
+    let limit = watchdog_limit();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(200));
+            if *reaping.lock().unwrap_or_else(|e| e.into_inner()) {
+                return;
+            }
+        }
+        let r = reaping.lock().unwrap_or_else(|e| e.into_inner());
+        if !*r {
+            eprintln!("watchdog: rovl (pid {pid}) still mounted after {limit:?}, killing it");
+            // SAFETY: the child is not reaped yet (flag false under lock),
+            // so the PID is still ours.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    });
+}
+
+fn wait_for_mount(p: &Path, fuse: bool) -> bool {
+    match mount_at(p) {
+        Some(m) => !fuse || m.fstype.starts_with("fuse"),
+        None => false,
+    }
+}
+
+impl RovlMount {
+    pub fn start(opts: &str, mnt: &Path) -> io::Result<RovlMount> {
+        Self::start_args(&["mount", "-f", "-o", opts], mnt)
+    }
+
+    /// Like `start`, with the arguments before MNT given (must run in the
+    /// foreground, e.g. `["mount", "-f", "-o", OPTS]`).
+    pub fn start_args(args: &[&str], mnt: &Path) -> io::Result<RovlMount> {
+        Self::start_program(&rovl_bin(), args, mnt)
+    }
+
+    /// Like `start_args` for any FUSE program that stays in the foreground
+    /// (used to check the harness itself with fuse-overlayfs).
+    pub fn start_program(program: &Path, args: &[&str], mnt: &Path) -> io::Result<RovlMount> {
+        let mountpoint = canonical_no_follow_last(mnt);
+        let stderr = stderr_file();
+        let child = Command::new(program)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .args(args)
+            .arg(&mountpoint)
+            .stdout(Stdio::null())
+            .stderr(stderr.reopen()?)
+            .spawn()?;
+        let reaping = Arc::new(Mutex::new(false));
+        start_watchdog(child.id(), reaping.clone());
+        let mut m = RovlMount {
+            child,
+            mountpoint,
+            stderr,
+            done: false,
+            reaping,
+        };
+        let start = Instant::now();
+        loop {
+            if wait_for_mount(&m.mountpoint, true) {
+                return Ok(m);
+            }
+            if let Ok(Some(st)) = m.child.try_wait() {
+                m.stop_watchdog();
+                m.done = true;
+                return Err(io::Error::other(format!(
+                    "rovl exited before mounting ({st}); stderr: {}",
+                    m.stderr_text().trim_end()
+                )));
+            }
+            if start.elapsed() > MOUNT_TIMEOUT {
+                m.stop_watchdog();
+                let (st, _) = wait_bounded(&mut m.child, Duration::ZERO);
+                m.done = true;
+                // It may have mounted just as we killed it.
+                let _ = unmount_path(&m.mountpoint);
+                return Err(io::Error::other(format!(
+                    "rovl did not mount within {MOUNT_TIMEOUT:?} (killed, {st}); stderr: {}",
+                    m.stderr_text().trim_end()
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// What the daemon wrote on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+
+    fn stop_watchdog(&self) {
+        *self.reaping.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    fn finish(&mut self) -> Option<ExitStatus> {
+        if self.done {
+            return None;
+        }
+        self.stop_watchdog();
+        self.done = true;
+        let _ = unmount_path(&self.mountpoint);
+        Some(wait_bounded(&mut self.child, EXIT_TIMEOUT).0)
+    }
+
+    /// Unmounts and waits for the daemon (killed by PID if it does not exit).
+    pub fn unmount(mut self) -> ExitStatus {
+        match self.finish() {
+            Some(st) => st,
+            None => wait_bounded(&mut self.child, EXIT_TIMEOUT).0,
+        }
+    }
+
+    /// Waits (bounded) for the daemon to exit by itself, e.g. after
+    /// `rovl umount` or SIGTERM; kills it if it does not. Then makes sure
+    /// nothing is left mounted. Returns (status, exited on its own).
+    pub fn wait_exit(mut self) -> (ExitStatus, bool) {
+        self.stop_watchdog();
+        let r = wait_bounded(&mut self.child, EXIT_TIMEOUT);
+        self.done = true;
+        if is_mounted(&self.mountpoint) {
+            let _ = unmount_path(&self.mountpoint);
+        }
+        r
+    }
+}
+
+impl Drop for RovlMount {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// `mount -t overlay overlay -o OPTS MNT`; unmounted on drop.
+pub struct KernelMount {
+    pub mountpoint: PathBuf,
+}
+
+impl KernelMount {
+    pub fn start(opts: &str, mnt: &Path) -> io::Result<KernelMount> {
+        let mountpoint = canonical_no_follow_last(mnt);
+        kernel_mount(opts, &mountpoint)?;
+        Ok(KernelMount { mountpoint })
+    }
+
+    pub fn unmount(self) {
+        // Drop does it.
+    }
+}
+
+/// mount(2) of an overlay; the raw error (errno) on failure.
+pub fn kernel_mount(opts: &str, mnt: &Path) -> io::Result<()> {
+    let src = CString::new("overlay").unwrap();
+    let target = cstr(mnt);
+    let data = CString::new(opts).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            data.as_ptr() as *const libc::c_void,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let _ = unmount_path(&self.mountpoint);
+    }
+}
+
+/// A tmpfs mounted at `p` (created if needed); unmounted on drop.
+pub struct TmpfsMount {
+    pub mountpoint: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn start(p: &Path) -> io::Result<TmpfsMount> {
+        fs::create_dir_all(p)?;
+        let mountpoint = fs::canonicalize(p)?;
+        let src = CString::new("tmpfs").unwrap();
+        let target = cstr(&mountpoint);
+        let data = CString::new("size=16m").unwrap();
+        // SAFETY: valid NUL-terminated strings.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                data.as_ptr() as *const libc::c_void,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(TmpfsMount { mountpoint })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = unmount_path(&self.mountpoint);
+    }
+}
+
+/// Which implementation a shared scenario runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Kernel,
+    Rovl,
+}
+
+/// Either kind of mount guard.
+pub enum AnyMount {
+    Kernel(KernelMount),
+    Rovl(RovlMount),
+}
+
+impl AnyMount {
+    pub fn start(b: Backend, opts: &str, mnt: &Path) -> io::Result<AnyMount> {
+        Ok(match b {
+            Backend::Kernel => AnyMount::Kernel(KernelMount::start(opts, mnt)?),
+            Backend::Rovl => AnyMount::Rovl(RovlMount::start(opts, mnt)?),
+        })
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        match self {
+            AnyMount::Kernel(k) => &k.mountpoint,
+            AnyMount::Rovl(r) => &r.mountpoint,
+        }
+    }
+
+    /// Unmounts now; for rovl also asserts the daemon exited 0.
+    pub fn unmount(self) {
+        match self {
+            AnyMount::Kernel(k) => drop(k),
+            AnyMount::Rovl(r) => {
+                let st = r.unmount();
+                assert!(st.success(), "rovl exited with {st}");
+            }
+        }
+    }
+}
+
+/// Mounts `layers` (upper+work) with backend `b`, panicking with the reason on failure.
+pub fn mount(b: Backend, layers: &Layers) -> AnyMount {
+    AnyMount::start(b, &layers.opts(), &layers.merged)
+        .unwrap_or_else(|e| panic!("{b:?} mount failed: {e}"))
+}
+
+/// Mounts `layers` read-only (lowerdir only) with backend `b`.
+pub fn mount_ro(b: Backend, layers: &Layers) -> AnyMount {
+    AnyMount::start(b, &layers.opts_ro(), &layers.merged)
+        .unwrap_or_else(|e| panic!("{b:?} read-only mount failed: {e}"))
+}
+
+/// Declares, for each `fn NAME(b: common::Backend)` in the test file, a module
+/// `NAME` with tests `kernel` and `rovl` running it on each backend (skipping
+/// when the prerequisite is missing).
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn kernel() {
+                    if !$crate::common::require_kernel_overlay() {
+                        return;
+                    }
+                    super::$name($crate::common::Backend::Kernel)
+                }
+                #[test]
+                fn rovl() {
+                    if !$crate::common::require_root_fuse() {
+                        return;
+                    }
+                    super::$name($crate::common::Backend::Rovl)
+                }
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------
+// File helpers (all panic with the path on unexpected failure)
+
+pub fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+/// The errno of a failed result; None if it succeeded.
+pub fn errno<T>(r: io::Result<T>) -> Option<i32> {
+    match r {
+        Ok(_) => None,
+        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes `data` to `p`, creating parent dirs.
+pub fn write(p: impl AsRef<Path>, data: impl AsRef<[u8]>) {
+    let p = p.as_ref();
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir -p {parent:?}: {e}"));
+    }
+    fs::write(p, data).unwrap_or_else(|e| panic!("write {p:?}: {e}"));
+}
+
+pub fn read(p: impl AsRef<Path>) -> Vec<u8> {
+    let p = p.as_ref();
+    fs::read(p).unwrap_or_else(|e| panic!("read {p:?}: {e}"))
+}
+
+pub fn read_string(p: impl AsRef<Path>) -> String {
+    String::from_utf8(read(p)).expect("utf-8 content")
+}
+
+pub fn mkdir(p: impl AsRef<Path>) {
+    let p = p.as_ref();
+    fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir -p {p:?}: {e}"));
+}
+
+pub fn symlink(target: impl AsRef<Path>, p: impl AsRef<Path>) {
+    let p = p.as_ref();
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    std::os::unix::fs::symlink(target.as_ref(), p).unwrap_or_else(|e| panic!("symlink {p:?}: {e}"));
+}
+
+pub fn try_lstat(p: impl AsRef<Path>) -> io::Result<libc::stat> {
+    let c = cstr(p.as_ref());
+    // SAFETY: zeroed stat is a valid out-buffer; c is a valid path.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::lstat(c.as_ptr(), &mut st) })?;
+    Ok(st)
+}
+
+pub fn lstat(p: impl AsRef<Path>) -> libc::stat {
+    let p = p.as_ref();
+    try_lstat(p).unwrap_or_else(|e| panic!("lstat {p:?}: {e}"))
+}
+
+pub fn exists(p: impl AsRef<Path>) -> bool {
+    try_lstat(p).is_ok()
+}
+
+pub fn file_type_bits(st: &libc::stat) -> libc::mode_t {
+    st.st_mode & libc::S_IFMT
+}
+
+/// Is `p` a kernel-format whiteout (char device 0/0)?
+pub fn is_whiteout(p: impl AsRef<Path>) -> bool {
+    match try_lstat(p) {
+        Ok(st) => file_type_bits(&st) == libc::S_IFCHR && st.st_rdev == 0,
+        Err(_) => false,
+    }
+}
+
+pub fn try_mknod(p: impl AsRef<Path>, mode: libc::mode_t, dev: libc::dev_t) -> io::Result<()> {
+    let c = cstr(p.as_ref());
+    // SAFETY: valid path.
+    check(unsafe { libc::mknod(c.as_ptr(), mode, dev) })
+}
+
+pub fn mknod(p: impl AsRef<Path>, mode: libc::mode_t, dev: libc::dev_t) {
+    let p = p.as_ref();
+    try_mknod(p, mode, dev).unwrap_or_else(|e| panic!("mknod {p:?}: {e}"));
+    // Exact permission bits, whatever the umask.
+    chmod(p, mode & 0o7777);
+}
+
+/// Creates a kernel-format whiteout (c 0 0, mode 0000) at `p` (in a layer).
+pub fn mknod_whiteout(p: impl AsRef<Path>) {
+    let p = p.as_ref();
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    mknod(p, libc::S_IFCHR, 0);
+    chmod(p, 0);
+}
+
+/// Marks a layer directory opaque (`trusted.overlay.opaque=y`).
+pub fn set_opaque(dir: impl AsRef<Path>) {
+    setxattr(dir, "trusted.overlay.opaque", b"y");
+}
+
+pub fn is_opaque(dir: impl AsRef<Path>) -> bool {
+    getxattr(dir, "trusted.overlay.opaque").as_deref() == Some(b"y")
+}
+
+pub fn chmod(p: impl AsRef<Path>, mode: u32) {
+    let p = p.as_ref();
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {p:?}: {e}"));
+}
+
+pub fn try_lchown(p: impl AsRef<Path>, uid: u32, gid: u32) -> io::Result<()> {
+    let c = cstr(p.as_ref());
+    // SAFETY: valid path.
+    check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })
+}
+
+pub fn lchown(p: impl AsRef<Path>, uid: u32, gid: u32) {
+    let p = p.as_ref();
+    try_lchown(p, uid, gid).unwrap_or_else(|e| panic!("lchown {p:?}: {e}"));
+}
+
+/// Sets atime and mtime (seconds, nanoseconds) without following symlinks.
+pub fn try_set_times(p: impl AsRef<Path>, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
+    let c = cstr(p.as_ref());
+    let ts = [
+        libc::timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
+    ];
+    // SAFETY: valid path and a two-element timespec array.
+    check(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+pub fn set_times(p: impl AsRef<Path>, atime: (i64, i64), mtime: (i64, i64)) {
+    let p = p.as_ref();
+    try_set_times(p, atime, mtime).unwrap_or_else(|e| panic!("utimensat {p:?}: {e}"));
+}
+
+pub fn mtime(st: &libc::stat) -> (i64, i64) {
+    (st.st_mtime, st.st_mtime_nsec)
+}
+
+pub fn atime(st: &libc::stat) -> (i64, i64) {
+    (st.st_atime, st.st_atime_nsec)
+}
+
+pub fn readlink(p: impl AsRef<Path>) -> PathBuf {
+    let p = p.as_ref();
+    fs::read_link(p).unwrap_or_else(|e| panic!("readlink {p:?}: {e}"))
+}
+
+// --- xattrs (l* variants: never follow symlinks)
+
+pub fn try_getxattr(p: impl AsRef<Path>, name: &str) -> io::Result<Vec<u8>> {
+    let c = cstr(p.as_ref());
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: buf is valid for buf.len() bytes.
+    let r = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// The xattr's value, None if absent (ENODATA); panics on other errors.
+pub fn getxattr(p: impl AsRef<Path>, name: &str) -> Option<Vec<u8>> {
+    let p = p.as_ref();
+    match try_getxattr(p, name) {
+        Ok(v) => Some(v),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => None,
+        Err(e) => panic!("lgetxattr {p:?} {name}: {e}"),
+    }
+}
+
+pub fn try_setxattr(p: impl AsRef<Path>, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
+    let c = cstr(p.as_ref());
+    let n = CString::new(name).unwrap();
+    // SAFETY: value is valid for value.len() bytes.
+    check(unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+            flags,
+        )
+    })
+}
+
+pub fn setxattr(p: impl AsRef<Path>, name: &str, value: &[u8]) {
+    let p = p.as_ref();
+    try_setxattr(p, name, value, 0).unwrap_or_else(|e| panic!("lsetxattr {p:?} {name}: {e}"));
+}
+
+pub fn try_removexattr(p: impl AsRef<Path>, name: &str) -> io::Result<()> {
+    let c = cstr(p.as_ref());
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid strings.
+    check(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) })
+}
+
+pub fn try_listxattr(p: impl AsRef<Path>) -> io::Result<Vec<String>> {
+    let c = cstr(p.as_ref());
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: buf is valid for buf.len() bytes.
+    let r =
+        unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    let mut names: Vec<String> = buf
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Sorted xattr names of `p`.
+pub fn listxattr(p: impl AsRef<Path>) -> Vec<String> {
+    let p = p.as_ref();
+    try_listxattr(p).unwrap_or_else(|e| panic!("llistxattr {p:?}: {e}"))
+}
+
+// --- directories
+
+/// A directory entry as readdir(3) returns it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dirent {
+    pub name: String,
+    pub d_type: u8,
+    pub ino: u64,
+}
+
+/// All entries of `p` via opendir/readdir, including `.` and `..`, in the
+/// order returned.
+pub fn try_readdir_raw(p: impl AsRef<Path>) -> io::Result<Vec<Dirent>> {
+    let c = cstr(p.as_ref());
+    // SAFETY: valid path; the DIR* is closed below; entries are copied out
+    // before the next readdir call.
+    unsafe {
+        let d = libc::opendir(c.as_ptr());
+        if d.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut v = Vec::new();
+        loop {
+            *libc::__errno_location() = 0;
+            let e = libc::readdir(d);
+            if e.is_null() {
+                let err = *libc::__errno_location();
+                libc::closedir(d);
+                if err != 0 {
+                    return Err(io::Error::from_raw_os_error(err));
+                }
+                return Ok(v);
+            }
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr());
+            v.push(Dirent {
+                name: String::from_utf8_lossy(name.to_bytes()).into_owned(),
+                d_type: (*e).d_type,
+                ino: (*e).d_ino,
+            });
+        }
+    }
+}
+
+pub fn readdir_raw(p: impl AsRef<Path>) -> Vec<Dirent> {
+    let p = p.as_ref();
+    try_readdir_raw(p).unwrap_or_else(|e| panic!("readdir {p:?}: {e}"))
+}
+
+/// Sorted names of `p`, without `.` and `..`.
+pub fn names(p: impl AsRef<Path>) -> Vec<String> {
+    let p = p.as_ref();
+    let mut v: Vec<String> = fs::read_dir(p)
+        .unwrap_or_else(|e| panic!("read_dir {p:?}: {e}"))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn try_renameat2(from: impl AsRef<Path>, to: impl AsRef<Path>, flags: u32) -> io::Result<()> {
+    let a = cstr(from.as_ref());
+    let b = cstr(to.as_ref());
+    // SAFETY: valid paths; renameat2 via raw syscall (glibc wrapper may be absent).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tree snapshots
+
+/// What a snapshot records for one entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    /// Content of regular files.
+    pub data: Option<Vec<u8>>,
+    pub link: Option<PathBuf>,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// path (relative; "" is the root) -> Node, for the whole tree under `root`,
+/// not following symlinks. atime is left out (reading changes it).
+pub fn snapshot(root: impl AsRef<Path>) -> BTreeMap<PathBuf, Node> {
+    let root = root.as_ref();
+    let mut out = BTreeMap::new();
+    snap_rec(root, Path::new(""), &mut out);
+    out
+}
+
+fn snap_rec(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Node>) {
+    let p = if rel.as_os_str().is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
+    let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {p:?}: {e}"));
+    let ft = md.file_type();
+    let mut xattrs = BTreeMap::new();
+    for n in try_listxattr(&p).unwrap_or_default() {
+        if let Ok(v) = try_getxattr(&p, &n) {
+            xattrs.insert(n, v);
+        }
+    }
+    let node = Node {
+        mode: md.mode(),
+        uid: md.uid(),
+        gid: md.gid(),
+        rdev: md.rdev(),
+        size: if ft.is_dir() { 0 } else { md.size() },
+        mtime: (md.mtime(), md.mtime_nsec()),
+        data: if ft.is_file() {
+            fs::read(&p).ok()
+        } else {
+            None
+        },
+        link: if ft.is_symlink() {
+            fs::read_link(&p).ok()
+        } else {
+            None
+        },
+        xattrs,
+    };
+    out.insert(rel.to_path_buf(), node);
+    if ft.is_dir() {
+        let mut kids: Vec<OsString> = fs::read_dir(&p)
+            .unwrap_or_else(|e| panic!("read_dir {p:?}: {e}"))
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        kids.sort();
+        for k in kids {
+            snap_rec(root, &rel.join(k), out);
+        }
+    }
+}
+
+/// Panics listing the differences if two snapshots differ.
+pub fn assert_same_tree(
+    before: &BTreeMap<PathBuf, Node>,
+    after: &BTreeMap<PathBuf, Node>,
+    what: &str,
+) {
+    if before == after {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (k, v) in before {
+        match after.get(k) {
+            None => diffs.push(format!("removed: {k:?}")),
+            Some(w) if w != v => diffs.push(format!("changed: {k:?}: {v:?} -> {w:?}")),
+            _ => {}
+        }
+    }
+    for k in after.keys() {
+        if !before.contains_key(k) {
+            diffs.push(format!("added: {k:?}"));
+        }
+    }
+    panic!("{what} changed:\n{}", diffs.join("\n"));
+}
+
+/// Makes a char/block device number.
+pub fn makedev(major: u32, minor: u32) -> libc::dev_t {
+    libc::makedev(major, minor)
+}
+
+/// Entries of W/work (the kernel's scratch dir); empty after a clean copy-up.
+pub fn work_entries(layers: &Layers) -> Vec<String> {
+    let w = layers.work.join("work");
+    if !w.exists() {
+        return Vec::new();
+    }
+    names(w)
+}
+
+/// Entries of W/work other than whiteouts: the kernel keeps one shared
+/// whiteout there (`#N`, hard-linked to make new whiteouts), anything else
+/// left behind is a leak.
+pub fn work_leftovers(layers: &Layers) -> Vec<String> {
+    let w = layers.work.join("work");
+    work_entries(layers)
+        .into_iter()
+        .filter(|n| !is_whiteout(w.join(n)))
+        .collect()
+}

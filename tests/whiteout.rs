@@ -1,0 +1,187 @@
+//! Whiteouts and opaque directories as written to the upper layer.
+//! Each scenario runs on kernel overlayfs and on rovl.
+
+mod common;
+
+use common::*;
+
+both_backends!(
+    unlink_lower_file_leaves_whiteout,
+    unlink_upper_only_file_leaves_nothing,
+    unlink_file_in_upper_and_lower,
+    unlink_lower_symlink_and_special,
+    rmdir_lower_empty_dir_leaves_whiteout,
+    rmdir_merged_dir_of_whiteouts,
+    rmdir_not_empty,
+    rmdir_upper_only_dir,
+    recreate_file_over_whiteout,
+    mkdir_over_removed_lower_dir_is_opaque,
+    mkdir_over_removed_lower_file_is_opaque,
+    unlink_in_lower_subdir_copies_up_parent,
+);
+
+fn assert_whiteout(p: &std::path::Path) {
+    let st = lstat(p);
+    assert_eq!(st.st_mode, libc::S_IFCHR, "{p:?}: whiteout mode c---------");
+    assert_eq!(st.st_rdev, makedev(0, 0), "{p:?}: whiteout rdev 0,0");
+}
+
+fn unlink_lower_file_leaves_whiteout(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "f"), "f");
+    let before = snapshot(l.lower(0));
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("f")).unwrap();
+    assert_eq!(errno(try_lstat(l.m("f"))), Some(libc::ENOENT));
+    assert!(names(&l.merged).is_empty());
+    assert_whiteout(&l.u("f"));
+    assert_same_tree(&before, &snapshot(l.lower(0)), "lower");
+    assert!(work_leftovers(&l).is_empty());
+}
+
+fn unlink_upper_only_file_leaves_nothing(b: Backend) {
+    let l = Layers::new(1);
+    let _m = mount(b, &l);
+    write(l.m("new"), "n");
+    assert_eq!(read_string(l.u("new")), "n");
+    std::fs::remove_file(l.m("new")).unwrap();
+    assert!(!exists(l.u("new")));
+    assert!(names(&l.upper).is_empty());
+}
+
+fn unlink_file_in_upper_and_lower(b: Backend) {
+    let l = Layers::new(2);
+    write(l.l(1, "f"), "1");
+    write(l.l(0, "f"), "0");
+    write(l.u("f"), "u");
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("f")).unwrap();
+    assert_whiteout(&l.u("f"));
+    assert!(!exists(l.m("f")));
+    assert_eq!(read_string(l.l(0, "f")), "0");
+}
+
+fn unlink_lower_symlink_and_special(b: Backend) {
+    let l = Layers::new(1);
+    symlink("f", l.l(0, "s"));
+    mknod(l.l(0, "p"), libc::S_IFIFO | 0o644, 0);
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("s")).unwrap();
+    std::fs::remove_file(l.m("p")).unwrap();
+    assert_whiteout(&l.u("s"));
+    assert_whiteout(&l.u("p"));
+    assert!(names(&l.merged).is_empty());
+}
+
+fn rmdir_lower_empty_dir_leaves_whiteout(b: Backend) {
+    let l = Layers::new(1);
+    mkdir(l.l(0, "d"));
+    let _m = mount(b, &l);
+    std::fs::remove_dir(l.m("d")).unwrap();
+    assert_whiteout(&l.u("d"));
+    assert!(!exists(l.m("d")));
+    assert!(exists(l.l(0, "d")));
+    assert!(work_leftovers(&l).is_empty());
+}
+
+fn rmdir_merged_dir_of_whiteouts(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/a"), "a");
+    write(l.l(0, "d/b"), "b");
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("d/a")).unwrap();
+    std::fs::remove_file(l.m("d/b")).unwrap();
+    assert!(names(l.m("d")).is_empty());
+    std::fs::remove_dir(l.m("d")).unwrap();
+    assert_whiteout(&l.u("d"));
+    assert!(!exists(l.m("d")));
+    assert!(work_leftovers(&l).is_empty(), "{:?}", work_leftovers(&l));
+}
+
+fn rmdir_not_empty(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/a"), "a");
+    write(l.l(0, "e/x"), "x");
+    mknod_whiteout(l.u("e/x"));
+    write(l.u("e/y"), "y");
+    let _m = mount(b, &l);
+    let r = std::fs::remove_dir(l.m("d"));
+    assert_eq!(errno(r), Some(libc::ENOTEMPTY));
+    let r = std::fs::remove_dir(l.m("e"));
+    assert_eq!(errno(r), Some(libc::ENOTEMPTY));
+    assert_eq!(names(l.m("d")), vec!["a"]);
+    assert_eq!(names(l.m("e")), vec!["y"]);
+    assert!(!exists(l.u("d")) || !is_whiteout(l.u("d")));
+    // rmdir of a non-directory.
+    write(l.m("file"), "f");
+    assert_eq!(errno(std::fs::remove_dir(l.m("file"))), Some(libc::ENOTDIR));
+    // unlink of a directory.
+    assert_eq!(errno(std::fs::remove_file(l.m("d"))), Some(libc::EISDIR));
+}
+
+fn rmdir_upper_only_dir(b: Backend) {
+    let l = Layers::new(1);
+    let _m = mount(b, &l);
+    mkdir(l.m("d"));
+    assert!(lstat(l.u("d")).st_mode & libc::S_IFMT == libc::S_IFDIR);
+    std::fs::remove_dir(l.m("d")).unwrap();
+    assert!(!exists(l.u("d")));
+}
+
+fn recreate_file_over_whiteout(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "f"), "old");
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("f")).unwrap();
+    write(l.m("f"), "new");
+    assert_eq!(read_string(l.m("f")), "new");
+    assert_eq!(read_string(l.u("f")), "new");
+    assert_eq!(read_string(l.l(0, "f")), "old");
+    assert!(work_leftovers(&l).is_empty());
+}
+
+fn mkdir_over_removed_lower_dir_is_opaque(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/a"), "a");
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("d/a")).unwrap();
+    std::fs::remove_dir(l.m("d")).unwrap();
+    mkdir(l.m("d"));
+    assert!(is_opaque(l.u("d")), "upper d must be opaque");
+    assert!(names(l.m("d")).is_empty());
+    assert!(names(l.u("d")).is_empty());
+    write(l.m("d/b"), "b");
+    assert_eq!(names(l.m("d")), vec!["b"]);
+    // The marker is not visible through the mount.
+    assert!(!listxattr(l.m("d"))
+        .iter()
+        .any(|n| n.starts_with("trusted.overlay.")));
+    assert!(work_leftovers(&l).is_empty());
+}
+
+fn mkdir_over_removed_lower_file_is_opaque(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "x"), "file");
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("x")).unwrap();
+    mkdir(l.m("x"));
+    assert_eq!(file_type_bits(&lstat(l.u("x"))), libc::S_IFDIR);
+    assert!(is_opaque(l.u("x")));
+    assert!(names(l.m("x")).is_empty());
+    // A fresh dir with nothing below is not opaque.
+    mkdir(l.m("fresh"));
+    assert!(!is_opaque(l.u("fresh")));
+}
+
+fn unlink_in_lower_subdir_copies_up_parent(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a/b/f"), "f");
+    write(l.l(0, "a/b/g"), "g");
+    chmod(l.l(0, "a/b"), 0o750);
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("a/b/f")).unwrap();
+    assert_whiteout(&l.u("a/b/f"));
+    assert_eq!(lstat(l.u("a/b")).st_mode, libc::S_IFDIR | 0o750);
+    assert!(!is_opaque(l.u("a/b")));
+    assert_eq!(names(l.m("a/b")), vec!["g"]);
+}
