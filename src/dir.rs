@@ -202,7 +202,8 @@ impl Overlay {
         if self.lower_positive(&parent, &cname)? {
             self.whiteout(ufd.as_fd(), &cname, in_upper, is_dir)?;
         } else if is_dir {
-            clear_whiteouts(ufd.as_fd(), &cname)?;
+            // As the kernel: a pure upper dir is removed as it is, so
+            // whiteouts left inside it make it not empty.
             sys::unlinkat(ufd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
         } else {
             sys::unlinkat(ufd.as_fd(), &cname, 0)?;
@@ -302,6 +303,14 @@ impl Overlay {
         res
     }
 
+    /// Whether a node is a directory with lower layers (the kernel's
+    /// "merge or lower" type): without redirect_dir it cannot move.
+    fn merge_or_lower(&self, node: &Arc<Inode>) -> bool {
+        node.is_dir() && node.layers().iter().any(|&l| !self.layers.is_upper(l))
+    }
+
+    /// The kernel's `ovl_rename`, step by step, so that even a rename that
+    /// fails in the upper fs leaves the same marks behind.
     #[allow(clippy::too_many_arguments)]
     fn rename_nodes(
         &self,
@@ -314,25 +323,14 @@ impl Overlay {
         exchange: bool,
     ) -> io::Result<()> {
         let src_dir = src.is_dir();
-        // Without redirect_dir a directory with lower layers cannot move.
-        if src_dir && src.layers().iter().any(|&l| !self.layers.is_upper(l)) {
-            return Err(sys::err(libc::EXDEV));
-        }
+        // The VFS checks come first and change nothing.
         if let Some(d) = dst {
-            let dst_dir = d.is_dir();
-            if exchange {
-                if dst_dir && d.layers().iter().any(|&l| !self.layers.is_upper(l)) {
-                    return Err(sys::err(libc::EXDEV));
-                }
-            } else {
-                if src_dir && !dst_dir {
+            if !exchange {
+                if src_dir && !d.is_dir() {
                     return Err(sys::err(libc::ENOTDIR));
                 }
-                if !src_dir && dst_dir {
+                if !src_dir && d.is_dir() {
                     return Err(sys::err(libc::EISDIR));
-                }
-                if dst_dir {
-                    self.check_empty(d)?;
                 }
             }
             if Arc::ptr_eq(src, d) {
@@ -340,12 +338,22 @@ impl Overlay {
                 return Ok(());
             }
         }
-        // Moving a directory into another directory is what the kernel would refuse as a loop.
-        if src_dir && self.is_ancestor(src, newparent) {
+        if (src_dir && self.is_ancestor(src, newparent))
+            || (exchange && dst.is_some_and(|d| d.is_dir() && self.is_ancestor(d, parent)))
+        {
             return Err(sys::err(libc::EINVAL));
         }
+        // Without redirect_dir a directory with lower layers cannot move.
+        if self.merge_or_lower(src) || (exchange && dst.is_some_and(|d| self.merge_or_lower(d))) {
+            return Err(sys::err(libc::EXDEV));
+        }
+        let src_origin = src.layers().iter().any(|&l| !self.layers.is_upper(l))
+            || self.has_origin(src);
+        let dst_origin = exchange
+            && dst.is_some_and(|d| {
+                d.layers().iter().any(|&l| !self.layers.is_upper(l)) || self.has_origin(d)
+            });
         self.copy_up(src)?;
-        self.copy_up(parent)?;
         self.copy_up(newparent)?;
         if exchange {
             if let Some(d) = dst {
@@ -354,71 +362,66 @@ impl Overlay {
         }
         let old_ufd = self.dir_fd(parent, UPPER)?;
         let new_ufd = self.dir_fd(newparent, UPPER)?;
-        let src_lower = self.lower_positive(parent, cname)?;
-        let src_opaque = src_dir && self.is_opaque_at(old_ufd.as_fd(), cname);
-        // A directory moving into a merged directory must not merge with
-        // a lower one of its new name.
-        if src_dir && !src_opaque && newparent.layers().len() > 1 {
-            let fd = sys::openat(old_ufd.as_fd(), cname, libc::O_PATH, 0)?;
-            sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0)?;
-        }
-        if exchange {
-            let d = dst.ok_or_else(|| sys::err(libc::ENOENT))?;
-            if d.is_dir() && parent.layers().len() > 1 && !self.is_opaque_at(new_ufd.as_fd(), cnew)
-            {
-                let fd = sys::openat(new_ufd.as_fd(), cnew, libc::O_PATH, 0)?;
-                sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0)?;
-            }
-            sys::renameat2(
-                old_ufd.as_fd(),
-                cname,
-                new_ufd.as_fd(),
-                cnew,
-                libc::RENAME_EXCHANGE,
-            )?;
-            self.mark_impure_after_move(newparent, new_ufd.as_fd(), cnew);
-            self.mark_impure_after_move(parent, old_ufd.as_fd(), cname);
-            let (n1, n2) = (cstr_of(cname), cstr_of(cnew));
-            src.remove_alias(parent.nodeid, &n1.to_os_string());
-            d.remove_alias(newparent.nodeid, &n2.to_os_string());
-            src.add_alias(newparent, &n2.to_os_string());
-            d.add_alias(parent, &n1.to_os_string());
-            return Ok(());
-        }
-        // Target in the upper layer: a whiteout, an empty dir, or a file.
-        let target = match sys::fstatat(new_ufd.as_fd(), cnew) {
-            Ok(st) => Some(st),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
-            Err(e) => return Err(e),
-        };
-        if let Some(t) = &target {
-            if sys::is_dir(t.st_mode) {
+        // An overwritten merged or lower dir must be empty; its upper
+        // whiteouts go first.
+        if let Some(d) = dst.filter(|d| !exchange && self.merge_or_lower(d)) {
+            self.check_empty(d)?;
+            if d.top().is_some_and(|t| self.layers.is_upper(t)) {
                 clear_whiteouts(new_ufd.as_fd(), cnew)?;
             }
         }
-        let target_is_whiteout = target.as_ref().is_some_and(sys::is_whiteout);
-        if src_dir && target_is_whiteout {
-            // A directory cannot replace a device: swap, then deal with the whiteout.
-            sys::renameat2(
-                old_ufd.as_fd(),
-                cname,
-                new_ufd.as_fd(),
-                cnew,
-                libc::RENAME_EXCHANGE,
-            )?;
-            if !src_lower {
-                sys::unlinkat(old_ufd.as_fd(), cname, 0)?;
+        let new_whiteout = dst.is_none()
+            && matches!(sys::fstatat(new_ufd.as_fd(), cnew), Ok(st) if sys::is_whiteout(&st));
+        let mut flags = 0;
+        let mut cleanup_whiteout = false;
+        if exchange {
+            flags = libc::RENAME_EXCHANGE;
+        } else if self.lower_positive(parent, cname)? {
+            flags = if new_whiteout {
+                libc::RENAME_EXCHANGE
+            } else {
+                libc::RENAME_WHITEOUT
+            };
+        } else if src_dir && new_whiteout {
+            flags = libc::RENAME_EXCHANGE;
+            cleanup_whiteout = true;
+        }
+        if parent.nodeid != newparent.nodeid {
+            if src_origin {
+                self.set_impure(newparent, new_ufd.as_fd());
             }
-        } else {
-            let fl = if src_lower { libc::RENAME_WHITEOUT } else { 0 };
-            sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, fl)?;
+            if dst_origin {
+                self.set_impure(parent, old_ufd.as_fd());
+            }
         }
-        self.mark_impure_after_move(newparent, new_ufd.as_fd(), cnew);
-        if let Some(d) = dst {
-            self.detach(d, newparent.nodeid, cstr_of(cnew));
+        let opaque = self.xattr_name("opaque");
+        if src_dir && !self.is_opaque_at(old_ufd.as_fd(), cname) && newparent.layers().len() > 1 {
+            let fd = sys::openat(old_ufd.as_fd(), cname, libc::O_PATH, 0)?;
+            sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
         }
-        src.remove_alias(parent.nodeid, &cstr_of(cname).to_os_string());
-        src.add_alias(newparent, &cstr_of(cnew).to_os_string());
+        if let Some(d) = dst.filter(|d| exchange && d.is_dir()) {
+            let _ = d;
+            if !self.is_opaque_at(new_ufd.as_fd(), cnew) && parent.layers().len() > 1 {
+                let fd = sys::openat(new_ufd.as_fd(), cnew, libc::O_PATH, 0)?;
+                sys::setxattr(fd.as_fd(), &opaque, b"y", 0)
+                    .map_err(|_| sys::err(libc::EXDEV))?;
+            }
+        }
+        sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, flags)?;
+        if cleanup_whiteout {
+            sys::unlinkat(old_ufd.as_fd(), cname, 0)?;
+        }
+        let (n1, n2) = (cstr_of(cname).to_os_string(), cstr_of(cnew).to_os_string());
+        src.remove_alias(parent.nodeid, &n1);
+        match dst {
+            Some(d) if exchange => {
+                d.remove_alias(newparent.nodeid, &n2);
+                d.add_alias(parent, &n1);
+            }
+            Some(d) => self.detach(d, newparent.nodeid, &n2),
+            None => {}
+        }
+        src.add_alias(newparent, &n2);
         Ok(())
     }
 
@@ -434,13 +437,13 @@ impl Overlay {
         false
     }
 
-    /// As the kernel: a dir gaining an entry that has an origin becomes impure.
-    fn mark_impure_after_move(&self, dir: &Arc<Inode>, dfd: BorrowedFd<'_>, name: &CStr) {
-        if let Ok(fd) = sys::openat(dfd, name, libc::O_PATH, 0) {
-            if sys::getxattr(fd.as_fd(), &self.xattr_name("origin")).is_ok() {
-                self.set_impure(dir, dfd);
-            }
-        }
+    /// Whether a node's upper object records an origin.
+    fn has_origin(&self, node: &Arc<Inode>) -> bool {
+        node.top().is_some_and(|t| self.layers.is_upper(t))
+            && self
+                .path_fd(node)
+                .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("origin")))
+                .is_ok()
     }
 }
 

@@ -128,7 +128,36 @@ impl Overlay {
         let f = self
             .find(&parent, &c)?
             .ok_or_else(|| sys::err(libc::ENOENT))?;
+        if f.layers.len() > 1 && self.layers.is_upper(f.layers[0]) && !self.read_only() {
+            self.fix_origin(&parent, &c, f.layers[1]);
+        }
         Ok(self.instantiate(&parent, name, f))
+    }
+
+    /// As the kernel's `ovl_fix_origin`: a merged dir whose upper lacks an
+    /// origin gets that of its first lower dir, and its parent turns impure.
+    fn fix_origin(&self, parent: &Arc<Inode>, name: &CStr, lower: LayerIdx) {
+        let Ok(ufd) = self.dir_fd(parent, crate::layer::UPPER) else {
+            return;
+        };
+        let Ok(upper) = sys::openat(ufd.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0) else {
+            return;
+        };
+        let origin = self.xattr_name("origin");
+        if sys::getxattr(upper.as_fd(), &origin).is_ok() {
+            return;
+        }
+        let Ok(lfd) = self.dir_fd(parent, lower) else {
+            return;
+        };
+        let Ok(ldir) = sys::openat(lfd.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0) else {
+            return;
+        };
+        if let Some(fh) = self.encode_fh(ldir.as_fd(), false) {
+            if sys::setxattr(upper.as_fd(), &origin, &fh, 0).is_ok() {
+                self.set_impure(parent, ufd.as_fd());
+            }
+        }
     }
 
     /// Enters a found object into the inode table.
