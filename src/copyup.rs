@@ -36,22 +36,20 @@ impl Overlay {
         // The parent's times are restored afterwards, as the kernel does.
         let pst = sys::fstat(upper_dir.as_fd())?;
 
+        // As the kernel: the parent may now hold non-pure upper entries.
+        self.set_impure(&parent, upper_dir.as_fd());
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
         let res = self.build_copy(lower_dir.as_fd(), &cname, &st, work, &tmp);
-        let origin = match res {
-            Ok(o) => o,
-            Err(e) => {
+        if let Err(e) = res {
+            {
                 self.remove_tmp(work, &tmp, &st);
                 return Err(e);
             }
-        };
+        }
         if let Err(e) = sys::renameat2(work, &tmp, upper_dir.as_fd(), &cname, 0) {
             self.remove_tmp(work, &tmp, &st);
             return Err(e);
-        }
-        if origin {
-            self.set_impure(&parent, upper_dir.as_fd());
         }
         let _ = sys::utimensat(upper_dir.as_fd(), c".", &sys::stat_times(&pst));
 

@@ -49,6 +49,12 @@ impl Overlay {
         }
         self.copy_up(&parent)?;
         let ufd = self.dir_fd(&parent, UPPER)?;
+        // As the kernel: linking a file with an origin makes the new parent impure.
+        if let NewObj::Link { src } = &obj {
+            if self.has_origin(src) {
+                self.set_impure(&parent, ufd.as_fd());
+            }
+        }
         let over_whiteout = match sys::fstatat(ufd.as_fd(), &cname) {
             Ok(st) if sys::is_whiteout(&st) => true,
             Ok(_) => return Err(sys::err(libc::EEXIST)),
@@ -347,12 +353,6 @@ impl Overlay {
         if self.merge_or_lower(src) || (exchange && dst.is_some_and(|d| self.merge_or_lower(d))) {
             return Err(sys::err(libc::EXDEV));
         }
-        let src_origin = src.layers().iter().any(|&l| !self.layers.is_upper(l))
-            || self.has_origin(src);
-        let dst_origin = exchange
-            && dst.is_some_and(|d| {
-                d.layers().iter().any(|&l| !self.layers.is_upper(l)) || self.has_origin(d)
-            });
         self.copy_up(src)?;
         self.copy_up(newparent)?;
         if exchange {
@@ -360,6 +360,9 @@ impl Overlay {
                 self.copy_up(d)?;
             }
         }
+        // The kernel's "origin" type, taken after copy-up.
+        let src_origin = self.has_origin(src);
+        let dst_origin = exchange && dst.is_some_and(|d| self.has_origin(d));
         let old_ufd = self.dir_fd(parent, UPPER)?;
         let new_ufd = self.dir_fd(newparent, UPPER)?;
         // An overwritten merged or lower dir must be empty; its upper
@@ -403,8 +406,7 @@ impl Overlay {
             let _ = d;
             if !self.is_opaque_at(new_ufd.as_fd(), cnew) && parent.layers().len() > 1 {
                 let fd = sys::openat(new_ufd.as_fd(), cnew, libc::O_PATH, 0)?;
-                sys::setxattr(fd.as_fd(), &opaque, b"y", 0)
-                    .map_err(|_| sys::err(libc::EXDEV))?;
+                sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
             }
         }
         sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, flags)?;
