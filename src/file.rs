@@ -45,6 +45,14 @@ impl Handles {
         fh
     }
 
+    /// Any open handle of a node: an unlinked file is reached only through these.
+    pub fn any_of(&self, nodeid: u64) -> Option<Arc<Handle>> {
+        self.map
+            .iter()
+            .find(|h| h.node.nodeid == nodeid)
+            .map(|h| h.clone())
+    }
+
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         self.map.remove(&fh).map(|(_, h)| h)
     }

@@ -35,8 +35,16 @@ impl Overlay {
             let st = sys::fstat(h.fd().as_fd())?;
             return Ok((node, st));
         }
-        let st = self.real_stat(&node)?;
-        Ok((node, st))
+        match self.real_stat(&node) {
+            Ok(st) => Ok((node, st)),
+            // Unlinked while open: the open file still answers.
+            Err(e) if node.alias().is_none() && node.nodeid != crate::inode::ROOT => {
+                let h = handles.any_of(node.nodeid).ok_or(e)?;
+                let st = sys::fstat(h.fd().as_fd())?;
+                Ok((node, st))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn setattr(

@@ -1,0 +1,234 @@
+//! Results: medians and minima per subject, ratios to the kernel, the
+//! printed table and the JSON file.
+
+use std::fmt::Write as _;
+
+/// One timed run.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub secs: f64,
+    /// Daemon `VmHWM` and `VmRSS` in KiB, for the memory workload.
+    pub rss_kib: Option<(u64, u64)>,
+}
+
+pub enum Status {
+    Ok,
+    Failed(String),
+    Skipped(String),
+}
+
+pub struct SubjectResult {
+    pub subject: String,
+    pub samples: Vec<Sample>,
+    pub status: Status,
+}
+
+pub struct WorkloadResult {
+    pub name: &'static str,
+    pub about: String,
+    /// Set when the whole workload was skipped (a missing tool, say).
+    pub skipped: Option<String>,
+    pub subjects: Vec<SubjectResult>,
+}
+
+pub const KERNEL: &str = "kernel";
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+impl SubjectResult {
+    pub fn ok(&self) -> bool {
+        matches!(self.status, Status::Ok) && !self.samples.is_empty()
+    }
+
+    pub fn median(&self) -> Option<f64> {
+        median(self.samples.iter().map(|s| s.secs).collect())
+    }
+
+    pub fn min(&self) -> Option<f64> {
+        self.samples.iter().map(|s| s.secs).min_by(f64::total_cmp)
+    }
+
+    /// Median peak and current RSS in MiB.
+    pub fn rss_mib(&self) -> Option<(f64, f64)> {
+        let r: Vec<(u64, u64)> = self.samples.iter().filter_map(|s| s.rss_kib).collect();
+        let hwm = median(r.iter().map(|x| x.0 as f64 / 1024.0).collect())?;
+        let cur = median(r.iter().map(|x| x.1 as f64 / 1024.0).collect())?;
+        Some((hwm, cur))
+    }
+}
+
+impl WorkloadResult {
+    fn kernel_median(&self) -> Option<f64> {
+        self.subjects
+            .iter()
+            .find(|s| s.subject == KERNEL && s.ok())
+            .and_then(SubjectResult::median)
+    }
+
+    /// Median over the kernel's median, when both exist.
+    pub fn ratio(&self, s: &SubjectResult) -> Option<f64> {
+        if !s.ok() {
+            return None;
+        }
+        Some(s.median()? / self.kernel_median()?)
+    }
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s >= 10.0 {
+        format!("{s:.1} s")
+    } else if s >= 1.0 {
+        format!("{s:.2} s")
+    } else {
+        format!("{:.1} ms", s * 1e3)
+    }
+}
+
+/// The table for one workload, as printed after it ran.
+pub fn print_workload(w: &WorkloadResult) {
+    println!("\n== {}: {}", w.name, w.about);
+    if let Some(why) = &w.skipped {
+        println!("   skipped: {why}");
+        return;
+    }
+    println!(
+        "   {:<22} {:>10} {:>10} {:>8}",
+        "subject", "median", "min", "/kernel"
+    );
+    for s in &w.subjects {
+        match &s.status {
+            Status::Skipped(why) => println!("   {:<22} skipped: {why}", s.subject),
+            Status::Failed(why) => println!("   {:<22} FAILED: {why}", s.subject),
+            Status::Ok => {
+                let (Some(med), Some(min)) = (s.median(), s.min()) else {
+                    println!("   {:<22} no samples", s.subject);
+                    continue;
+                };
+                let ratio = w.ratio(s).map_or("-".into(), |r| format!("{r:.2}"));
+                let mut line = format!(
+                    "   {:<22} {:>10} {:>10} {:>8}",
+                    s.subject,
+                    fmt_secs(med),
+                    fmt_secs(min),
+                    ratio
+                );
+                if let Some((hwm, cur)) = s.rss_mib() {
+                    let _ = write!(line, "   RSS peak {hwm:.1} MiB, now {cur:.1} MiB");
+                }
+                println!("{line}");
+            }
+        }
+    }
+}
+
+/// Ratios of medians to the kernel, one row per workload.
+pub fn print_summary(all: &[WorkloadResult], subjects: &[String]) {
+    println!("\n== summary: median time / kernel median (lower is better)");
+    let mut head = format!("   {:<22}", "workload");
+    for s in subjects {
+        let _ = write!(head, " {:>20}", s);
+    }
+    println!("{head}");
+    for w in all.iter().filter(|w| w.skipped.is_none()) {
+        let mut line = format!("   {:<22}", w.name);
+        for name in subjects {
+            let cell = match w.subjects.iter().find(|s| &s.subject == name) {
+                None => "-".to_string(),
+                Some(s) => match &s.status {
+                    Status::Skipped(_) => "n/a".into(),
+                    Status::Failed(_) => "FAILED".into(),
+                    Status::Ok => match (w.ratio(s), s.median()) {
+                        (Some(r), _) => format!("{r:.2}"),
+                        (None, Some(m)) => fmt_secs(m),
+                        _ => "-".into(),
+                    },
+                },
+            };
+            let _ = write!(line, " {cell:>20}");
+        }
+        println!("{line}");
+    }
+}
+
+/// A JSON string literal.
+pub fn js(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn jnum(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x}"),
+        _ => "null".into(),
+    }
+}
+
+/// The whole run as JSON. `header` holds already-encoded `"key": value` pairs.
+pub fn to_json(header: &[(String, String)], all: &[WorkloadResult]) -> String {
+    let mut o = String::from("{\n");
+    for (k, v) in header {
+        let _ = writeln!(o, "  {}: {v},", js(k));
+    }
+    o.push_str("  \"workloads\": [\n");
+    for (i, w) in all.iter().enumerate() {
+        let _ = write!(
+            o,
+            "    {{\"name\": {}, \"about\": {}, \"skipped\": {}, \"subjects\": [",
+            js(w.name),
+            js(&w.about),
+            w.skipped.as_deref().map_or("null".into(), js)
+        );
+        for (j, s) in w.subjects.iter().enumerate() {
+            let (status, why) = match &s.status {
+                Status::Ok => ("ok", None),
+                Status::Failed(e) => ("failed", Some(e.as_str())),
+                Status::Skipped(e) => ("skipped", Some(e.as_str())),
+            };
+            let samples: Vec<String> = s.samples.iter().map(|x| format!("{}", x.secs)).collect();
+            let _ = write!(
+                o,
+                "{}\n      {{\"subject\": {}, \"status\": {}, \"reason\": {}, \"samples_s\": [{}], \
+                 \"median_s\": {}, \"min_s\": {}, \"ratio_to_kernel\": {}",
+                if j == 0 { "" } else { "," },
+                js(&s.subject),
+                js(status),
+                why.map_or("null".into(), js),
+                samples.join(", "),
+                jnum(s.median()),
+                jnum(s.min()),
+                jnum(w.ratio(s)),
+            );
+            if let Some((hwm, cur)) = s.rss_mib() {
+                let _ = write!(o, ", \"rss_peak_mib\": {hwm}, \"rss_now_mib\": {cur}");
+            }
+            o.push('}');
+        }
+        let _ = write!(o, "\n    ]}}{}\n", if i + 1 == all.len() { "" } else { "," });
+    }
+    o.push_str("  ]\n}\n");
+    o
+}

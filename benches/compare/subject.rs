@@ -1,0 +1,293 @@
+//! The filesystems compared, and their mounts. A mount counts only once
+//! /proc/self/mountinfo shows it at the mountpoint with the right type, so a
+//! subject that fails to mount is never timed against the bare directory.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// How long a FUSE daemon may take to mount, or to exit once unmounted.
+const DAEMON_WAIT: Duration = Duration::from_secs(10);
+
+pub enum Kind {
+    /// `mount -t overlay`.
+    Kernel,
+    /// `fuse-overlayfs -f`, run as our child.
+    FuseOverlayfs(PathBuf),
+    /// `rovl mount -f`, run as our child.
+    Rovl(PathBuf),
+    /// The merged view copied into a plain tmpfs directory, bind-mounted: the floor.
+    Tmpfs,
+}
+
+pub struct Subject {
+    pub name: String,
+    pub kind: Kind,
+    /// This subject's own data copies, on the bench tmpfs.
+    pub data: PathBuf,
+    /// Where it is mounted (outside the tmpfs).
+    pub mnt: PathBuf,
+}
+
+/// What to mount.
+pub enum Source<'a> {
+    /// Lower layers (top first) with a fresh upper and work dir under `run`.
+    Overlay { lowers: &'a [PathBuf], run: &'a Path },
+    /// A directory to bind-mount.
+    Flat(&'a Path),
+}
+
+impl Subject {
+    pub fn fstype(&self) -> &'static str {
+        match self.kind {
+            Kind::Kernel => "overlay",
+            Kind::FuseOverlayfs(_) => "fuse.fuse-overlayfs",
+            Kind::Rovl(_) => "fuse.rovl",
+            Kind::Tmpfs => "tmpfs",
+        }
+    }
+
+    pub fn is_overlay(&self) -> bool {
+        !matches!(self.kind, Kind::Tmpfs)
+    }
+
+    pub fn has_daemon(&self) -> bool {
+        matches!(self.kind, Kind::FuseOverlayfs(_) | Kind::Rovl(_))
+    }
+
+    /// Mounts `src` at this subject's mountpoint.
+    pub fn mount(&self, src: Source) -> Result<Mount, String> {
+        if mounted_type(&self.mnt).is_some() {
+            return Err(format!("{} is already a mountpoint", self.mnt.display()));
+        }
+        let mut m = Mount {
+            mnt: self.mnt.clone(),
+            daemon: None,
+        };
+        match (&self.kind, src) {
+            (Kind::Tmpfs, Source::Flat(dir)) => {
+                run_cmd(Command::new("mount").arg("--bind").arg(dir).arg(&self.mnt))?
+            }
+            (Kind::Kernel, Source::Overlay { lowers, run }) => run_cmd(
+                Command::new("mount")
+                    .args(["-t", "overlay", "overlay", "-o"])
+                    .arg(overlay_opts(lowers, run)?)
+                    .arg(&self.mnt),
+            )?,
+            (Kind::FuseOverlayfs(bin), Source::Overlay { lowers, run }) => {
+                let mut c = Command::new(bin);
+                c.arg("-f").arg("-o").arg(overlay_opts(lowers, run)?);
+                m.daemon = Some(spawn_daemon(&mut c, &self.mnt, run)?);
+            }
+            (Kind::Rovl(bin), Source::Overlay { lowers, run }) => {
+                let mut c = Command::new(bin);
+                c.args(["mount", "-f", "-o"])
+                    .arg(overlay_opts(lowers, run)?);
+                m.daemon = Some(spawn_daemon(&mut c, &self.mnt, run)?);
+            }
+            _ => return Err("internal: source does not fit the subject".into()),
+        }
+        m.wait_mounted(self.fstype(), run_log(&m))?;
+        Ok(m)
+    }
+}
+
+fn run_log(m: &Mount) -> Option<PathBuf> {
+    m.daemon.as_ref().map(|d| d.log.clone())
+}
+
+/// `lowerdir=..,upperdir=..,workdir=..` with fresh upper and work dirs.
+fn overlay_opts(lowers: &[PathBuf], run: &Path) -> Result<String, String> {
+    let (upper, work) = (run.join("upper"), run.join("work"));
+    for d in [&upper, &work] {
+        fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    let lower: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+    Ok(format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    ))
+}
+
+fn run_cmd(c: &mut Command) -> Result<(), String> {
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{c:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A daemon we started; only it is ever signalled.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+fn spawn_daemon(c: &mut Command, mnt: &Path, run: &Path) -> Result<Daemon, String> {
+    let log = run.join("daemon.log");
+    let f = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+    let child = c
+        .arg(mnt)
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        // Its own process group: a Ctrl-C reaches us, and we unmount it in order.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("spawning {c:?}: {e}"))?;
+    Ok(Daemon { child, log })
+}
+
+/// A live mount; dropping it unmounts (and stops its daemon).
+pub struct Mount {
+    pub mnt: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Mount {
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
+    }
+
+    fn wait_mounted(&mut self, fstype: &str, log: Option<PathBuf>) -> Result<(), String> {
+        let deadline = Instant::now() + DAEMON_WAIT;
+        loop {
+            match mounted_type(&self.mnt) {
+                Some(t) if t == fstype => return Ok(()),
+                Some(t) => return Err(format!("mounted as {t}, expected {fstype}")),
+                None => {}
+            }
+            let exited = match &mut self.daemon {
+                Some(d) => d.child.try_wait().ok().flatten(),
+                None => return Err("mount command succeeded but nothing is mounted".into()),
+            };
+            if let Some(st) = exited {
+                let out = log.map(|l| fs::read_to_string(l).unwrap_or_default());
+                return Err(format!(
+                    "daemon exited ({st}) before mounting: {}",
+                    out.unwrap_or_default().trim()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not mounted after {DAEMON_WAIT:?}"));
+            }
+            sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Unmounts, waits for the daemon, and checks nothing is left.
+    pub fn unmount(mut self) -> Result<(), String> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        let mut result = Ok(());
+        if mounted_type(&self.mnt).is_some() {
+            if let Err(e) = umount_retry(&self.mnt) {
+                result = Err(format!("umount {}: {e}", self.mnt.display()));
+            }
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let deadline = Instant::now() + DAEMON_WAIT;
+            loop {
+                match d.child.try_wait() {
+                    Ok(Some(st)) => {
+                        if !st.success() && result.is_ok() {
+                            result = Err(format!("daemon exited with {st}"));
+                        }
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(5)),
+                    _ => {
+                        // Our own child, by PID.
+                        let _ = d.child.kill();
+                        let _ = d.child.wait();
+                        if result.is_ok() {
+                            result = Err("daemon did not exit after unmount; killed".into());
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            eprintln!("compare: {e}");
+        }
+    }
+}
+
+/// `umount2`, retried while busy, lazily as a last resort.
+pub fn umount_retry(p: &Path) -> io::Result<()> {
+    let c = CString::new(p.as_os_str().as_bytes())?;
+    for _ in 0..40 {
+        // SAFETY: a valid C string; umount2 only reads it.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e);
+        }
+        sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Err(io::Error::other("busy; detached lazily"))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The type of the topmost mount at `p` (canonical), if any.
+pub fn mounted_type(p: &Path) -> Option<String> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = p.as_os_str().as_bytes();
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mp = pre.split(' ').nth(4)?;
+            let fstype = post.split(' ').next()?;
+            (unescape(mp) == want).then(|| fstype.to_string())
+        })
+        .last()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push(b[i + 1..i + 4].iter().fold(0u8, |a, c| a.wrapping_mul(8) + (c - b'0')));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
