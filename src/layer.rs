@@ -72,6 +72,11 @@ impl Layers {
         self.has_upper && l == UPPER
     }
 
+    /// All layers on one filesystem (the kernel's "samefs").
+    pub fn same_fs(&self) -> bool {
+        self.all.windows(2).all(|w| w[0].dev == w[1].dev)
+    }
+
     pub fn get(&self, l: LayerIdx) -> &Layer {
         &self.all[l as usize]
     }

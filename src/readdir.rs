@@ -71,7 +71,41 @@ impl Overlay {
                 });
             }
         }
+        if !merged && !all_merged && layers.first().is_some_and(|&l| self.layers.is_upper(l)) {
+            self.drop_stale_impure(node, &out);
+        }
         Ok(out)
+    }
+
+    /// As the kernel's impure-dir readdir: an upper dir marked impure whose
+    /// entries no longer come from a lower layer loses the mark.
+    fn drop_stale_impure(&self, node: &Arc<Inode>, entries: &[DirEntry]) {
+        if self.read_only() || !self.layers.same_fs() {
+            return;
+        }
+        let Ok(dfd) = self.dir_fd(node, crate::layer::UPPER) else {
+            return;
+        };
+        let impure = self.xattr_name("impure");
+        if sys::getxattr(dfd.as_fd(), &impure).is_err() {
+            return;
+        }
+        let origin = self.xattr_name("origin");
+        let translated = entries.iter().skip(2).any(|e| {
+            if e.kind == fuser::FileType::Directory {
+                return false;
+            }
+            let Ok(c) = sys::cstr(&e.name) else {
+                return true;
+            };
+            match sys::openat(dfd.as_fd(), &c, libc::O_PATH, 0) {
+                Ok(fd) => sys::getxattr(fd.as_fd(), &origin).is_ok(),
+                Err(_) => true,
+            }
+        });
+        if !translated && sys::removexattr(dfd.as_fd(), &impure).is_ok() {
+            node.state.write().impure = false;
+        }
     }
 
     /// Whether a merged directory holds nothing visible (rmdir's test).

@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime};
 /// Sizes at the chosen scale; scale 1 is the full size.
 #[derive(Clone, Debug)]
 pub struct Sizes {
-    pub scale: f64,
     /// Files of the `find`/stat tree (20k).
     pub tree_files: usize,
     /// Entries of the large merged directory (100k).
@@ -37,7 +36,6 @@ impl Sizes {
     pub fn new(scale: f64) -> Sizes {
         let n = |full: usize, min: usize| ((full as f64 * scale).round() as usize).max(min);
         Sizes {
-            scale,
             tree_files: n(20_000, 200),
             big_entries: n(100_000, 1_000),
             rss_entries: n(200_000, 2_000),
@@ -106,10 +104,17 @@ impl DataSet {
     /// Its size, for the report.
     pub fn describe(self, s: &Sizes) -> String {
         match self {
-            DataSet::Tree => format!("{} files in {} dirs over 2 lowers", s.tree_per_leaf() * TREE_TOP * TREE_SUB, TREE_TOP * TREE_SUB),
+            DataSet::Tree => format!(
+                "{} files in {} dirs over 2 lowers",
+                s.tree_per_leaf() * TREE_TOP * TREE_SUB,
+                TREE_TOP * TREE_SUB
+            ),
             DataSet::Big => format!("{} entries in one dir over 2 lowers", s.big_entries),
             DataSet::Rss => format!("{} files over 2 lowers", s.rss_entries),
-            DataSet::Remove => format!("{} files in {RM_DIRS} dirs over 2 lowers", s.rm_files.div_ceil(RM_DIRS) * RM_DIRS),
+            DataSet::Remove => format!(
+                "{} files in {RM_DIRS} dirs over 2 lowers",
+                s.rm_files.div_ceil(RM_DIRS) * RM_DIRS
+            ),
             DataSet::CopyUp => format!("{} lower files of {} KiB", s.cu_files, s.cu_bytes >> 10),
             DataSet::Stat50 => format!("{STAT_LOWERS} lowers, {} names each", s.stat_per_layer),
             DataSet::Git => format!("{} tracked files in a lower", s.git_files),

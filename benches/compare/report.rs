@@ -227,7 +227,11 @@ pub fn to_json(header: &[(String, String)], all: &[WorkloadResult]) -> String {
             }
             o.push('}');
         }
-        let _ = write!(o, "\n    ]}}{}\n", if i + 1 == all.len() { "" } else { "," });
+        let _ = write!(
+            o,
+            "\n    ]}}{}\n",
+            if i + 1 == all.len() { "" } else { "," }
+        );
     }
     o.push_str("  ]\n}\n");
     o

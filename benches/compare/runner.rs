@@ -27,7 +27,10 @@ impl Proc {
         S: AsRef<OsStr>,
     {
         Proc {
-            argv: argv.into_iter().map(|a| a.as_ref().to_os_string()).collect(),
+            argv: argv
+                .into_iter()
+                .map(|a| a.as_ref().to_os_string())
+                .collect(),
             cwd: None,
             lines: None,
             ok_codes: &[0],
@@ -81,7 +84,10 @@ pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Duration
     let mut errs = Vec::new();
     for i in 0..procs.len() {
         let p = scratch.join(format!("stderr.{i}"));
-        errs.push((File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?, p));
+        errs.push((
+            File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?,
+            p,
+        ));
     }
     let (tx, rx) = mpsc::channel();
     let dog = thread::spawn(move || watchdog(rx, timeout));
@@ -91,10 +97,12 @@ pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Duration
     let mut spawn_err = None;
     for (p, (err, _)) in procs.iter().zip(&errs) {
         let mut c = Command::new(&p.argv[0]);
-        c.args(&p.argv[1..]).stdin(Stdio::null()).stderr(match err.try_clone() {
-            Ok(f) => Stdio::from(f),
-            Err(_) => Stdio::null(),
-        });
+        c.args(&p.argv[1..])
+            .stdin(Stdio::null())
+            .stderr(match err.try_clone() {
+                Ok(f) => Stdio::from(f),
+                Err(_) => Stdio::null(),
+            });
         c.stdout(if p.lines.is_some() {
             Stdio::piped()
         } else {

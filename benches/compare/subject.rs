@@ -38,7 +38,10 @@ pub struct Subject {
 /// What to mount.
 pub enum Source<'a> {
     /// Lower layers (top first) with a fresh upper and work dir under `run`.
-    Overlay { lowers: &'a [PathBuf], run: &'a Path },
+    Overlay {
+        lowers: &'a [PathBuf],
+        run: &'a Path,
+    },
     /// A directory to bind-mount.
     Flat(&'a Path),
 }
@@ -281,8 +284,15 @@ fn unescape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push(b[i + 1..i + 4].iter().fold(0u8, |a, c| a.wrapping_mul(8) + (c - b'0')));
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(
+                b[i + 1..i + 4]
+                    .iter()
+                    .fold(0u8, |a, c| a.wrapping_mul(8) + (c - b'0')),
+            );
             i += 4;
         } else {
             out.push(b[i]);
