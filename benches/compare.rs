@@ -6,7 +6,8 @@
 //! round (the order rotating), so noise hits all alike. Every measurement
 //! uses a fresh mount with a fresh upper dir; "cold" ones also drop the
 //! kernel's caches, "warm" ones run the command once untimed first. The time
-//! is the wall time of the whole command (`find`, `ls`, `tar`, ...).
+//! is the wall time of the whole command (`find`, `ls`, `tar`, ...), except
+//! for fio, whose own I/O time is taken (its start-up alone costs ~0.3 s).
 //!
 //! rovl is the binary cargo builds for this bench (bench profile = release);
 //! `ROVL_BIN` overrides it. Environment:
@@ -426,9 +427,36 @@ fn fio(c: &Ctx, file: &str, args: &[&str]) -> Vec<Proc> {
         "--ioengine=psync".into(),
         "--fallocate=none".into(),
         "--randrepeat=1".into(),
+        "--minimal".into(),
     ];
     argv.extend(args.iter().map(|a| a.to_string()));
-    vec![Proc::new(argv)]
+    vec![Proc::new(argv).reported(fio_secs)]
+}
+
+/// The I/O time fio reports (KiB moved / KiB/s, reads plus writes), from
+/// its terse v3 line: fields 6-7 are read KiB and KiB/s, 47-48 the same for writes.
+fn fio_secs(out: &str) -> Result<f64, String> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("3;"))
+        .ok_or("no terse v3 line")?;
+    let f: Vec<&str> = line.split(';').collect();
+    let num = |i: usize| {
+        f.get(i - 1)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or(format!("field {i}"))
+    };
+    let mut secs = 0.0;
+    for (kib, bw) in [(6, 7), (47, 48)] {
+        if num(kib)? > 0.0 {
+            secs += num(kib)? / num(bw)?.max(1.0);
+        }
+    }
+    if secs > 0.0 {
+        Ok(secs)
+    } else {
+        Err("no I/O reported".into())
+    }
 }
 
 fn fio_randread(c: &Ctx) -> Vec<Proc> {
@@ -787,6 +815,7 @@ fn measure(
             Cache::Fresh => {}
         }
         let t = runner::run(&job, cfg.timeout, scratch)?;
+        let secs = t.reported.unwrap_or(t.wall.as_secs_f64());
         let rss_kib = if w.memory {
             let pid = m.daemon_pid().ok_or("no daemon to measure")?;
             runner::drop_caches()?;

@@ -66,6 +66,10 @@ impl Overlay {
         }
         self.table
             .rekey(node, Key::Real(self.layers.get(UPPER).dev, ust.st_ino));
+        if node.is_dir() {
+            // A merged dir reports one link: the kernel's cached count is stale.
+            self.inval_attr(node.nodeid);
+        }
         log::debug!("copied up {:?} (node {})", name, node.nodeid);
         Ok(())
     }

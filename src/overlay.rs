@@ -232,16 +232,11 @@ impl Overlay {
         }
     }
 
-    /// Tells the kernel to drop its cached entry for `name` in `parent`.
-    pub fn inval_entry(&self, parent: u64, name: &OsStr) {
+    /// Drops the kernel's cached attributes of a node (not its pages): safe
+    /// to send from inside a request.
+    pub fn inval_attr(&self, nodeid: u64) {
         if let Some(n) = self.notifier.get() {
-            let _ = n.inval_entry(fuser::INodeNo(parent), name);
-        }
-    }
-
-    pub fn inval_inode(&self, nodeid: u64) {
-        if let Some(n) = self.notifier.get() {
-            let _ = n.inval_inode(fuser::INodeNo(nodeid), 0, 0);
+            let _ = n.inval_inode(fuser::INodeNo(nodeid), -1, 0);
         }
     }
 }

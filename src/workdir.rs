@@ -78,12 +78,22 @@ fn open_root(what: &str, p: &Path) -> io::Result<OwnedFd> {
 }
 
 fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid fd.
-    let rc = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
+    // A daemon whose mount was just unmounted may take a moment to exit and
+    // drop its lock: give it up to two seconds before calling the dir busy.
+    let mut tries = 40;
+    let e = loop {
+        // SAFETY: plain syscall on a valid fd.
+        let rc = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        tries -= 1;
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || tries == 0 {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         Err(io::Error::new(
             io::ErrorKind::ResourceBusy,

@@ -18,6 +18,9 @@ pub struct Proc {
     pub lines: Option<usize>,
     /// Exit codes that count as success.
     pub ok_codes: &'static [i32],
+    /// Reads the time the tool itself reports from its stdout (fio, whose
+    /// fixed start-up cost would otherwise dominate).
+    pub reported: Option<fn(&str) -> Result<f64, String>>,
 }
 
 impl Proc {
@@ -34,6 +37,7 @@ impl Proc {
             cwd: None,
             lines: None,
             ok_codes: &[0],
+            reported: None,
         }
     }
 
@@ -60,6 +64,11 @@ impl Proc {
         self
     }
 
+    pub fn reported(mut self, f: fn(&str) -> Result<f64, String>) -> Proc {
+        self.reported = Some(f);
+        self
+    }
+
     fn describe(&self) -> String {
         let s: Vec<String> = self
             .argv
@@ -72,6 +81,20 @@ impl Proc {
     }
 }
 
+/// What a job took.
+pub struct Timing {
+    /// From the first spawn to the last exit.
+    pub wall: Duration,
+    /// Seconds the tool reported, when it reports them.
+    pub reported: Option<f64>,
+}
+
+/// What a process printed, as far as we look at it.
+enum Output {
+    Lines(usize),
+    Text(String),
+}
+
 enum Watch {
     Pids(Vec<libc::pid_t>),
     Done,
@@ -79,7 +102,7 @@ enum Watch {
 
 /// Runs the processes of a job concurrently; returns the wall time until
 /// the last one exits. Fails on a bad exit code, a wrong line count or a timeout.
-pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Duration, String> {
+pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Timing, String> {
     // Everything that is not the job is set up before the clock starts.
     let mut errs = Vec::new();
     for i in 0..procs.len() {
@@ -103,7 +126,7 @@ pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Duration
                 Ok(f) => Stdio::from(f),
                 Err(_) => Stdio::null(),
             });
-        c.stdout(if p.lines.is_some() {
+        c.stdout(if p.lines.is_some() || p.reported.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -129,9 +152,15 @@ pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Duration
             let _ = c.kill();
         }
     }
-    let mut counted = Vec::new();
-    for c in &mut children {
-        counted.push(c.stdout.take().map(count_lines));
+    let mut outputs = Vec::new();
+    for (c, p) in children.iter_mut().zip(procs) {
+        outputs.push(c.stdout.take().map(|out| {
+            if p.reported.is_some() {
+                read_text(out).map(Output::Text)
+            } else {
+                count_lines(out).map(Output::Lines)
+            }
+        }));
     }
     for c in &children {
         wait_exited(c.id());
@@ -141,21 +170,34 @@ pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Duration
     let timed_out = dog.join().unwrap_or(false);
 
     // Reap only now: until then no PID can be reused under the watchdog.
-    let mut result = Ok(elapsed);
+    let mut result = Ok(Timing {
+        wall: elapsed,
+        reported: None,
+    });
     for (i, c) in children.iter_mut().enumerate() {
         let p = &procs[i];
         let status = c.wait().map_err(|e| e.to_string());
-        let problem = match (&status, &counted[i]) {
+        let problem = match (&status, &outputs[i]) {
             _ if timed_out => Some(format!("timed out after {timeout:?}")),
             (Err(e), _) => Some(format!("wait: {e}")),
             (Ok(st), _) if !st.code().is_some_and(|c| p.ok_codes.contains(&c)) => {
                 Some(format!("exited with {st}"))
             }
             (_, Some(Err(e))) => Some(format!("reading stdout: {e}")),
-            (_, Some(Ok(n))) if Some(*n) != p.lines => Some(format!(
+            (_, Some(Ok(Output::Lines(n)))) if Some(*n) != p.lines => Some(format!(
                 "printed {n} lines, expected {}",
                 p.lines.unwrap_or(0)
             )),
+            (_, Some(Ok(Output::Text(t)))) => match p.reported.map(|f| f(t)) {
+                Some(Ok(secs)) => {
+                    if let Ok(tm) = &mut result {
+                        tm.reported = Some(secs);
+                    }
+                    None
+                }
+                Some(Err(e)) => Some(format!("reading its report: {e}")),
+                None => None,
+            },
             _ => None,
         };
         if let (Some(msg), Ok(_)) = (problem, &result) {
@@ -201,6 +243,12 @@ fn count_lines(mut r: impl Read) -> io::Result<usize> {
             Err(e) => return Err(e),
         }
     }
+}
+
+fn read_text(mut r: impl Read) -> io::Result<String> {
+    let mut s = String::new();
+    r.read_to_string(&mut s)?;
+    Ok(s)
 }
 
 /// Waits until `pid` has exited, leaving it a zombie (not reaped).
