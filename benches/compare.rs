@@ -824,10 +824,7 @@ fn measure(
         } else {
             None
         };
-        Ok(Sample {
-            secs: t.as_secs_f64(),
-            rss_kib,
-        })
+        Ok(Sample { secs, rss_kib })
     })
 }
 

@@ -19,8 +19,22 @@ pub struct Layer {
 }
 
 impl Layer {
-    pub fn open(path: &Path) -> io::Result<Layer> {
-        let root = sys::open_dir_path(path)?;
+    /// Opens a layer root. A lower layer is taken as a private clone of its
+    /// mount, so mounts inside it (the overlay's own mountpoint among them)
+    /// are never crossed; the upper layer must share its mount with the
+    /// workdir for renames, so it is opened as it is.
+    pub fn open(path: &Path, lower: bool) -> io::Result<Layer> {
+        let root = if lower {
+            match sys::open_tree_clone(path) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    log::debug!("open_tree({}): {e}; using the path", path.display());
+                    sys::open_dir_path(path)?
+                }
+            }
+        } else {
+            sys::open_dir_path(path)?
+        };
         let st = sys::fstat(root.as_fd())?;
         let uuid = fs_uuid(root.as_fd()).unwrap_or([0; 16]);
         Ok(Layer {

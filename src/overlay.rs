@@ -42,10 +42,10 @@ impl Overlay {
         let mut all = Vec::new();
         let has_upper = cfg.upperdir.is_some();
         if let Some(u) = &cfg.upperdir {
-            all.push(Layer::open(u)?);
+            all.push(Layer::open(u, false)?);
         }
         for l in &cfg.lowerdirs {
-            all.push(Layer::open(l)?);
+            all.push(Layer::open(l, true)?);
         }
         if all.len() > u16::MAX as usize {
             return Err(sys::err(libc::EINVAL));

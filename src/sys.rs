@@ -66,6 +66,28 @@ pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A private, non-recursive clone of the mount at `path` (`open_tree`
+/// with `OPEN_TREE_CLONE`): the dir as its own filesystem has it, with no
+/// mounts stacked inside it, the way kernel overlayfs sees a layer.
+pub fn open_tree_clone(path: &std::path::Path) -> io::Result<OwnedFd> {
+    // The syscall number is the same on every architecture.
+    const SYS_OPEN_TREE: libc::c_long = 428;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let c = cstr(path.as_os_str())?;
+    let fd = unsafe {
+        libc::syscall(
+            SYS_OPEN_TREE,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// Re-opens an `O_PATH` fd with real access flags, through its /proc magic link
 /// (which names the inode, not a path inside the layer).
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
