@@ -69,6 +69,13 @@ impl Overlay {
             who.gid
         };
         let is_dir = matches!(obj, NewObj::Dir);
+        // A setgid parent passes the bit on to new dirs (built in the workdir
+        // over a whiteout, they would not inherit it from the upper fs).
+        let mode = if is_dir && pst.st_mode & libc::S_ISGID != 0 {
+            mode | libc::S_ISGID
+        } else {
+            mode
+        };
         let file = if over_whiteout {
             // Build in the workdir, then swap with the whiteout atomically.
             let work = self.work_fd()?;
