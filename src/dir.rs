@@ -308,6 +308,13 @@ impl Overlay {
             dst.as_ref(),
             exchange,
         );
+        if res.is_err() {
+            // A failed rename may still have touched the dirs (ext4 bumps a
+            // dir's times when a RENAME_WHITEOUT fails), and the kernel only
+            // refreshes them after a success.
+            self.inval_attr(parent.nodeid);
+            self.inval_attr(newparent.nodeid);
+        }
         // Drop the references taken above.
         self.table.forget(src.nodeid, 1);
         if let Some(d) = &dst {

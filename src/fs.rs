@@ -13,21 +13,21 @@ use dashmap::DashMap;
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 /// The overlay filesystem served over FUSE.
 pub struct OverlayFs {
     pub ovl: Arc<Overlay>,
     files: Handles,
-    dirs: DashMap<u64, Arc<Vec<DirEntry>>>,
+    dirs: DashMap<u64, Arc<DirHandle>>,
     next_dir: AtomicU64,
 }
 
@@ -40,6 +40,31 @@ impl OverlayFs {
             dirs: DashMap::new(),
             next_dir: AtomicU64::new(1),
         })
+    }
+}
+
+/// An open directory. Its listing is read at the first readdir and kept, so
+/// the handle sees a snapshot; a listing the kernel serves from its cache
+/// costs nothing.
+struct DirHandle {
+    node: Arc<Inode>,
+    entries: OnceLock<Arc<Vec<DirEntry>>>,
+}
+
+impl OverlayFs {
+    fn listing(&self, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+        let h = self
+            .dirs
+            .get(&fh)
+            .map(|h| h.clone())
+            .ok_or_else(|| sys::err(libc::EBADF))?;
+        if let Some(e) = h.entries.get() {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(self.ovl.read_merged(&h.node, false)?);
+        // The kernel sends one readdir at a time per open directory.
+        let _ = h.entries.set(e.clone());
+        Ok(e)
     }
 }
 
@@ -105,14 +130,28 @@ fn xattr_reply(reply: ReplyXattr, size: u32, r: io::Result<Vec<u8>>) {
 
 impl fuser::Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let want = InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_CACHE_SYMLINKS;
+        // rovl is the only writer of its view: let the kernel cache what it can.
+        let want = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.reply_entry(reply, self.ovl.lookup(parent.0, name));
+        match self.ovl.lookup(parent.0, name) {
+            // A negative entry (node id 0) the kernel may cache: names only
+            // appear through requests it sees.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let mut attr = self.ovl.attr_template();
+                attr.ino = INodeNo(0);
+                reply.entry(&self.ovl.ttl, &attr, Generation(0));
+            }
+            r => self.reply_entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -265,7 +304,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.ovl.open(ino.0, flags.0, &self.files) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -351,16 +390,24 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = self
-            .ovl
-            .node(ino.0)
-            .and_then(|n| self.ovl.read_merged(&n, false));
-        match r {
-            Ok(entries) => {
+        match self.ovl.node(ino.0) {
+            Ok(node) if node.is_dir() => {
                 let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-                self.dirs.insert(fh, Arc::new(entries));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                self.dirs.insert(
+                    fh,
+                    Arc::new(DirHandle {
+                        node,
+                        entries: OnceLock::new(),
+                    }),
+                );
+                // The kernel may serve later listings from its cache: every
+                // change to a directory goes through it and drops the cache.
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                );
             }
+            Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -373,12 +420,63 @@ impl fuser::Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.dirs.get(&fh.0).map(|e| e.clone()) else {
-            return reply.error(Errno::EBADF);
+        let entries = match self.listing(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), i as u64 + 1, e.kind, &e.name) {
                 break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.listing(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let ttl = self.ovl.ttl;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let off = i as u64 + 1;
+            let mut attr = self.ovl.attr_template();
+            if i < 2 {
+                // The kernel links neither "." nor "..": no lookup is counted.
+                attr.ino = INodeNo(e.ino);
+                if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            match self.ovl.lookup(ino.0, &e.name) {
+                Ok((node, st)) => {
+                    let attr = self.ovl.attr(&node, &st);
+                    if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {
+                        // Not sent: the lookup it counted does not happen.
+                        self.ovl.table.forget(node.nodeid, 1);
+                        break;
+                    }
+                }
+                Err(_) => {
+                    // Listed but not looked up (a whiteout in a one-layer
+                    // dir). Node id 0 would hide it (d_ino 0), so it gets an
+                    // id of its own that expires at once: the next lookup
+                    // finds nothing, as on the kernel.
+                    attr.ino = INodeNo(self.ovl.table.unused_id());
+                    attr.kind = e.kind;
+                    let now = std::time::Duration::ZERO;
+                    if reply.add(attr.ino, off, &e.name, &now, &attr, Generation(0)) {
+                        break;
+                    }
+                }
             }
         }
         reply.ok();
@@ -492,7 +590,7 @@ impl fuser::Filesystem for OverlayFs {
                     &attr,
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    FopenFlags::FOPEN_KEEP_CACHE,
                 );
             }
             Ok(_) => reply.error(Errno::EIO),

@@ -139,6 +139,12 @@ impl InodeTable {
         self.nodes.get(&nodeid).map(|n| n.clone())
     }
 
+    /// A node id no node has or will have: for a name the kernel must not
+    /// keep (it gets no lookup count here, and its forget is ignored).
+    pub fn unused_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// The node a key maps to, without counting a lookup.
     pub fn find_key(&self, key: &Key) -> Option<Arc<Inode>> {
         let id = *self.keys.get(key)?;

@@ -216,6 +216,27 @@ impl Overlay {
         }
     }
 
+    /// Attributes with nothing set, for entries that carry no inode.
+    pub fn attr_template(&self) -> fuser::FileAttr {
+        fuser::FileAttr {
+            ino: fuser::INodeNo(0),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: fuser::FileType::Directory,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
     /// Name checks shared by every operation that takes one.
     pub fn check_name(name: &OsStr) -> io::Result<CString> {
         if name.len() > NAME_MAX {

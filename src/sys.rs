@@ -6,7 +6,7 @@
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 pub type Stat = libc::stat;
@@ -354,6 +354,112 @@ pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io
 pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let p = proc_path(fd);
     check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+// Since Linux 6.13 xattrs can be read relative to a dir fd in one call.
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+static NO_XATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn xattrat_missing(e: &io::Error) -> bool {
+    if e.raw_os_error() == Some(libc::ENOSYS) {
+        NO_XATTRAT.store(true, std::sync::atomic::Ordering::Relaxed);
+        return true;
+    }
+    false
+}
+
+/// `getxattr` of `dir/name` without following a symlink, in one system call
+/// where the kernel has `getxattrat`.
+pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<Vec<u8>> {
+    if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let mut args = XattrArgs {
+                value: buf.as_mut_ptr() as u64,
+                size: buf.len() as u32,
+                flags: 0,
+            };
+            let r = unsafe {
+                libc::syscall(
+                    SYS_GETXATTRAT,
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                    attr.as_ptr(),
+                    &mut args as *mut XattrArgs,
+                    std::mem::size_of::<XattrArgs>(),
+                )
+            };
+            if r >= 0 {
+                let n = r as usize;
+                if buf.is_empty() && n > 0 {
+                    buf.resize(n, 0);
+                    continue;
+                }
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ERANGE) => {
+                    buf = Vec::new();
+                    continue;
+                }
+                _ if xattrat_missing(&e) => break,
+                _ => return Err(e),
+            }
+        }
+    }
+    let fd = openat(dir, name, libc::O_PATH, 0)?;
+    getxattr(fd.as_fd(), attr)
+}
+
+/// `listxattr` of `dir/name` without following a symlink.
+pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let r = unsafe {
+                libc::syscall(
+                    SYS_LISTXATTRAT,
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
+            };
+            if r >= 0 {
+                let n = r as usize;
+                if buf.is_empty() && n > 0 {
+                    buf.resize(n, 0);
+                    continue;
+                }
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ERANGE) => {
+                    buf = Vec::new();
+                    continue;
+                }
+                _ if xattrat_missing(&e) => break,
+                _ => return Err(e),
+            }
+        }
+    }
+    let fd = openat(dir, name, libc::O_PATH, 0)?;
+    listxattr(fd.as_fd())
 }
 
 /// The raw NUL-separated name list.

@@ -25,14 +25,25 @@ impl Overlay {
 
     pub fn getxattr(&self, nodeid: u64, name: &OsStr) -> io::Result<Vec<u8>> {
         let node = self.node(nodeid)?;
-        let fd = self.path_fd(&node)?;
-        sys::getxattr(fd.as_fd(), &self.real_xattr_name(name)?)
+        let real = self.real_xattr_name(name)?;
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        if node.nodeid == crate::inode::ROOT {
+            return sys::getxattr(self.layers.get(top).root.as_fd(), &real);
+        }
+        // `ls -l` asks this of every file: one system call, no open.
+        let (pfd, cname) = self.entry_in(&node, top)?;
+        sys::getxattr_at(pfd.as_fd(), &cname, &real)
     }
 
     pub fn listxattr(&self, nodeid: u64) -> io::Result<Vec<u8>> {
         let node = self.node(nodeid)?;
-        let fd = self.path_fd(&node)?;
-        let raw = sys::listxattr(fd.as_fd())?;
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let raw = if node.nodeid == crate::inode::ROOT {
+            sys::listxattr(self.layers.get(top).root.as_fd())?
+        } else {
+            let (pfd, cname) = self.entry_in(&node, top)?;
+            sys::listxattr_at(pfd.as_fd(), &cname)?
+        };
         let p = self.xattr_prefix.as_bytes();
         let mut esc = p.to_vec();
         esc.extend_from_slice(b"overlay.");
