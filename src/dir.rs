@@ -202,7 +202,7 @@ impl Overlay {
             };
             let res = self.check_empty(&probe);
             if node.is_none() {
-                self.table.forget(probe.nodeid, 1);
+                self.forget(probe.nodeid, 1);
             }
             res?;
         }
@@ -316,9 +316,9 @@ impl Overlay {
             self.inval_attr(newparent.nodeid);
         }
         // Drop the references taken above.
-        self.table.forget(src.nodeid, 1);
+        self.forget(src.nodeid, 1);
         if let Some(d) = &dst {
-            self.table.forget(d.nodeid, 1);
+            self.forget(d.nodeid, 1);
         }
         res
     }

@@ -155,7 +155,7 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.ovl.table.forget(ino.0, nlookup);
+        self.ovl.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -461,7 +461,7 @@ impl fuser::Filesystem for OverlayFs {
                     let attr = self.ovl.attr(&node, &st);
                     if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {
                         // Not sent: the lookup it counted does not happen.
-                        self.ovl.table.forget(node.nodeid, 1);
+                        self.ovl.forget(node.nodeid, 1);
                         break;
                     }
                 }

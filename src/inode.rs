@@ -234,33 +234,37 @@ impl InodeTable {
         n
     }
 
-    /// Drops `n` kernel references; frees the node when none remain.
-    pub fn forget(&self, nodeid: u64, n: u64) {
+    /// Drops `n` kernel references; frees the node when none remain and
+    /// returns it, so its caches can go too.
+    pub fn forget(&self, nodeid: u64, n: u64) -> Option<Arc<Inode>> {
         if nodeid == ROOT {
-            return;
+            return None;
         }
-        let Some(node) = self.get(nodeid) else {
-            return;
-        };
+        let node = self.get(nodeid)?;
         let prev = node.lookups.fetch_sub(n, Ordering::AcqRel);
         if prev > n {
-            return;
+            return None;
         }
         let key = node.state.read().key.clone();
         // Decide under the key's shard lock: a lookup may have revived it.
-        match self.keys.entry(key) {
+        let freed = match self.keys.entry(key) {
             Entry::Occupied(e) if *e.get() == nodeid => {
-                if node.lookups.load(Ordering::Acquire) == 0 {
+                let gone = node.lookups.load(Ordering::Acquire) == 0;
+                if gone {
                     e.remove();
                     self.nodes.remove(&nodeid);
                 }
+                gone
             }
             _ => {
-                if node.lookups.load(Ordering::Acquire) == 0 {
+                let gone = node.lookups.load(Ordering::Acquire) == 0;
+                if gone {
                     self.nodes.remove(&nodeid);
                 }
+                gone
             }
-        }
+        };
+        freed.then_some(node)
     }
 
     /// Moves a node to a new key (after copy-up changes its top layer).

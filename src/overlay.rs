@@ -56,7 +56,10 @@ impl Overlay {
         };
         let layers = Layers { all, has_upper };
         let root_layers: Vec<LayerIdx> = layers.indices().collect();
-        let cap = NonZeroUsize::new(cfg.cache_entries.max(16)).unwrap_or(NonZeroUsize::MIN);
+        // Cached dir fds must stay well inside the fd limit.
+        let fds = raise_fd_limit();
+        let cap = cfg.cache_entries.min((fds / 4) as usize).max(16);
+        let cap = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
         Ok(Overlay {
             table: InodeTable::new(root_layers),
             layers,
@@ -145,6 +148,16 @@ impl Overlay {
         )?);
         self.dircache.lock().put((node.nodeid, layer), fd.clone());
         Ok(fd)
+    }
+
+    /// The kernel dropped `n` references to a node: a node it no longer
+    /// holds loses its cached fds too, so memory follows the kernel's cache.
+    pub fn forget(&self, nodeid: u64, n: u64) {
+        if let Some(node) = self.table.forget(nodeid, n) {
+            if node.is_dir() {
+                self.forget_dir_fds(nodeid);
+            }
+        }
     }
 
     /// Drops cached fds of a directory (after rmdir or rename).
@@ -260,6 +273,27 @@ impl Overlay {
             let _ = n.inval_inode(fuser::INodeNo(nodeid), -1, 0);
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard one; returns the limit.
+fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    if r.rlim_cur < r.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: r.rlim_max,
+            rlim_max: r.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            r.rlim_cur = r.rlim_max;
+        }
+    }
+    r.rlim_cur
 }
 
 pub fn to_time(sec: i64, nsec: i64) -> SystemTime {
