@@ -67,8 +67,9 @@ impl Overlay {
         self.table
             .rekey(node, Key::Real(self.layers.get(UPPER).dev, ust.st_ino));
         if node.is_dir() {
-            // A merged dir reports one link: the kernel's cached count is stale.
-            self.inval_attr(node.nodeid);
+            // A merged dir reports one link and hides whiteouts that a
+            // one-layer dir lists: the kernel's cached attrs and listing are stale.
+            self.inval_dir(node.nodeid);
         }
         log::debug!("copied up {:?} (node {})", name, node.nodeid);
         Ok(())

@@ -1,15 +1,19 @@
 //! Directory operations (the kernel's `dir.c`): create, remove and rename
 //! names in the merged view, with whiteouts and opaque directories.
 
-use crate::inode::Inode;
+use crate::inode::{Inode, Redirect};
 use crate::layer::UPPER;
 use crate::lookup::Found;
+use crate::options::RedirectDir;
 use crate::overlay::{cstr_of, Overlay};
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+
+/// The kernel's default `redirect_max`.
+const REDIRECT_MAX: usize = 256;
 
 /// What to create.
 pub enum NewObj<'a> {
@@ -109,6 +113,7 @@ impl Overlay {
         let found = Found {
             st,
             layers: vec![UPPER],
+            redirect: None,
         };
         let node = match obj {
             NewObj::Link { src } => {
@@ -188,6 +193,7 @@ impl Overlay {
             .find(&parent, &cname)?
             .ok_or_else(|| sys::err(libc::ENOENT))?;
         let is_dir = sys::is_dir(f.st.st_mode);
+        let merged = f.layers.len() > 1;
         if dir && !is_dir {
             return Err(sys::err(libc::ENOTDIR));
         }
@@ -216,7 +222,11 @@ impl Overlay {
             self.whiteout(ufd.as_fd(), &cname, in_upper, is_dir)?;
         } else if is_dir {
             // As the kernel: a pure upper dir is removed as it is, so
-            // whiteouts left inside it make it not empty.
+            // whiteouts left inside it make it not empty; a renamed merged
+            // dir (redirect) is cleared first.
+            if merged {
+                clear_whiteouts(ufd.as_fd(), &cname)?;
+            }
             sys::unlinkat(ufd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
         } else {
             sys::unlinkat(ufd.as_fd(), &cname, 0)?;
@@ -363,8 +373,11 @@ impl Overlay {
         {
             return Err(sys::err(libc::EINVAL));
         }
-        // Without redirect_dir a directory with lower layers cannot move.
-        if self.merge_or_lower(src) || (exchange && dst.is_some_and(|d| self.merge_or_lower(d))) {
+        // Without redirect_dir=on a directory with lower layers cannot move.
+        let redirects = self.cfg.redirect_dir == RedirectDir::On;
+        let src_redirect = self.merge_or_lower(src);
+        let dst_redirect = exchange && dst.is_some_and(|d| self.merge_or_lower(d));
+        if !redirects && (src_redirect || dst_redirect) {
             return Err(sys::err(libc::EXDEV));
         }
         self.copy_up(src)?;
@@ -412,18 +425,32 @@ impl Overlay {
             }
         }
         let opaque = self.xattr_name("opaque");
-        if src_dir && !self.is_opaque_at(old_ufd.as_fd(), cname) && newparent.layers().len() > 1 {
-            let fd = sys::openat(old_ufd.as_fd(), cname, libc::O_PATH, 0)?;
-            sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
+        let samedir = parent.nodeid == newparent.nodeid;
+        let mut src_new_redirect = None;
+        let mut dst_new_redirect = None;
+        if src_dir {
+            if src_redirect {
+                src_new_redirect = self.set_redirect(src, samedir, old_ufd.as_fd(), cname)?;
+            } else if !self.is_opaque_at(old_ufd.as_fd(), cname) && newparent.layers().len() > 1 {
+                let fd = sys::openat(old_ufd.as_fd(), cname, libc::O_PATH, 0)?;
+                sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
+            }
         }
         if let Some(d) = dst.filter(|d| exchange && d.is_dir()) {
-            let _ = d;
-            if !self.is_opaque_at(new_ufd.as_fd(), cnew) && parent.layers().len() > 1 {
+            if dst_redirect {
+                dst_new_redirect = self.set_redirect(d, samedir, new_ufd.as_fd(), cnew)?;
+            } else if !self.is_opaque_at(new_ufd.as_fd(), cnew) && parent.layers().len() > 1 {
                 let fd = sys::openat(new_ufd.as_fd(), cnew, libc::O_PATH, 0)?;
                 sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
             }
         }
         sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, flags)?;
+        if let Some(r) = src_new_redirect {
+            src.state.write().redirect = Some(r);
+        }
+        if let (Some(r), Some(d)) = (dst_new_redirect, dst) {
+            d.state.write().redirect = Some(r);
+        }
         if cleanup_whiteout {
             sys::unlinkat(old_ufd.as_fd(), cname, 0)?;
         }
@@ -439,6 +466,58 @@ impl Overlay {
         }
         src.add_alias(newparent, &n2);
         Ok(())
+    }
+
+    /// Records where a moving merged dir lies in the lower layers, as the
+    /// kernel's `ovl_set_redirect`: its old name when it stays in its
+    /// parent, else its absolute lower path. Returns a new redirect to
+    /// remember once the rename is done; any failure falls back to EXDEV,
+    /// so `mv` copies instead.
+    fn set_redirect(
+        &self,
+        node: &Arc<Inode>,
+        samedir: bool,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> io::Result<Option<Redirect>> {
+        let cur = node.state.read().redirect.clone();
+        let new = match cur {
+            Some(Redirect::Abs(_)) => return Ok(None),
+            Some(Redirect::Rel(_)) if samedir => return Ok(None),
+            _ if samedir => Redirect::Rel(cstr_of(name).to_os_string()),
+            _ => Redirect::Abs(self.lower_path(node).ok_or_else(|| sys::err(libc::EXDEV))?),
+        };
+        let value = new.encode();
+        if value.len() > REDIRECT_MAX {
+            return Err(sys::err(libc::EXDEV));
+        }
+        let fd = sys::openat(dir, name, libc::O_PATH, 0).map_err(|_| sys::err(libc::EXDEV))?;
+        sys::setxattr(fd.as_fd(), &self.xattr_name("redirect"), &value, 0).map_err(|e| {
+            log::warn!("failed to set redirect: {e}");
+            sys::err(libc::EXDEV)
+        })?;
+        Ok(Some(new))
+    }
+
+    /// A dir's path in the lower layers, from the root: each ancestor's
+    /// redirect stands for its name, and an absolute one ends the walk.
+    fn lower_path(&self, node: &Arc<Inode>) -> Option<Vec<std::ffi::OsString>> {
+        let mut comps = Vec::new();
+        let mut cur = node.clone();
+        while cur.nodeid != crate::inode::ROOT {
+            let (parent, name) = cur.alias()?;
+            match cur.state.read().redirect.clone() {
+                Some(Redirect::Abs(p)) => {
+                    comps.extend(p.into_iter().rev());
+                    break;
+                }
+                Some(Redirect::Rel(r)) => comps.push(r),
+                None => comps.push(name),
+            }
+            cur = parent;
+        }
+        comps.reverse();
+        Some(comps)
     }
 
     /// Whether `a` is `b` or one of its ancestors.

@@ -31,6 +31,54 @@ pub enum Key {
     Root,
 }
 
+/// Where a directory's lower layers hold it when it was renamed
+/// (`redirect_dir`): a name in its parent's lower dirs, or a path from the
+/// lower layer roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    Rel(OsString),
+    Abs(Vec<OsString>),
+}
+
+impl Redirect {
+    /// Parses an xattr value as the kernel writes it; None if malformed.
+    pub fn parse(v: &[u8]) -> Option<Redirect> {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = |c: &[u8]| c.is_empty() || c == b"." || c == b".." || c.contains(&0);
+        if let Some(rest) = v.strip_prefix(b"/") {
+            let parts: Vec<&[u8]> = rest.split(|&b| b == b'/').collect();
+            if parts.iter().any(|c| bad(c)) {
+                return None;
+            }
+            let comps = parts
+                .into_iter()
+                .map(|c| std::ffi::OsStr::from_bytes(c).to_os_string())
+                .collect();
+            Some(Redirect::Abs(comps))
+        } else if bad(v) || v.contains(&b'/') {
+            None
+        } else {
+            Some(Redirect::Rel(std::ffi::OsStr::from_bytes(v).to_os_string()))
+        }
+    }
+
+    /// The xattr value.
+    pub fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        match self {
+            Redirect::Rel(n) => n.as_bytes().to_vec(),
+            Redirect::Abs(c) => {
+                let mut v = Vec::new();
+                for x in c {
+                    v.push(b'/');
+                    v.extend_from_slice(x.as_bytes());
+                }
+                v
+            }
+        }
+    }
+}
+
 /// Mutable facts about a node, updated by lookups and by our own changes.
 pub struct State {
     /// Names this node is known by, as (parent, name). Empty for the root and
@@ -42,6 +90,8 @@ pub struct State {
     pub key: Key,
     /// The upper dir is known to carry the impure xattr.
     pub impure: bool,
+    /// How its lower layers are reached, for a renamed directory.
+    pub redirect: Option<Redirect>,
 }
 
 impl State {
@@ -128,6 +178,7 @@ impl InodeTable {
                 layers: root_layers,
                 key: Key::Root,
                 impure: false,
+                redirect: None,
             }),
             copyup_lock: Mutex::new(()),
         });
@@ -218,6 +269,7 @@ impl InodeTable {
                     layers: layers.clone(),
                     key: key.clone(),
                     impure: false,
+                    redirect: None,
                 }),
                 copyup_lock: Mutex::new(()),
             });

@@ -2,14 +2,19 @@
 //! non-directories, directories merge down to the first opaque one, and
 //! whiteouts hide what lies below.
 
-use crate::inode::{Inode, Key};
+use crate::inode::{Inode, Key, Redirect};
 use crate::layer::LayerIdx;
+use crate::options::RedirectDir;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
-use std::ffi::{CStr, OsStr};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+
+fn missing(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
 
 /// What a name resolves to in a merged directory.
 pub struct Found {
@@ -17,56 +22,127 @@ pub struct Found {
     pub st: Stat,
     /// Layers holding it, top-down (several only for a merged directory).
     pub layers: Vec<LayerIdx>,
+    /// The redirect by which its lower layers were found (renamed dirs).
+    pub redirect: Option<Redirect>,
+}
+
+/// Where the next layers are searched.
+enum Target {
+    /// This name in the parent's directory of each layer.
+    Name(CString),
+    /// This path from the root of each layer below.
+    Path(Vec<OsString>),
 }
 
 impl Overlay {
-    /// Resolves `name` in `parent` without touching the inode table.
+    fn follow_redirects(&self) -> bool {
+        self.cfg.redirect_dir != RedirectDir::NoFollow
+    }
+
+    /// Resolves `name` in `parent` without touching the inode table. Like
+    /// the kernel's `ovl_lookup`, a directory's redirect xattr moves the
+    /// search in the layers below it.
     pub fn find(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<Option<Found>> {
-        let player = parent.layers();
+        let mut layers = parent.layers();
+        let mut target = Target::Name(name.to_owned());
         let mut found: Option<Found> = None;
-        for (i, &l) in player.iter().enumerate() {
-            let pfd = match self.dir_fd(parent, l) {
-                Ok(fd) => fd,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
-                    continue
-                }
-                Err(e) => return Err(e),
+        let mut k = 0;
+        while k < layers.len() {
+            let l = layers[k];
+            k += 1;
+            let last = k == layers.len();
+            let (dfd, cname) = match &target {
+                Target::Name(n) => match self.dir_fd(parent, l) {
+                    Ok(fd) => (fd, n.clone()),
+                    Err(e) if missing(&e) => continue,
+                    Err(e) => return Err(e),
+                },
+                Target::Path(p) => match self.walk_path(l, p) {
+                    Ok(x) => x,
+                    Err(e) if missing(&e) => continue,
+                    Err(e) => return Err(e),
+                },
             };
-            let st = match sys::fstatat(pfd.as_fd(), name) {
+            let st = match sys::fstatat(dfd.as_fd(), &cname) {
                 Ok(st) => st,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
-                    continue
-                }
+                Err(e) if missing(&e) => continue,
                 Err(e) => return Err(e),
             };
             if sys::is_whiteout(&st) {
                 break;
             }
             let is_dir = sys::is_dir(st.st_mode);
-            let last = i + 1 == player.len();
-            match &mut found {
-                None => {
-                    found = Some(Found {
-                        st,
-                        layers: vec![l],
-                    });
-                    if !is_dir || last || self.is_opaque_at(pfd.as_fd(), name) {
-                        break;
+            if let Some(f) = &mut found {
+                // A non-directory below a directory ends the merge.
+                if !is_dir {
+                    break;
+                }
+                f.layers.push(l);
+            } else {
+                found = Some(Found {
+                    st,
+                    layers: vec![l],
+                    redirect: None,
+                });
+                if !is_dir {
+                    break;
+                }
+            }
+            if last {
+                break;
+            }
+            let (opaque, redirect) = self.dir_marks(dfd.as_fd(), &cname);
+            if opaque {
+                break;
+            }
+            if let Some(r) = redirect.filter(|_| self.follow_redirects()) {
+                if let Some(f) = &mut found {
+                    if f.layers.len() == 1 {
+                        f.redirect = Some(r.clone());
                     }
                 }
-                Some(f) => {
-                    // A non-directory below a directory ends the merge.
-                    if !is_dir {
-                        break;
-                    }
-                    f.layers.push(l);
-                    if last || self.is_opaque_at(pfd.as_fd(), name) {
-                        break;
+                match r {
+                    Redirect::Rel(n) => target = Target::Name(sys::cstr(&n)?),
+                    Redirect::Abs(p) => {
+                        // An absolute redirect searches every layer below.
+                        target = Target::Path(p);
+                        layers = self.layers.indices().filter(|&x| x > l).collect();
+                        k = 0;
                     }
                 }
             }
         }
         Ok(found)
+    }
+
+    /// The opaque flag and redirect of a directory entry.
+    fn dir_marks(&self, dir: BorrowedFd<'_>, name: &CStr) -> (bool, Option<Redirect>) {
+        let opaque =
+            matches!(sys::getxattr_at(dir, name, &self.xattr_name("opaque")), Ok(v) if v == b"y");
+        if opaque {
+            return (true, None);
+        }
+        let redirect = sys::getxattr_at(dir, name, &self.xattr_name("redirect"))
+            .ok()
+            .and_then(|v| Redirect::parse(&v));
+        (false, redirect)
+    }
+
+    /// The parent dir fd and last name of `path` in layer `l`, walked one
+    /// component at a time without following symlinks.
+    pub fn walk_path(&self, l: LayerIdx, path: &[OsString]) -> io::Result<(Arc<OwnedFd>, CString)> {
+        let (last, dirs) = path.split_last().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let mut fd = self.layers.get(l).root.clone();
+        for c in dirs {
+            let cn = sys::cstr(c)?;
+            fd = Arc::new(sys::openat(
+                fd.as_fd(),
+                &cn,
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?);
+        }
+        Ok((fd, sys::cstr(last)?))
     }
 
     /// Whether a directory entry carries the opaque xattr.
@@ -163,6 +239,7 @@ impl Overlay {
     /// Enters a found object into the inode table.
     pub fn instantiate(&self, parent: &Arc<Inode>, name: &OsStr, f: Found) -> (Arc<Inode>, Stat) {
         let (key, ino) = self.key_of(parent, name, &f);
+        let redirect = f.redirect.clone();
         let node = self.table.lookup(
             key,
             sys::mode_type(f.st.st_mode),
@@ -171,6 +248,12 @@ impl Overlay {
             parent,
             &name.to_os_string(),
         );
+        if node.is_dir() {
+            let mut st = node.state.write();
+            if st.redirect != redirect {
+                st.redirect = redirect;
+            }
+        }
         (node, f.st)
     }
 }

@@ -1,7 +1,7 @@
 //! The overlay instance (the kernel's `struct ovl_fs`) and the helpers every
 //! operation shares: resolving a node to real fds, and building attributes.
 
-use crate::inode::{Inode, InodeTable, ROOT};
+use crate::inode::{Inode, InodeTable, Redirect, ROOT};
 use crate::layer::{Layer, LayerIdx, Layers, UPPER};
 use crate::options::MountConfig;
 use crate::sys::{self, Stat};
@@ -138,8 +138,17 @@ impl Overlay {
             return Ok(fd.clone());
         }
         let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
-        let pfd = self.dir_fd(&parent, layer)?;
-        let c = sys::cstr(&name)?;
+        // A renamed directory is found in the lower layers where it was.
+        let redirect = if self.layers.is_upper(layer) {
+            None
+        } else {
+            node.state.read().redirect.clone()
+        };
+        let (pfd, c) = match redirect {
+            Some(Redirect::Abs(p)) => self.walk_path(layer, &p)?,
+            Some(Redirect::Rel(n)) => (self.dir_fd(&parent, layer)?, sys::cstr(&n)?),
+            None => (self.dir_fd(&parent, layer)?, sys::cstr(&name)?),
+        };
         let fd = Arc::new(sys::openat(
             pfd.as_fd(),
             &c,
@@ -263,6 +272,13 @@ impl Overlay {
             Err(sys::err(libc::EROFS))
         } else {
             Ok(())
+        }
+    }
+
+    /// Drops the kernel's cached attributes and listing of a directory.
+    pub fn inval_dir(&self, nodeid: u64) {
+        if let Some(n) = self.notifier.get() {
+            let _ = n.inval_inode(fuser::INodeNo(nodeid), 0, 0);
         }
     }
 
