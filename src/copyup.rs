@@ -186,6 +186,31 @@ impl Overlay {
         Some(fb)
     }
 
+    /// Finds the lower object an origin file handle names, as the kernel's
+    /// `ovl_check_origin`: in the first lower layer whose filesystem
+    /// matches the handle's UUID.
+    pub fn decode_origin(&self, fb: &[u8]) -> Option<Stat> {
+        if fb.len() < 21 || fb[0] != 0 || fb[1] != 0xfb || fb[2] as usize != fb.len() {
+            return None;
+        }
+        let typ = fb[4] as i32;
+        let uuid = &fb[5..21];
+        let handle = &fb[21..];
+        for l in self.layers.indices() {
+            if self.layers.is_upper(l) {
+                continue;
+            }
+            let layer = self.layers.get(l);
+            if layer.uuid != uuid {
+                continue;
+            }
+            if let Ok(fd) = sys::open_by_handle(layer.handle_root.as_fd(), typ, handle) {
+                return sys::fstat(fd.as_fd()).ok();
+            }
+        }
+        None
+    }
+
     /// Marks an upper dir as holding copied-up entries (`impure=y`).
     pub fn set_impure(&self, dir: &Arc<Inode>, fd: BorrowedFd<'_>) {
         if dir.state.read().impure {

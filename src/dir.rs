@@ -114,6 +114,7 @@ impl Overlay {
             st,
             layers: vec![UPPER],
             redirect: None,
+            lower_ino: None,
         };
         let node = match obj {
             NewObj::Link { src } => {

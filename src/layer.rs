@@ -16,6 +16,9 @@ pub struct Layer {
     pub path: PathBuf,
     /// The layer filesystem's UUID (null when it has none), for origin file handles.
     pub uuid: [u8; 16],
+    /// The layer root on its attached mount: `open_by_handle_at` refuses
+    /// the private clone.
+    pub handle_root: OwnedFd,
 }
 
 impl Layer {
@@ -37,7 +40,13 @@ impl Layer {
         };
         let st = sys::fstat(root.as_fd())?;
         let uuid = fs_uuid(root.as_fd()).unwrap_or([0; 16]);
+        // open_by_handle_at takes no O_PATH fd.
+        let handle_root = sys::reopen(
+            sys::open_dir_path(path)?.as_fd(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )?;
         Ok(Layer {
+            handle_root,
             root: Arc::new(root),
             dev: st.st_dev,
             path: path.to_path_buf(),

@@ -24,6 +24,8 @@ pub struct Found {
     pub layers: Vec<LayerIdx>,
     /// The redirect by which its lower layers were found (renamed dirs).
     pub redirect: Option<Redirect>,
+    /// Inode number of the first lower dir merged under an upper one.
+    pub lower_ino: Option<u64>,
 }
 
 /// Where the next layers are searched.
@@ -77,12 +79,16 @@ impl Overlay {
                 if !is_dir {
                     break;
                 }
+                if f.layers.len() == 1 {
+                    f.lower_ino = Some(st.st_ino);
+                }
                 f.layers.push(l);
             } else {
                 found = Some(Found {
                     st,
                     layers: vec![l],
                     redirect: None,
+                    lower_ino: None,
                 });
                 if !is_dir {
                     break;
@@ -183,8 +189,7 @@ impl Overlay {
         let dev = self.layers.get(top).dev;
         let real = f.st.st_ino;
         if self.layers.is_upper(top) {
-            let ino = self.copied_inos.get(&real).map(|v| *v).unwrap_or(real);
-            return (Key::Real(dev, real), ino);
+            return (Key::Real(dev, real), self.upper_ino(parent, name, f));
         }
         let is_dir = sys::is_dir(f.st.st_mode);
         if !is_dir && f.st.st_nlink > 1 && self.layers.has_upper {
@@ -192,6 +197,39 @@ impl Overlay {
             return (Key::Name(parent.nodeid, name.to_os_string()), real);
         }
         (Key::Real(dev, real), real)
+    }
+
+    /// The inode number the kernel reports for an upper object: that of
+    /// its copy-up origin when all layers share one filesystem (a merged
+    /// dir's first lower dir; a file's decoded origin if not a split hard
+    /// link), so it stays the same across copy-up and remount.
+    fn upper_ino(&self, parent: &Arc<Inode>, name: &OsStr, f: &Found) -> u64 {
+        let real = f.st.st_ino;
+        if let Some(i) = self.copied_inos.get(&real) {
+            return *i;
+        }
+        if !self.layers.same_fs() {
+            return real;
+        }
+        if let Some(lower) = f.lower_ino {
+            return lower;
+        }
+        if sys::is_dir(f.st.st_mode) || self.layers.all.len() < 2 {
+            return real;
+        }
+        let Ok(pfd) = self.dir_fd(parent, crate::layer::UPPER) else {
+            return real;
+        };
+        let Ok(cname) = sys::cstr(name) else {
+            return real;
+        };
+        match sys::getxattr_at(pfd.as_fd(), &cname, &self.xattr_name("origin")) {
+            Ok(fb) => match self.decode_origin(&fb) {
+                Some(lst) if lst.st_nlink == 1 && !sys::is_dir(lst.st_mode) => lst.st_ino,
+                _ => real,
+            },
+            Err(_) => real,
+        }
     }
 
     /// The FUSE lookup: resolves and counts a kernel reference.

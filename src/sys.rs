@@ -562,6 +562,25 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
     Ok((fh.typ, fh.data[..n].to_vec()))
 }
 
+/// `open_by_handle_at` (needs CAP_DAC_READ_SEARCH), as an `O_PATH` fd.
+pub fn open_by_handle(mount: BorrowedFd<'_>, typ: i32, handle: &[u8]) -> io::Result<OwnedFd> {
+    let mut buf = Vec::with_capacity(8 + handle.len());
+    buf.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    buf.extend_from_slice(&typ.to_ne_bytes());
+    buf.extend_from_slice(handle);
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 pub fn flock(fd: BorrowedFd<'_>, op: i32) -> io::Result<()> {
     check(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
 }
