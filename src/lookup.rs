@@ -46,6 +46,7 @@ impl Overlay {
     /// search in the layers below it.
     pub fn find(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<Option<Found>> {
         let mut layers = parent.layers();
+        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
         let mut target = Target::Name(name.to_owned());
         let mut found: Option<Found> = None;
         let mut k = 0;
@@ -54,6 +55,7 @@ impl Overlay {
             k += 1;
             let last = k == layers.len();
             let (dfd, cname) = match &target {
+                Target::Name(n) if !self.may_hold(parent, l, lowers, n) => continue,
                 Target::Name(n) => match self.dir_fd(parent, l) {
                     Ok(fd) => (fd, n.clone()),
                     Err(e) if missing(&e) => continue,
@@ -166,8 +168,10 @@ impl Overlay {
     /// Whether `name` is visible in a lower layer of `parent`: removing it
     /// from the upper layer then needs a whiteout.
     pub fn lower_positive(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<bool> {
-        for l in parent.layers() {
-            if self.layers.is_upper(l) {
+        let layers = parent.layers();
+        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
+        for l in layers {
+            if self.layers.is_upper(l) || !self.may_hold(parent, l, lowers, name) {
                 continue;
             }
             let pfd = match self.dir_fd(parent, l) {

@@ -8,7 +8,8 @@ use crate::sys::{self, Stat};
 use dashmap::DashMap;
 use lru::LruCache;
 use parking_lot::Mutex;
-use std::ffi::{CStr, CString, OsStr};
+use std::collections::HashSet;
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -25,6 +26,9 @@ pub struct Overlay {
     /// LRU of directory fds by (node id, layer): name resolution without
     /// walking from the layer root each time. Bounded by `cache_entries`.
     dircache: Mutex<LruCache<(u64, LayerIdx), Arc<OwnedFd>>>,
+    /// Names in a merged dir's lower layers (which never change), so a
+    /// lookup over many layers probes only those that hold the name.
+    listings: Mutex<LruCache<(u64, LayerIdx), Arc<HashSet<OsString>>>>,
     /// `W/work`, where copy-ups and whiteouts are built before they are renamed into place.
     pub work: Option<OwnedFd>,
     pub cfg: MountConfig,
@@ -64,6 +68,9 @@ impl Overlay {
             table: InodeTable::new(root_layers),
             layers,
             dircache: Mutex::new(LruCache::new(cap)),
+            listings: Mutex::new(LruCache::new(
+                NonZeroUsize::new((cfg.cache_entries / 16).max(64)).unwrap_or(NonZeroUsize::MIN),
+            )),
             work,
             cfg: cfg.clone(),
             xattr_prefix: if cfg.userxattr {
@@ -169,12 +176,49 @@ impl Overlay {
         }
     }
 
-    /// Drops cached fds of a directory (after rmdir or rename).
+    /// Drops cached fds and listings of a directory (after rmdir, rename or forget).
     pub fn forget_dir_fds(&self, nodeid: u64) {
-        let mut c = self.dircache.lock();
+        {
+            let mut c = self.dircache.lock();
+            for l in self.layers.indices() {
+                c.pop(&(nodeid, l));
+            }
+        }
+        let mut c = self.listings.lock();
         for l in self.layers.indices() {
             c.pop(&(nodeid, l));
         }
+    }
+
+    /// Whether lower layer `l` of directory `node` may hold `name`: false
+    /// only when its cached listing says not. Listings are kept for dirs
+    /// merged from several lower layers, where they save most probes.
+    pub fn may_hold(&self, node: &Arc<Inode>, l: LayerIdx, lowers: usize, name: &CStr) -> bool {
+        if lowers < 2 || self.layers.is_upper(l) {
+            return true;
+        }
+        let key = (node.nodeid, l);
+        let cached = self.listings.lock().get(&key).cloned();
+        let set = match cached {
+            Some(s) => s,
+            None => {
+                let Ok(dfd) = self.dir_fd(node, l) else {
+                    return true;
+                };
+                let Ok(rd) = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                else {
+                    return true;
+                };
+                let Ok(entries) = sys::read_dir_all(&rd) else {
+                    return true;
+                };
+                let s: Arc<HashSet<OsString>> =
+                    Arc::new(entries.into_iter().map(|e| e.name).collect());
+                self.listings.lock().put(key, s.clone());
+                s
+            }
+        };
+        set.contains(cstr_of(name))
     }
 
     /// The parent dir fd in `layer` and the name of a non-root node.
