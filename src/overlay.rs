@@ -20,6 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The longest name any layer accepts (the kernel takes the minimum too).
 pub const NAME_MAX: usize = 255;
 
+/// The names in one lower layer's directory.
+type Listing = Arc<HashSet<OsString>>;
+
 pub struct Overlay {
     pub layers: Layers,
     pub table: InodeTable,
@@ -28,7 +31,7 @@ pub struct Overlay {
     dircache: Mutex<LruCache<(u64, LayerIdx), Arc<OwnedFd>>>,
     /// Names in a merged dir's lower layers (which never change), so a
     /// lookup over many layers probes only those that hold the name.
-    listings: Mutex<LruCache<(u64, LayerIdx), Arc<HashSet<OsString>>>>,
+    listings: Mutex<LruCache<(u64, LayerIdx), Listing>>,
     /// `W/work`, where copy-ups and whiteouts are built before they are renamed into place.
     pub work: Option<OwnedFd>,
     pub cfg: MountConfig,
@@ -212,8 +215,7 @@ impl Overlay {
                 let Ok(entries) = sys::read_dir_all(&rd) else {
                     return true;
                 };
-                let s: Arc<HashSet<OsString>> =
-                    Arc::new(entries.into_iter().map(|e| e.name).collect());
+                let s: Listing = Arc::new(entries.into_iter().map(|e| e.name).collect());
                 self.listings.lock().put(key, s.clone());
                 s
             }
