@@ -195,6 +195,9 @@ impl Overlay {
             .ok_or_else(|| sys::err(libc::ENOENT))?;
         let is_dir = sys::is_dir(f.st.st_mode);
         let merged = f.layers.len() > 1;
+        if self.layers.is_upper(f.layers[0]) && (is_dir || f.st.st_nlink <= 1) {
+            self.copied_inos.remove(&f.st.st_ino);
+        }
         if dir && !is_dir {
             return Err(sys::err(libc::ENOTDIR));
         }
@@ -242,6 +245,13 @@ impl Overlay {
     fn detach(&self, node: &Arc<Inode>, parent: u64, name: &OsStr) {
         node.remove_alias(parent, &name.to_os_string());
         if node.state.read().aliases.is_empty() {
+            // The upper inode may be freed and reused by a new file, which
+            // must not inherit this one's number.
+            if let crate::inode::Key::Real(dev, ino) = node.state.read().key {
+                if self.layers.has_upper && dev == self.layers.get(UPPER).dev {
+                    self.copied_inos.remove(&ino);
+                }
+            }
             self.table.unkey(node);
             if node.is_dir() {
                 self.forget_dir_fds(node.nodeid);

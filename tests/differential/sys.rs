@@ -294,6 +294,11 @@ pub fn llistxattr(p: &Path) -> Sys<Vec<String>> {
 
 /// Sorted (name, d_type) pairs without `.` and `..`, straight from readdir.
 pub fn readdir(p: &Path) -> Sys<Vec<(String, u8)>> {
+    readdir_ino(p).map(|v| v.into_iter().map(|(n, t, _)| (n, t)).collect())
+}
+
+/// Sorted (name, d_type, d_ino) without `.` and `..`.
+pub fn readdir_ino(p: &Path) -> Sys<Vec<(String, u8, u64)>> {
     let c = cpath(p);
     // SAFETY: valid C string; the DIR stream is closed on every path below.
     unsafe {
@@ -318,7 +323,7 @@ pub fn readdir(p: &Path) -> Sys<Vec<(String, u8)>> {
                 .to_string_lossy()
                 .into_owned();
             if name != "." && name != ".." {
-                out.push((name, (*ent).d_type));
+                out.push((name, (*ent).d_type, (*ent).d_ino));
             }
         }
         out.sort();

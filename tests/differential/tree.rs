@@ -31,6 +31,11 @@ pub struct Node {
     pub xattrs: Result<BTreeMap<String, XVal>, Fail>,
     /// The smallest path sharing this non-directory's inode, if any other does.
     pub link_group: Option<String>,
+    /// Identity, never compared across sides (see `ino_anomalies`).
+    pub ino: u64,
+    pub dev: u64,
+    /// What the parent's readdir said (None for the root).
+    pub d_ino: Option<u64>,
 }
 
 pub type Tree = BTreeMap<String, Result<Node, Fail>>;
@@ -74,7 +79,7 @@ fn content(p: &Path) -> Result<(usize, u64), Fail> {
 pub fn walk(root: &Path, mode: WalkMode) -> Tree {
     let mut tree = Tree::new();
     let mut inodes: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
-    walk_rec(root, ".", mode, &mut tree, &mut inodes);
+    walk_rec(root, ".", None, mode, &mut tree, &mut inodes);
     for paths in inodes.values().filter(|v| v.len() > 1) {
         let first = paths.iter().min().cloned();
         for p in paths {
@@ -89,6 +94,7 @@ pub fn walk(root: &Path, mode: WalkMode) -> Tree {
 fn walk_rec(
     root: &Path,
     rel: &str,
+    d_ino: Option<u64>,
     mode: WalkMode,
     tree: &mut Tree,
     inodes: &mut BTreeMap<(u64, u64), Vec<String>>,
@@ -116,6 +122,9 @@ fn walk_rec(
         xattrs: xattrs(&p, mode),
         link_group: None,
         stat: s.clone(),
+        ino: st.st_ino,
+        dev: st.st_dev,
+        d_ino,
     };
     if s.kind != 'd' && !whiteout {
         inodes
@@ -125,15 +134,15 @@ fn walk_rec(
     }
     tree.insert(rel.to_string(), Ok(node));
     if s.kind == 'd' {
-        match sys::readdir(&p) {
+        match sys::readdir_ino(&p) {
             Ok(entries) => {
-                for (name, _) in entries {
+                for (name, _, d_ino) in entries {
                     let child = if rel == "." {
                         name
                     } else {
                         format!("{rel}/{name}")
                     };
-                    walk_rec(root, &child, mode, tree, inodes);
+                    walk_rec(root, &child, Some(d_ino), mode, tree, inodes);
                 }
             }
             Err(e) => {
@@ -324,5 +333,29 @@ pub fn list(root: &Path) -> Vec<(String, char)> {
         out.push((rel, kind));
     }
     out.sort();
+    out
+}
+
+/// Inode-number rules of a merged view (issue 4): `d_ino` from readdir
+/// equals `st_ino`, and every file has the root's `st_dev`. Keyed by
+/// (path, rule).
+pub fn ino_anomalies(t: &Tree) -> BTreeMap<(String, &'static str), String> {
+    let mut out = BTreeMap::new();
+    let root_dev = match t.get(".") {
+        Some(Ok(n)) => n.dev,
+        _ => return out,
+    };
+    for (k, v) in t {
+        let Ok(n) = v else { continue };
+        if let Some(d) = n.d_ino.filter(|&d| d != n.ino) {
+            out.insert((k.clone(), "d_ino"), format!("d_ino={d} st_ino={}", n.ino));
+        }
+        if n.dev != root_dev {
+            out.insert(
+                (k.clone(), "st_dev"),
+                format!("st_dev={:#x}, the root's {root_dev:#x}", n.dev),
+            );
+        }
+    }
     out
 }
