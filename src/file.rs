@@ -7,7 +7,7 @@ use crate::layer::UPPER;
 use crate::overlay::Overlay;
 use crate::sys;
 use dashmap::DashMap;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,9 +19,37 @@ pub struct Handle {
     flags: i32,
     pub writable: bool,
     in_upper: AtomicBool,
+    /// Keeps the kernel passthrough backing file registered while open.
+    backing: Mutex<Option<Arc<fuser::BackingId>>>,
+    /// Counted in its node's cached opens.
+    cached: AtomicBool,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.cached.load(Ordering::Relaxed) {
+            let mut io = self.node.io.lock();
+            io.cached = io.cached.saturating_sub(1);
+        }
+    }
 }
 
 impl Handle {
+    /// Whether the handle's fd is the upper file.
+    pub fn is_upper(&self) -> bool {
+        self.in_upper.load(Ordering::Acquire)
+    }
+
+    pub fn set_backing(&self, b: Arc<fuser::BackingId>) {
+        *self.backing.lock() = Some(b);
+    }
+
+    /// Marks the handle as a cached open of its node (the caller holds the node's io lock).
+    pub fn set_cached(&self, io: &mut crate::inode::IoMode) {
+        self.cached.store(true, Ordering::Relaxed);
+        io.cached += 1;
+    }
+
     pub fn fd(&self) -> Arc<OwnedFd> {
         self.fd.read().clone()
     }
@@ -90,6 +118,8 @@ impl Overlay {
             flags,
             writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
             in_upper: AtomicBool::new(in_upper),
+            backing: Mutex::new(None),
+            cached: AtomicBool::new(false),
         })
     }
 

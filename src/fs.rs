@@ -18,6 +18,7 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -65,6 +66,56 @@ impl OverlayFs {
         // The kernel sends one readdir at a time per open directory.
         let _ = h.entries.set(e.clone());
         Ok(e)
+    }
+}
+
+/// How an open file's data flows.
+enum Passthrough {
+    /// Straight to this backing file, in the kernel.
+    Backing(Arc<fuser::BackingId>),
+    /// Through us and the page cache.
+    Cached,
+}
+
+impl OverlayFs {
+    /// Picks the data path of a new handle. Upper files go through the
+    /// kernel's passthrough, all opens of an inode sharing one backing
+    /// file. Lower files stay cached: a later copy-up could not switch an
+    /// open passthrough file to the upper copy, which the kernel overlay
+    /// does. An inode with cached opens keeps new ones cached, as the
+    /// kernel does not mix the two.
+    fn passthrough(
+        &self,
+        fh: u64,
+        open_backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
+    ) -> Passthrough {
+        let Some(h) = self.files.get(fh) else {
+            return Passthrough::Cached;
+        };
+        let mut io = h.node.io.lock();
+        let live = io.backing.as_ref().and_then(|w| w.upgrade());
+        if let Some(b) = live {
+            // Only upper files get a backing, and an upper file stays put.
+            h.set_backing(b.clone());
+            return Passthrough::Backing(b);
+        }
+        if !self.ovl.passthrough.load(Ordering::Relaxed) || !h.is_upper() || io.cached > 0 {
+            h.set_cached(&mut io);
+            return Passthrough::Cached;
+        }
+        match open_backing(&h.fd()) {
+            Ok(b) => {
+                let b = Arc::new(b);
+                io.backing = Some(Arc::downgrade(&b));
+                h.set_backing(b.clone());
+                Passthrough::Backing(b)
+            }
+            Err(e) => {
+                log::debug!("passthrough refused: {e}");
+                h.set_cached(&mut io);
+                Passthrough::Cached
+            }
+        }
     }
 }
 
@@ -138,6 +189,14 @@ impl fuser::Filesystem for OverlayFs {
             | InitFlags::FUSE_PARALLEL_DIROPS;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
+        // Passthrough sends file data straight to the layer file (kernel
+        // 6.9+, CAP_SYS_ADMIN); without it reads and writes come to us.
+        if have.contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.set_max_stack_depth(1).is_ok()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        {
+            self.ovl.passthrough.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -304,7 +363,12 @@ impl fuser::Filesystem for OverlayFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.ovl.open(ino.0, flags.0, &self.files) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => match self.passthrough(fh, |fd| reply.open_backing(fd)) {
+                Passthrough::Backing(b) => {
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
+                }
+                Passthrough::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -585,13 +649,24 @@ impl fuser::Filesystem for OverlayFs {
             Ok((node, st, Some(fd))) => {
                 let fh = self.ovl.new_handle(&node, fd, flags, &self.files);
                 let attr = self.ovl.attr(&node, &st);
-                reply.created(
-                    &self.ovl.ttl,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                );
+                let ttl = self.ovl.ttl;
+                match self.passthrough(fh, |fd| reply.open_backing(fd)) {
+                    Passthrough::Backing(b) => reply.created_passthrough(
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &b,
+                    ),
+                    Passthrough::Cached => reply.created(
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    ),
+                }
             }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),

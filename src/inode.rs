@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 pub const ROOT: u64 = 1;
 
@@ -79,6 +79,15 @@ impl Redirect {
     }
 }
 
+/// Open files of a node by data path.
+#[derive(Default)]
+pub struct IoMode {
+    /// Open handles whose data goes through the daemon and the page cache.
+    pub cached: usize,
+    /// The passthrough backing file shared by the other open handles.
+    pub backing: Option<Weak<fuser::BackingId>>,
+}
+
 /// Mutable facts about a node, updated by lookups and by our own changes.
 pub struct State {
     /// Names this node is known by, as (parent, name). Empty for the root and
@@ -108,6 +117,10 @@ pub struct Inode {
     pub state: RwLock<State>,
     /// Serializes copy-up of this node.
     pub copyup_lock: Mutex<()>,
+    /// How the node's open files reach their data: the kernel keeps an
+    /// inode either cached (data through us) or passthrough (one backing
+    /// file for all its opens), never both at once.
+    pub io: Mutex<IoMode>,
 }
 
 impl Inode {
@@ -181,6 +194,7 @@ impl InodeTable {
                 redirect: None,
             }),
             copyup_lock: Mutex::new(()),
+            io: Mutex::new(IoMode::default()),
         });
         t.nodes.insert(ROOT, root);
         t
@@ -272,6 +286,7 @@ impl InodeTable {
                     redirect: None,
                 }),
                 copyup_lock: Mutex::new(()),
+                io: Mutex::new(IoMode::default()),
             });
             // The number may belong to a live node (a reused inode number,
             // or a split hard link): then take a synthetic one.

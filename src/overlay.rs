@@ -42,6 +42,8 @@ pub struct Overlay {
     tmp_counter: AtomicU64,
     pub ttl: Duration,
     pub notifier: OnceLock<fuser::Notifier>,
+    /// The kernel accepted FUSE passthrough: file data bypasses the daemon.
+    pub passthrough: std::sync::atomic::AtomicBool,
 }
 
 impl Overlay {
@@ -85,6 +87,7 @@ impl Overlay {
             tmp_counter: AtomicU64::new(0),
             ttl: Duration::from_secs(86400),
             notifier: OnceLock::new(),
+            passthrough: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
