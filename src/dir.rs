@@ -107,7 +107,16 @@ impl Overlay {
             let _ = sys::unlinkat(work, &tmp, 0);
             file
         } else {
-            self.make_obj(ufd.as_fd(), &cname, mode, &obj, who.uid, gid)?
+            let f = self.make_obj(ufd.as_fd(), &cname, mode, &obj, who.uid, gid)?;
+            // As the kernel when offline changes to the layers are not
+            // allowed (redirect_dir=on): a new dir in a merged dir is opaque,
+            // which spares later lookups the lower layers.
+            if is_dir && parent.layers().len() > 1 && self.cfg.redirect_dir == RedirectDir::On {
+                if let Ok(fd) = sys::openat(ufd.as_fd(), &cname, libc::O_PATH, 0) {
+                    let _ = sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0);
+                }
+            }
+            f
         };
         let st = sys::fstatat(ufd.as_fd(), &cname)?;
         let found = Found {

@@ -53,7 +53,14 @@ impl Overlay {
         while k < layers.len() {
             let l = layers[k];
             k += 1;
-            let last = k == layers.len();
+            // As the kernel: with redirect_dir=on an upper dir's redirect is
+            // read even in a parent without lower layers (an absolute one
+            // reaches every lower layer); otherwise only where layers remain.
+            let last = if self.layers.is_upper(l) && self.cfg.redirect_dir == RedirectDir::On {
+                self.layers.all.len() == 1
+            } else {
+                k == layers.len()
+            };
             let (dfd, cname) = match &target {
                 Target::Name(n) if !self.may_hold(parent, l, lowers, n) => continue,
                 Target::Name(n) => match self.dir_fd(parent, l) {
