@@ -11,7 +11,7 @@
 //!
 //! rovl is the binary cargo builds for this bench (bench profile = release);
 //! `ROVL_BIN` overrides it. Environment:
-//! - `ROVL_BENCH_SCALE` (default 0.25; 1 = the sizes: 20k-file tree,
+//! - `ROVL_BENCH_SCALE` (default 0.5, about 5 minutes here; 1 = the sizes: 20k-file tree,
 //!   100k-entry dir, 16k-file tarball, 32 x 8 MiB copy-up, 1 GiB dd, 200k walk),
 //! - `ROVL_BENCH_ROUNDS` (default 5), `ROVL_BENCH_ONLY=name,prefix,...`,
 //! - `ROVL_BENCH_FUSE_OVERLAYFS=path:path` (default /usr/bin/fuse-overlayfs),
@@ -39,7 +39,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 use subject::{Kind, Source, Subject};
 
-const DEFAULT_SCALE: f64 = 0.25;
+const DEFAULT_SCALE: f64 = 0.5;
 const DEFAULT_ROUNDS: usize = 5;
 /// Time the daemon gets to handle the FORGETs of a cache drop before its RSS is read.
 const FORGET_SETTLE: Duration = Duration::from_millis(500);

@@ -40,6 +40,8 @@ pub struct Overlay {
     /// Reported inode numbers of files copied up during this mount, by upper inode.
     pub copied_inos: DashMap<u64, u64>,
     tmp_counter: AtomicU64,
+    /// Nodes freed so far, to pace `malloc_trim`.
+    freed: AtomicU64,
     pub ttl: Duration,
     pub notifier: OnceLock<fuser::Notifier>,
     /// The kernel accepted FUSE passthrough: file data bypasses the daemon.
@@ -85,6 +87,7 @@ impl Overlay {
             },
             copied_inos: DashMap::new(),
             tmp_counter: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
             ttl: Duration::from_secs(86400),
             notifier: OnceLock::new(),
             passthrough: std::sync::atomic::AtomicBool::new(false),
@@ -178,6 +181,12 @@ impl Overlay {
         if let Some(node) = self.table.forget(nodeid, n) {
             if node.is_dir() {
                 self.forget_dir_fds(nodeid);
+            }
+            // After the kernel drops its caches, hand freed memory back to
+            // the system, so the daemon's size follows the kernel's cache.
+            let freed = self.freed.fetch_add(1, Ordering::Relaxed) + 1;
+            if freed % 16384 == 0 {
+                unsafe { libc::malloc_trim(0) };
             }
         }
     }

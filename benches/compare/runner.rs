@@ -10,6 +10,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Reads seconds from a tool's stdout.
+pub type ReportFn = fn(&str) -> Result<f64, String>;
+
 /// One process of a job.
 pub struct Proc {
     pub argv: Vec<OsString>,
@@ -20,7 +23,7 @@ pub struct Proc {
     pub ok_codes: &'static [i32],
     /// Reads the time the tool itself reports from its stdout (fio, whose
     /// fixed start-up cost would otherwise dominate).
-    pub reported: Option<fn(&str) -> Result<f64, String>>,
+    pub reported: Option<ReportFn>,
 }
 
 impl Proc {
@@ -64,7 +67,7 @@ impl Proc {
         self
     }
 
-    pub fn reported(mut self, f: fn(&str) -> Result<f64, String>) -> Proc {
+    pub fn reported(mut self, f: ReportFn) -> Proc {
         self.reported = Some(f);
         self
     }

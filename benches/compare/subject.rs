@@ -268,14 +268,12 @@ pub fn umount_retry(p: &Path) -> io::Result<()> {
 pub fn mounted_type(p: &Path) -> Option<String> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = p.as_os_str().as_bytes();
-    text.lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let mp = pre.split(' ').nth(4)?;
-            let fstype = post.split(' ').next()?;
-            (unescape(mp) == want).then(|| fstype.to_string())
-        })
-        .last()
+    text.lines().rev().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let mp = pre.split(' ').nth(4)?;
+        let fstype = post.split(' ').next()?;
+        (unescape(mp) == want).then(|| fstype.to_string())
+    })
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
