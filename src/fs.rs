@@ -148,6 +148,24 @@ impl OverlayFs {
         }
     }
 
+    /// The umask applies unless the parent has a default ACL, which the
+    /// upper filesystem then applies instead (POSIX ACL semantics).
+    fn masked(&self, parent: INodeNo, mode: u32, umask: u32) -> u32 {
+        let has_default_acl = self
+            .ovl
+            .node(parent.0)
+            .and_then(|p| {
+                self.ovl
+                    .getxattr(p.nodeid, OsStr::new("system.posix_acl_default"))
+            })
+            .is_ok();
+        if has_default_acl {
+            mode
+        } else {
+            mode & !umask
+        }
+    }
+
     fn make(
         &self,
         req: &Request,
@@ -186,7 +204,12 @@ impl fuser::Filesystem for OverlayFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS;
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            // The kernel then caches ACLs per inode: `ls -l` stops asking
+            // for system.posix_acl_access on every call.
+            | InitFlags::FUSE_POSIX_ACL
+            // The umask is ours to apply: not where a default ACL rules.
+            | InitFlags::FUSE_DONT_MASK;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
         // Passthrough sends file data straight to the layer file (kernel
@@ -282,7 +305,13 @@ impl fuser::Filesystem for OverlayFs {
         } else {
             NewObj::Node { rdev: rdev as u64 }
         };
-        let r = self.make(req, parent, name, mode & !umask | kind, obj);
+        let r = self.make(
+            req,
+            parent,
+            name,
+            self.masked(parent, mode, umask) | kind,
+            obj,
+        );
         self.reply_entry(reply, r);
     }
 
@@ -295,7 +324,13 @@ impl fuser::Filesystem for OverlayFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.make(req, parent, name, mode & !umask, NewObj::Dir);
+        let r = self.make(
+            req,
+            parent,
+            name,
+            self.masked(parent, mode, umask),
+            NewObj::Dir,
+        );
         self.reply_entry(reply, r);
     }
 
@@ -641,7 +676,7 @@ impl fuser::Filesystem for OverlayFs {
         let r = self.ovl.create_obj(
             parent.0,
             name,
-            mode & !umask,
+            self.masked(parent, mode, umask),
             NewObj::File { flags },
             caller(req),
         );
