@@ -1,0 +1,106 @@
+//! POSIX ACLs through the mount: default ACLs are inherited instead of the
+//! umask, and an ACL grants what the mode alone does not.
+//! Each scenario runs on kernel overlayfs and on rovl.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+both_backends!(default_acl_replaces_umask, access_acl_grants_read);
+
+/// A `system.posix_acl_*` value: version 2, then (tag, perm, id) entries.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+const USER_OBJ: u16 = 0x01;
+const USER: u16 = 0x02;
+const GROUP_OBJ: u16 = 0x04;
+const MASK: u16 = 0x10;
+const OTHER: u16 = 0x20;
+const NOBODY: u32 = 65534;
+const NO_ID: u32 = u32::MAX;
+
+fn default_acl_replaces_umask(b: Backend) {
+    let l = Layers::new(1);
+    std::fs::create_dir(l.l(0, "d")).unwrap();
+    let _m = mount(b, &l);
+    let default = acl(&[
+        (USER_OBJ, 7, NO_ID),
+        (USER, 7, NOBODY),
+        (GROUP_OBJ, 5, NO_ID),
+        (MASK, 7, NO_ID),
+        (OTHER, 5, NO_ID),
+    ]);
+    setxattr(l.m("d"), "system.posix_acl_default", &default);
+    // Mode 0666 with the usual umask 022: the default ACL, not the umask,
+    // decides the group/mask bits of the new file.
+    let old = unsafe { libc::umask(0o022) };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .open(l.m("d/new"))
+        .unwrap();
+    std::fs::create_dir(l.m("plain")).unwrap();
+    unsafe { libc::umask(old) };
+    let mode = std::fs::metadata(l.m("d/new"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o664, "the mask bits come from the default ACL");
+    let access = getxattr(l.m("d/new"), "system.posix_acl_access").expect("inherited ACL");
+    assert!(access.len() > 4);
+    // Without a default ACL the umask applies.
+    let plain = std::fs::metadata(l.m("plain"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(plain, 0o755);
+}
+
+fn access_acl_grants_read(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "f"), "secret");
+    std::fs::set_permissions(l.l(0, "f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let _m = mount(b, &l);
+    let granted = acl(&[
+        (USER_OBJ, 6, NO_ID),
+        (USER, 4, NOBODY),
+        (GROUP_OBJ, 0, NO_ID),
+        (MASK, 4, NO_ID),
+        (OTHER, 0, NO_ID),
+    ]);
+    setxattr(l.m("f"), "system.posix_acl_access", &granted);
+    assert!(
+        getxattr(l.u("f"), "system.posix_acl_access").is_some(),
+        "copied up"
+    );
+    let read_as_nobody = |p: &std::path::Path| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .arg(p)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        read_as_nobody(&l.m("f")),
+        "the ACL grants nobody read access"
+    );
+    try_removexattr(l.m("f"), "system.posix_acl_access").unwrap();
+    assert!(
+        !read_as_nobody(&l.m("f")),
+        "without the ACL, mode 0600 denies it"
+    );
+}
