@@ -252,14 +252,23 @@ fn canonical_no_follow_last(p: &Path) -> PathBuf {
     }
 }
 
+/// `umount2`, retrying briefly on EBUSY: a child another test thread is
+/// forking can hold our just-closed files until it execs.
 pub fn umount2(p: &Path, flags: libc::c_int) -> io::Result<()> {
     let c = cstr(p);
-    // SAFETY: c is a valid NUL-terminated path.
-    let r = unsafe { libc::umount2(c.as_ptr(), flags) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    let mut tries = 100;
+    loop {
+        // SAFETY: c is a valid NUL-terminated path.
+        let r = unsafe { libc::umount2(c.as_ptr(), flags) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        tries -= 1;
+        if e.raw_os_error() != Some(libc::EBUSY) || tries == 0 {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
