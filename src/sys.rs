@@ -316,25 +316,28 @@ pub fn faccessat(dir: BorrowedFd<'_>, name: &CStr, mask: i32) -> io::Result<()> 
 // Extended attributes go through the fd's /proc magic link: it names the
 // inode itself (symlinks included), never a path inside a layer.
 
-pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
-    let p = proc_path(fd);
+/// Runs a size-probing call (`buf` empty asks for the size) until the value
+/// fits: the value may grow between the two calls.
+fn read_sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
     loop {
-        let size = check_size(unsafe {
-            libc::getxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
-        })?;
+        let size = check_size(call(&mut []))?;
         let mut buf = vec![0u8; size];
-        match check_size(unsafe {
-            libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size)
-        }) {
+        match check_size(call(&mut buf)) {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf);
             }
-            // Grew in between: ask again.
             Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
             Err(e) => return Err(e),
         }
     }
+}
+
+pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let p = proc_path(fd);
+    read_sized(|b| unsafe {
+        libc::getxattr(p.as_ptr(), name.as_ptr(), b.as_mut_ptr().cast(), b.len())
+    })
 }
 
 pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
@@ -381,14 +384,13 @@ fn xattrat_missing(e: &io::Error) -> bool {
 /// where the kernel has `getxattrat`.
 pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<Vec<u8>> {
     if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
-        let mut buf: Vec<u8> = Vec::new();
-        loop {
+        let r = read_sized(|b| {
             let mut args = XattrArgs {
-                value: buf.as_mut_ptr() as u64,
-                size: buf.len() as u32,
+                value: b.as_mut_ptr() as u64,
+                size: b.len() as u32,
                 flags: 0,
             };
-            let r = unsafe {
+            unsafe {
                 libc::syscall(
                     SYS_GETXATTRAT,
                     dir.as_raw_fd(),
@@ -397,26 +399,12 @@ pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<
                     attr.as_ptr(),
                     &mut args as *mut XattrArgs,
                     std::mem::size_of::<XattrArgs>(),
-                )
-            };
-            if r >= 0 {
-                let n = r as usize;
-                if buf.is_empty() && n > 0 {
-                    buf.resize(n, 0);
-                    continue;
-                }
-                buf.truncate(n);
-                return Ok(buf);
+                ) as libc::ssize_t
             }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ERANGE) => {
-                    buf = Vec::new();
-                    continue;
-                }
-                _ if xattrat_missing(&e) => break,
-                _ => return Err(e),
-            }
+        });
+        match r {
+            Err(e) if xattrat_missing(&e) => {}
+            r => return r,
         }
     }
     let fd = openat(dir, name, libc::O_PATH, 0)?;
@@ -426,36 +414,19 @@ pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<
 /// `listxattr` of `dir/name` without following a symlink.
 pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
-        let mut buf: Vec<u8> = Vec::new();
-        loop {
-            let r = unsafe {
-                libc::syscall(
-                    SYS_LISTXATTRAT,
-                    dir.as_raw_fd(),
-                    name.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                )
-            };
-            if r >= 0 {
-                let n = r as usize;
-                if buf.is_empty() && n > 0 {
-                    buf.resize(n, 0);
-                    continue;
-                }
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ERANGE) => {
-                    buf = Vec::new();
-                    continue;
-                }
-                _ if xattrat_missing(&e) => break,
-                _ => return Err(e),
-            }
+        let r = read_sized(|b| unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                b.as_mut_ptr(),
+                b.len(),
+            ) as libc::ssize_t
+        });
+        match r {
+            Err(e) if xattrat_missing(&e) => {}
+            r => return r,
         }
     }
     let fd = openat(dir, name, libc::O_PATH, 0)?;
@@ -465,18 +436,7 @@ pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
 /// The raw NUL-separated name list.
 pub fn listxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let p = proc_path(fd);
-    loop {
-        let size = check_size(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?;
-        let mut buf = vec![0u8; size];
-        match check_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), size) }) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    read_sized(|b| unsafe { libc::listxattr(p.as_ptr(), b.as_mut_ptr().cast(), b.len()) })
 }
 
 /// A directory entry as read from a real layer directory.
