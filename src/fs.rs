@@ -69,6 +69,10 @@ impl OverlayFs {
     }
 }
 
+/// Open flags of a cached file. Its flush would do nothing (data goes to
+/// the layer file on each write), so the kernel need not send one on close.
+const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
 /// How an open file's data flows.
 enum Passthrough {
     /// Straight to this backing file, in the kernel.
@@ -400,9 +404,9 @@ impl fuser::Filesystem for OverlayFs {
         match self.ovl.open(ino.0, flags.0, &self.files) {
             Ok(fh) => match self.passthrough(fh, |fd| reply.open_backing(fd)) {
                 Passthrough::Backing(b) => {
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
                 }
-                Passthrough::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Passthrough::Cached => reply.opened(FileHandle(fh), CACHED_OPEN),
             },
             Err(e) => reply.error(errno(e)),
         }
@@ -691,16 +695,12 @@ impl fuser::Filesystem for OverlayFs {
                         &attr,
                         Generation(0),
                         FileHandle(fh),
-                        FopenFlags::empty(),
+                        FopenFlags::FOPEN_NOFLUSH,
                         &b,
                     ),
-                    Passthrough::Cached => reply.created(
-                        &ttl,
-                        &attr,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_KEEP_CACHE,
-                    ),
+                    Passthrough::Cached => {
+                        reply.created(&ttl, &attr, Generation(0), FileHandle(fh), CACHED_OPEN)
+                    }
                 }
             }
             Ok(_) => reply.error(Errno::EIO),
