@@ -18,11 +18,11 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::ExitCode;
 
-type Result<T> = std::result::Result<T, String>;
+mod support;
+use support::*;
 
 fn main() -> ExitCode {
     // SAFETY: geteuid has no preconditions.
@@ -51,60 +51,6 @@ fn main() -> ExitCode {
             eprintln!("overlay2: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// `ROVL_BIN`, else `rovl` in the target dir this example was built into
-/// (the example lives in `target/<profile>/examples/`).
-fn find_rovl() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("ROVL_BIN") {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("ROVL_BIN={} is not a file", p.display()))
-        };
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    if let Some(dir) = exe.parent().and_then(Path::parent) {
-        let p = dir.join("rovl");
-        if p.is_file() {
-            return Ok(p);
-        }
-        if let Some(target) = dir.parent() {
-            for profile in ["debug", "release"] {
-                let p = target.join(profile).join("rovl");
-                if p.is_file() {
-                    return Ok(p);
-                }
-            }
-        }
-    }
-    Err(
-        "the rovl binary is not built: run `cargo build` (or `cargo build --release`) first, \
-         or point ROVL_BIN at it"
-            .to_string(),
-    )
-}
-
-fn io_err(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> String {
-    move |e| format!("{what}: {e}")
-}
-
-fn step(n: u32, title: &str) {
-    println!("\n=== {n}. {title}");
-}
-
-fn cmd(c: &str) {
-    println!("$ {c}");
-}
-
-fn check(ok: bool, what: &str) -> Result<()> {
-    if ok {
-        println!("   ok: {what}");
-        Ok(())
-    } else {
-        Err(format!("unexpected: {what} does not hold"))
     }
 }
 
@@ -350,117 +296,6 @@ fn origin<'a>(store: &Path, layers_top_down: &[&'a Layer], rel: &str) -> Option<
         .copied()
 }
 
-fn mounted_fstype(p: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = p.to_string_lossy();
-    let mut found = None;
-    for line in info.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if left.split(' ').nth(4) == Some(want.as_ref()) {
-            found = right.split(' ').next().map(str::to_string);
-        }
-    }
-    found
-}
-
-/// A `rovl mount -f` child this example owns; dropping it unmounts and reaps it.
-struct Mount {
-    child: Option<Child>,
-    mountpoint: PathBuf,
-}
-
-impl Mount {
-    fn start(rovl: &Path, cwd: &Path, opts: &str, target_rel: &str) -> Result<Mount> {
-        let child = Command::new(rovl)
-            .current_dir(cwd)
-            .args(["mount", "-f", "-o", opts, target_rel])
-            .spawn()
-            .map_err(io_err(format!("cannot run {}", rovl.display())))?;
-        let mut m = Mount {
-            child: Some(child),
-            mountpoint: cwd.join(target_rel),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if mounted_fstype(&m.mountpoint).is_some_and(|t| t == "fuse.rovl") {
-                return Ok(m);
-            }
-            if let Some(c) = m.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    m.child = None;
-                    return Err(format!("rovl exited before the mount was ready ({st})"));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err("rovl did not mount within 10 s".to_string());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn unmount(mut self, rovl: &Path) -> Result<()> {
-        let st = Command::new(rovl)
-            .arg("umount")
-            .arg(&self.mountpoint)
-            .status()
-            .map_err(io_err("rovl umount"))?;
-        if !st.success() {
-            return Err(format!("rovl umount failed ({st})"));
-        }
-        let st = self.wait(Duration::from_secs(10))?;
-        if !st.success() {
-            return Err(format!("the rovl daemon exited with {st}"));
-        }
-        Ok(())
-    }
-
-    fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let Some(mut c) = self.child.take() else {
-            return Err("no daemon to wait for".to_string());
-        };
-        let deadline = Instant::now() + limit;
-        loop {
-            match c.try_wait() {
-                Ok(Some(st)) => return Ok(st),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    // Ours to end: by PID, then reap.
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    return Err("the rovl daemon did not exit after unmount".to_string());
-                }
-                Err(e) => return Err(format!("waiting for rovl: {e}")),
-            }
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if self.child.is_none() {
-            return;
-        }
-        let Ok(c) = cpath(&self.mountpoint) else {
-            return;
-        };
-        if mounted_fstype(&self.mountpoint).is_some() {
-            // SAFETY: valid C string; umount2 has no other preconditions.
-            if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
-        if self.wait(Duration::from_secs(10)).is_err() && mounted_fstype(&self.mountpoint).is_some()
-        {
-            // The daemon was killed: detach its dead mount.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
 fn run(rovl: &Path) -> Result<()> {
     println!("Using {}", rovl.display());
     let dir = tempfile::Builder::new()
@@ -656,7 +491,7 @@ fn experiment(rovl: &Path, store: &Path) -> Result<()> {
 
     step(6, "Unmount");
     cmd(&format!("rovl umount {target}"));
-    m.unmount(rovl)?;
+    m.unmount(rovl, store, &target)?;
 
     step(
         7,

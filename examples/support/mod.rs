@@ -1,0 +1,190 @@
+//! What both examples share: finding the rovl binary, printing steps, and a
+//! `rovl mount -f` child that is always unmounted.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+pub type Result<T> = std::result::Result<T, String>;
+
+/// `ROVL_BIN`, else `rovl` in the target dir this example was built into
+/// (the example lives in `target/<profile>/examples/`).
+pub fn find_rovl() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ROVL_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("ROVL_BIN={} is not a file", p.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let profile_dir = exe.parent().and_then(Path::parent);
+    if let Some(dir) = profile_dir {
+        let p = dir.join("rovl");
+        if p.is_file() {
+            return Ok(p);
+        }
+        // A debug example can still use a release build, and vice versa.
+        if let Some(target) = dir.parent() {
+            for profile in ["debug", "release"] {
+                let p = target.join(profile).join("rovl");
+                if p.is_file() {
+                    return Ok(p);
+                }
+            }
+        }
+    }
+    Err(
+        "the rovl binary is not built: run `cargo build` (or `cargo build --release`) first, \
+         or point ROVL_BIN at it"
+            .to_string(),
+    )
+}
+
+pub fn step(n: u32, title: &str) {
+    println!("\n=== {n}. {title}");
+}
+
+pub fn cmd(c: &str) {
+    println!("$ {c}");
+}
+
+pub fn check(ok: bool, what: &str) -> Result<()> {
+    if ok {
+        println!("   ok: {what}");
+        Ok(())
+    } else {
+        Err(format!("unexpected: {what} does not hold"))
+    }
+}
+
+pub fn io_err(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// The fstype at exactly `p` in /proc/self/mountinfo, if mounted.
+pub fn mounted_fstype(p: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = p.to_string_lossy();
+    let mut found = None;
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if left.split(' ').nth(4) == Some(want.as_ref()) {
+            found = right.split(' ').next().map(str::to_string);
+        }
+    }
+    found
+}
+
+/// A `rovl mount -f` child this example owns. Dropping it unmounts (lazily if
+/// busy) and reaps the daemon, so no mount outlives the example.
+pub struct Mount {
+    pub child: Option<Child>,
+    pub mountpoint: PathBuf,
+}
+
+impl Mount {
+    /// Runs `rovl mount -f -o OPTS MERGED` in `cwd` and waits (bounded) until
+    /// the mount shows up in mountinfo.
+    pub fn start(rovl: &Path, cwd: &Path, opts: &str, merged_rel: &str) -> Result<Mount> {
+        // Without a leading "./", so it compares equal to mountinfo's entry.
+        let rel: PathBuf = Path::new(merged_rel)
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        let mountpoint = cwd.join(rel);
+        let child = Command::new(rovl)
+            .current_dir(cwd)
+            .args(["mount", "-f", "-o", opts, merged_rel])
+            .spawn()
+            .map_err(io_err(format!("cannot run {}", rovl.display())))?;
+        let mut m = Mount {
+            child: Some(child),
+            mountpoint,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if mounted_fstype(&m.mountpoint).is_some_and(|t| t == "fuse.rovl") {
+                return Ok(m);
+            }
+            if let Some(c) = m.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    m.child = None;
+                    return Err(format!("rovl exited before the mount was ready ({st})"));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("rovl did not mount within 10 s".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `rovl umount MERGED`, then waits for the daemon to exit 0.
+    pub fn unmount(mut self, rovl: &Path, cwd: &Path, merged_rel: &str) -> Result<()> {
+        let st = Command::new(rovl)
+            .current_dir(cwd)
+            .args(["umount", merged_rel])
+            .status()
+            .map_err(io_err("rovl umount"))?;
+        if !st.success() {
+            return Err(format!("rovl umount failed ({st})"));
+        }
+        let st = self.wait(Duration::from_secs(10))?;
+        if !st.success() {
+            return Err(format!("the rovl daemon exited with {st}"));
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            return Err("no daemon to wait for".to_string());
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            match c.try_wait() {
+                Ok(Some(st)) => return Ok(st),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => {
+                    // Ours to end: by PID, then reap.
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return Err("the rovl daemon did not exit after unmount".to_string());
+                }
+                Err(e) => return Err(format!("waiting for rovl: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        let Ok(c) = CString::new(self.mountpoint.as_os_str().as_bytes()) else {
+            return;
+        };
+        if mounted_fstype(&self.mountpoint).is_some() {
+            // SAFETY: valid C string; umount2 has no other preconditions.
+            if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        if self.wait(Duration::from_secs(10)).is_err() && mounted_fstype(&self.mountpoint).is_some()
+        {
+            // The daemon was killed: detach its dead mount.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
