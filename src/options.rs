@@ -97,28 +97,30 @@ fn vfs_group(flag: &str) -> Option<&'static [&'static str]> {
 /// Escapes are kept: values are unescaped by the option that reads them
 /// (as the kernel does). Empty options are dropped.
 pub fn split_options(s: &str) -> Vec<String> {
+    split_escaped(s, ',')
+        .into_iter()
+        .filter(|o| !o.is_empty())
+        .collect()
+}
+
+/// Splits on `sep` where it is not escaped by `\`, keeping the escapes.
+fn split_escaped(s: &str, sep: char) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                cur.push(c);
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
+        if c == '\\' {
+            cur.push(c);
+            if let Some(n) = chars.next() {
+                cur.push(n);
             }
-            ',' => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            _ => cur.push(c),
+        } else if c == sep {
+            out.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
         }
     }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
+    out.push(cur);
     out
 }
 
@@ -165,22 +167,7 @@ fn split_lowerdir(v: &str) -> Result<Vec<String>> {
             "lowerdir \"{v}\" starts with ':' (cannot append a layer)"
         )));
     }
-    let mut raw = Vec::new();
-    let mut cur = String::new();
-    let mut chars = v.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                cur.push(c);
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            ':' => raw.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    raw.push(cur);
+    let raw = split_escaped(v, ':');
     if raw.last().is_some_and(|s| s.is_empty()) {
         return Err(OptionsError::new(format!(
             "unescaped trailing colon in lowerdir \"{v}\""
