@@ -552,13 +552,18 @@ impl Overlay {
         false
     }
 
-    /// Whether a node's upper object records an origin.
+    /// The kernel's "origin" path type: an upper dir merged with lower dirs
+    /// (with or without an origin xattr), or an upper non-dir with an origin.
     fn has_origin(&self, node: &Arc<Inode>) -> bool {
-        node.top().is_some_and(|t| self.layers.is_upper(t))
-            && self
-                .path_fd(node)
-                .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("origin")))
-                .is_ok()
+        if !node.top().is_some_and(|t| self.layers.is_upper(t)) {
+            return false;
+        }
+        if node.is_dir() {
+            return node.layers().len() > 1;
+        }
+        self.path_fd(node)
+            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("origin")))
+            .is_ok()
     }
 }
 

@@ -92,12 +92,14 @@ impl Overlay {
         }
         let origin = self.xattr_name("origin");
         let translated = entries.iter().skip(2).any(|e| {
-            if e.kind == fuser::FileType::Directory {
-                return false;
-            }
             let Ok(c) = sys::cstr(&e.name) else {
                 return true;
             };
+            // A subdir keeps the mark when it merges lower dirs (through a
+            // redirect), since its reported inode number is then theirs.
+            if e.kind == fuser::FileType::Directory {
+                return !matches!(self.find(node, &c), Ok(Some(f)) if f.layers.len() == 1);
+            }
             match sys::openat(dfd.as_fd(), &c, libc::O_PATH, 0) {
                 Ok(fd) => sys::getxattr(fd.as_fd(), &origin).is_ok(),
                 Err(_) => true,
