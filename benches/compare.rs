@@ -12,9 +12,13 @@
 //! rovl is the binary cargo builds for this bench (bench profile = release);
 //! `ROVL_BIN` overrides it. Environment:
 //! - `ROVL_BENCH_SCALE` (default 0.5, about 5 minutes here; 1 = the sizes: 20k-file tree,
-//!   100k-entry dir, 16k-file tarball, 32 x 8 MiB copy-up, 1 GiB dd, 200k walk),
-//! - `ROVL_BENCH_ROUNDS` (default 5), `ROVL_BENCH_ONLY=name,prefix,...`,
-//! - `ROVL_BENCH_FUSE_OVERLAYFS=path:path` (default /usr/bin/fuse-overlayfs),
+//!   100k-entry dir, 16k-file tarball, 32 x 8 MiB copy-up, 1 GiB dd, 200k and 1M walks),
+//! - `ROVL_BENCH_ROUNDS` (default 5), `ROVL_BENCH_ONLY=name,prefix,...` (`rss` = memory only),
+//! - `ROVL_BENCH_MEM_SIZES=200000,1M,...`: entries of the memory walks, one workload
+//!   each, not scaled (default 200k and 1M times the scale),
+//! - `ROVL_BENCH_FUSE_OVERLAYFS=path:path` (default /usr/bin/fuse-overlayfs, 1.10 from apt),
+//! - `ROVL_BENCH_FOVL2=path` (default /opt/fuse-overlayfs-2/bin/fuse-overlayfs, 2.0 from
+//!   `cargo install fuse-overlayfs --root /opt/fuse-overlayfs-2`; empty to leave it out),
 //! - `ROVL_BENCH_JSON` (default `<target>/bench-compare.json`),
 //! - `ROVL_BENCH_TIMEOUT` seconds per command (default 120).
 
@@ -30,19 +34,22 @@ mod subject;
 use data::{DataSet, Dest, Sizes, STAT_LOWERS, TREE_SUB, TREE_TOP};
 use report::{Sample, Status, SubjectResult, WorkloadResult};
 use runner::Proc;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 use subject::{Kind, Source, Subject};
 
 const DEFAULT_SCALE: f64 = 0.5;
 const DEFAULT_ROUNDS: usize = 5;
-/// Time the daemon gets to handle the FORGETs of a cache drop before its RSS is read.
-const FORGET_SETTLE: Duration = Duration::from_millis(500);
+/// Longest wait for a daemon to go idle (FORGETs handled) after a cache drop.
+const FORGET_SETTLE_MAX: Duration = Duration::from_secs(30);
+/// Entries of a memory walk that the per-command timeout is meant for; larger walks get more.
+const MEM_TIMEOUT_ENTRIES: usize = 200_000;
+const FOVL2_DEFAULT: &str = "/opt/fuse-overlayfs-2/bin/fuse-overlayfs";
 
 // ---------------------------------------------------------------------------
 // Workloads
@@ -60,6 +67,7 @@ enum Cache {
 /// What a job needs to know.
 struct Ctx<'a> {
     mnt: &'a Path,
+    ds: DataSet,
     sizes: &'a Sizes,
     tarball: &'a Path,
 }
@@ -70,8 +78,9 @@ impl Ctx<'_> {
     }
 }
 
+#[derive(Clone)]
 struct Workload {
-    name: &'static str,
+    name: Cow<'static, str>,
     about: &'static str,
     data: DataSet,
     cache: Cache,
@@ -90,7 +99,7 @@ const fn w(
     job: fn(&Ctx) -> Vec<Proc>,
 ) -> Workload {
     Workload {
-        name,
+        name: Cow::Borrowed(name),
         about,
         data,
         cache,
@@ -102,6 +111,11 @@ const fn w(
 
 const fn needs(mut wl: Workload, tool: &'static str) -> Workload {
     wl.needs = Some(tool);
+    wl
+}
+
+const fn memory(mut wl: Workload) -> Workload {
+    wl.memory = true;
     wl
 }
 
@@ -282,17 +296,56 @@ const WORKLOADS: &[Workload] = &[
         ),
         "fio",
     ),
-    Workload {
-        memory: true,
-        ..w(
-            "rss-after-walk",
-            "daemon VmHWM/VmRSS after find -printf %s of a large tree and a cache drop",
-            DataSet::Rss,
-            Cache::Cold,
-            rss_walk,
-        )
-    },
+    // A template: one workload per entry count of `ROVL_BENCH_MEM_SIZES`.
+    memory(w(
+        "rss-after-walk",
+        "daemon VmHWM/VmRSS after find -printf %s of a large tree and a cache drop",
+        DataSet::Rss(0),
+        Cache::Cold,
+        rss_walk,
+    )),
 ];
+
+/// `1000000` -> `1M`, `200000` -> `200k`.
+fn count_label(n: usize) -> String {
+    if n >= 1_000_000 && n % 1_000_000 == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1_000 && n % 1_000 == 0 {
+        format!("{}k", n / 1_000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// The workloads, the memory template expanded to one per walk size.
+fn all_workloads(mem_sizes: &[usize]) -> Vec<Workload> {
+    let mut out = Vec::new();
+    for wl in WORKLOADS {
+        if wl.memory {
+            for &n in mem_sizes {
+                let mut m = wl.clone();
+                m.name = Cow::Owned(format!("{}-{}", wl.name, count_label(n)));
+                m.data = DataSet::Rss(n);
+                out.push(m);
+            }
+        } else {
+            out.push(wl.clone());
+        }
+    }
+    out
+}
+
+impl Workload {
+    /// Memory walks larger than the usual one get proportionally longer.
+    fn timeout(&self, base: Duration) -> Duration {
+        match self.data {
+            DataSet::Rss(n) if self.memory => {
+                base.max(base.mul_f64(n as f64 / MEM_TIMEOUT_ENTRIES as f64))
+            }
+            _ => base,
+        }
+    }
+}
 
 fn tree_counts(s: &Sizes) -> (usize, usize) {
     let dirs = 1 + TREE_TOP + TREE_TOP * TREE_SUB;
@@ -499,8 +552,11 @@ fn copyup_chmod(c: &Ctx) -> Vec<Proc> {
 }
 
 fn rss_walk(c: &Ctx) -> Vec<Proc> {
-    let s = c.sizes;
-    let lines = 1 + s.rss_entries.div_ceil(1000) + s.rss_entries;
+    let DataSet::Rss(n) = c.ds else {
+        return Vec::new();
+    };
+    let (dirs, files) = data::rss_counts(n);
+    let lines = 1 + dirs + files;
     vec![Proc::new(["find".into(), c.at("rss"), "-printf".into(), "%s\\n".into()]).lines(lines)]
 }
 
@@ -513,8 +569,25 @@ struct Config {
     only: Option<Vec<String>>,
     json: PathBuf,
     rovl: PathBuf,
-    fuse_overlayfs: Vec<PathBuf>,
+    /// fuse-overlayfs binaries, with how to install each.
+    fuse_overlayfs: Vec<(PathBuf, &'static str)>,
+    mem_sizes: Vec<usize>,
+    workloads: Vec<Workload>,
     timeout: Duration,
+}
+
+/// `200000`, `200k` or `1M`.
+fn parse_count(v: &str) -> Option<usize> {
+    let v = v.trim();
+    let (num, mul) = match v.as_bytes().last()? {
+        b'k' | b'K' => (&v[..v.len() - 1], 1_000),
+        b'm' | b'M' => (&v[..v.len() - 1], 1_000_000),
+        _ => (v, 1),
+    };
+    num.parse::<usize>()
+        .ok()?
+        .checked_mul(mul)
+        .filter(|&n| n > 0)
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
@@ -540,10 +613,19 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .collect::<Vec<_>>()
         });
+        let mem_sizes = match std::env::var("ROVL_BENCH_MEM_SIZES") {
+            Ok(v) => v
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| parse_count(s).ok_or(format!("bad ROVL_BENCH_MEM_SIZES entry {s:?}")))
+                .collect::<Result<Vec<_>, _>>()?,
+            Err(_) => data::mem_sizes(scale),
+        };
+        let workloads = all_workloads(&mem_sizes);
         if let Some(only) = &only {
             for pat in only {
-                if !WORKLOADS.iter().any(|w| w.name.starts_with(pat.as_str())) {
-                    let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+                if !workloads.iter().any(|w| w.name.starts_with(pat.as_str())) {
+                    let names: Vec<&str> = workloads.iter().map(|w| w.name.as_ref()).collect();
                     return Err(format!(
                         "ROVL_BENCH_ONLY: no workload {pat:?}; known: {}",
                         names.join(",")
@@ -560,14 +642,23 @@ impl Config {
         let rovl = std::env::var_os("ROVL_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rovl")));
-        let fuse_overlayfs = match std::env::var("ROVL_BENCH_FUSE_OVERLAYFS") {
-            Ok(v) => v
-                .split(':')
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-                .collect(),
-            Err(_) => vec![PathBuf::from("/usr/bin/fuse-overlayfs")],
-        };
+        const APT: &str = "apt-get install fuse-overlayfs";
+        let mut fuse_overlayfs: Vec<(PathBuf, &'static str)> =
+            match std::env::var("ROVL_BENCH_FUSE_OVERLAYFS") {
+                Ok(v) => v
+                    .split(':')
+                    .filter(|s| !s.is_empty())
+                    .map(|p| (PathBuf::from(p), APT))
+                    .collect(),
+                Err(_) => vec![(PathBuf::from("/usr/bin/fuse-overlayfs"), APT)],
+            };
+        let fovl2 = std::env::var("ROVL_BENCH_FOVL2").unwrap_or_else(|_| FOVL2_DEFAULT.into());
+        if !fovl2.is_empty() {
+            fuse_overlayfs.push((
+                PathBuf::from(fovl2),
+                "cargo install fuse-overlayfs --root /opt/fuse-overlayfs-2",
+            ));
+        }
         let timeout = Duration::from_secs(env_parse("ROVL_BENCH_TIMEOUT", 120u64)?);
         Ok(Config {
             scale,
@@ -576,6 +667,8 @@ impl Config {
             json,
             rovl,
             fuse_overlayfs,
+            mem_sizes,
+            workloads,
             timeout,
         })
     }
@@ -619,7 +712,14 @@ impl Tmpfs {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         data::run_quiet(
             Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=75%,mode=0755", "rovl-bench"])
+                // No inode cap: the 1M-entry memory trees, one copy per daemon, exceed the default.
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "size=75%,nr_inodes=0,mode=0755",
+                    "rovl-bench",
+                ])
                 .arg(dir),
         )?;
         let guard = Tmpfs(dir.to_path_buf());
@@ -655,10 +755,10 @@ fn tool_version(bin: &Path, marker: &str) -> Option<String> {
 /// Every subject that could run here; `notes` gets the ones that cannot.
 fn discover(cfg: &Config, fsdir: &Path, mnts: &Path, notes: &mut Vec<String>) -> Vec<Subject> {
     let mut kinds: Vec<(String, Kind)> = vec![("kernel".into(), Kind::Kernel)];
-    for bin in &cfg.fuse_overlayfs {
+    for (bin, install) in &cfg.fuse_overlayfs {
         if !bin.exists() {
             notes.push(format!(
-                "fuse-overlayfs: {} not installed (apt-get install fuse-overlayfs); skipped",
+                "fuse-overlayfs: {} not installed ({install}); skipped",
                 bin.display()
             ));
             continue;
@@ -799,32 +899,35 @@ fn measure(
     cfg: &Config,
     scratch: &Path,
 ) -> Result<Sample, String> {
-    let dir = s.data.join(w.data.name());
+    let dir = s.data.join(w.data.dir_name());
+    let timeout = w.timeout(cfg.timeout);
     mount_once(s, &dir, w.data, sizes, w.cache == Cache::Fresh, |m| {
         let ctx = Ctx {
             mnt: &m.mnt,
+            ds: w.data,
             sizes,
             tarball,
         };
         let job = (w.job)(&ctx);
         match w.cache {
             Cache::Warm => {
-                runner::run(&job, cfg.timeout, scratch).map_err(|e| format!("warm-up: {e}"))?;
+                runner::run(&job, timeout, scratch).map_err(|e| format!("warm-up: {e}"))?;
             }
             Cache::Cold => runner::drop_caches()?,
             Cache::Fresh => {}
         }
-        let t = runner::run(&job, cfg.timeout, scratch)?;
+        let t = runner::run(&job, timeout, scratch)?;
         let secs = t.reported.unwrap_or(t.wall.as_secs_f64());
-        let rss_kib = if w.memory {
+        let rss = if w.memory {
             let pid = m.daemon_pid().ok_or("no daemon to measure")?;
+            let (_, walked) = runner::rss_kib(pid)?;
             runner::drop_caches()?;
-            sleep(FORGET_SETTLE);
-            Some(runner::rss_kib(pid)?)
+            let (peak, now) = runner::settled_rss_kib(pid, FORGET_SETTLE_MAX)?;
+            Some(report::Rss { peak, walked, now })
         } else {
             None
         };
-        Ok(Sample { secs, rss_kib })
+        Ok(Sample { secs, rss })
     })
 }
 
@@ -883,7 +986,7 @@ fn run(cfg: &Config) -> Result<(), String> {
     let subjects = discover(cfg, &tmpfs.0, &base.join("mnt"), &mut notes);
     let subjects = probe(subjects, &sizes, &mut notes);
 
-    let workloads: Vec<&Workload> = WORKLOADS.iter().filter(|w| cfg.selected(w)).collect();
+    let workloads: Vec<&Workload> = cfg.workloads.iter().filter(|w| cfg.selected(w)).collect();
     let info = machine();
     println!(
         "rovl compare: scale {} x {} rounds, {} workloads, data on tmpfs at {}",
@@ -924,8 +1027,12 @@ fn run(cfg: &Config) -> Result<(), String> {
             break;
         }
         let mut res = WorkloadResult {
-            name: w.name,
+            name: w.name.to_string(),
             about: format!("{} [{}]", w.about, w.data.describe(&sizes)),
+            entries: match w.data {
+                DataSet::Rss(n) if w.memory => Some(n),
+                _ => None,
+            },
             skipped: None,
             subjects: Vec::new(),
         };
@@ -938,7 +1045,7 @@ fn run(cfg: &Config) -> Result<(), String> {
                 } else {
                     // The floor copies fresh data for every write workload.
                     let floor_fresh = !s.is_overlay() && w.cache == Cache::Fresh;
-                    let dir = s.data.join(w.data.name());
+                    let dir = s.data.join(w.data.dir_name());
                     match if floor_fresh {
                         Ok(())
                     } else {
@@ -978,12 +1085,13 @@ fn run(cfg: &Config) -> Result<(), String> {
         });
         if left == Some(0) {
             for s in &subjects {
-                let _ = fs::remove_dir_all(s.data.join(w.data.name()));
+                let _ = fs::remove_dir_all(s.data.join(w.data.dir_name()));
             }
         }
     }
 
     report::print_summary(&results, &names);
+    report::print_memory(&results, &names);
     let elapsed = started.elapsed().as_secs_f64();
     println!(
         "\ntotal time {elapsed:.0} s{}",
@@ -1019,6 +1127,17 @@ fn run(cfg: &Config) -> Result<(), String> {
             ),
         ),
         ("stat50_lowers".into(), STAT_LOWERS.to_string()),
+        (
+            "mem_sizes".into(),
+            format!(
+                "[{}]",
+                cfg.mem_sizes
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
         ("total_s".into(), format!("{elapsed:.1}")),
         ("interrupted".into(), stopped().to_string()),
     ]);

@@ -54,8 +54,17 @@ impl Overlay {
         let _ = sys::utimensat(upper_dir.as_fd(), c".", &sys::stat_times(&pst));
 
         let ust = sys::fstatat(upper_dir.as_fd(), &cname)?;
-        let old_ino = node.ino();
-        self.copied_inos.insert(ust.st_ino, old_ino);
+        // As the kernel: a copied-up lower hard link is a new file with the
+        // upper inode's number; anything else keeps its number.
+        let mut ino = node.ino();
+        if !node.is_dir() && st.st_nlink > 1 {
+            ino = ust.st_ino;
+            node.set_ino(ino);
+            self.inval_attr(node.nodeid);
+        }
+        if ino != ust.st_ino {
+            self.copied_inos.insert(ust.st_ino, ino);
+        }
         {
             let mut s = node.state.write();
             let mut layers: Vec<LayerIdx> = vec![UPPER];

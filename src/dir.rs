@@ -400,6 +400,12 @@ impl Overlay {
         if !redirects && (src_redirect || dst_redirect) {
             return Err(sys::err(libc::EXDEV));
         }
+        // As the kernel: an overwritten merged or lower dir must be empty,
+        // checked before anything is copied up.
+        let dst_clear = dst.filter(|d| !exchange && self.merge_or_lower(d));
+        if let Some(d) = dst_clear {
+            self.check_empty(d)?;
+        }
         self.copy_up(src)?;
         self.copy_up(newparent)?;
         if exchange {
@@ -412,10 +418,8 @@ impl Overlay {
         let dst_origin = exchange && dst.is_some_and(|d| self.has_origin(d));
         let old_ufd = self.dir_fd(parent, UPPER)?;
         let new_ufd = self.dir_fd(newparent, UPPER)?;
-        // An overwritten merged or lower dir must be empty; its upper
-        // whiteouts go first.
-        if let Some(d) = dst.filter(|d| !exchange && self.merge_or_lower(d)) {
-            self.check_empty(d)?;
+        // The upper whiteouts of an overwritten dir go first.
+        if let Some(d) = dst_clear {
             if d.top().is_some_and(|t| self.layers.is_upper(t)) {
                 clear_whiteouts(new_ufd.as_fd(), cnew)?;
             }

@@ -11,8 +11,8 @@ use crate::readdir::DirEntry;
 use crate::sys::{self, Stat};
 use dashmap::DashMap;
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -22,7 +22,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The overlay filesystem served over FUSE.
 pub struct OverlayFs {
@@ -138,11 +138,23 @@ impl OverlayFs {
     fn reply_entry(&self, reply: ReplyEntry, r: io::Result<(Arc<Inode>, Stat)>) {
         match r {
             Ok((node, st)) => {
-                let attr = self.ovl.attr(&node, &st);
-                reply.entry(&self.ovl.ttl, &attr, Generation(0));
+                let (attr, attr_ttl) = self.entry_attr(&node, &st);
+                reply.entry_with_ttls(&attr_ttl, &self.ovl.ttl, &attr, Generation(0));
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// Attributes for an entry reply, whose `ino` fuser sends as the node
+    /// id: when the reported number differs, the attributes expire at once
+    /// so that the next stat asks GETATTR, which reports the real number.
+    fn entry_attr(&self, node: &Inode, st: &Stat) -> (FileAttr, Duration) {
+        let mut attr = self.ovl.attr(node, st);
+        if node.ino_is_id() {
+            return (attr, self.ovl.ttl);
+        }
+        attr.ino = INodeNo(node.nodeid);
+        (attr, Duration::ZERO)
     }
 
     fn reply_attr(&self, reply: ReplyAttr, r: io::Result<(Arc<Inode>, Stat)>) {
@@ -560,11 +572,29 @@ impl fuser::Filesystem for OverlayFs {
                 continue;
             }
             match self.ovl.lookup(ino.0, &e.name) {
-                Ok((node, st)) => {
+                Ok((node, st)) if node.ino_is_id() || node.ino() <= 1 || node.is_dir() => {
                     let attr = self.ovl.attr(&node, &st);
                     if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {
                         // Not sent: the lookup it counted does not happen.
                         self.ovl.forget(node.nodeid, 1);
+                        break;
+                    }
+                }
+                Ok((node, st)) => {
+                    // fuser sends the node id as d_ino. To show the reported
+                    // number, the entry names that number as its node, and
+                    // expires at once: the kernel's next use of the name
+                    // looks it up again and finds this node. The kernel
+                    // counts a lookup of that id, so we do too if it lives.
+                    // (Not for dirs: replacing a dir's dentry detaches mounts.)
+                    self.ovl.forget(node.nodeid, 1);
+                    let attr = self.ovl.attr(&node, &st);
+                    let now = Duration::ZERO;
+                    let counted = self.ovl.table.bump(attr.ino.0);
+                    if reply.add(attr.ino, off, &e.name, &now, &attr, Generation(0)) {
+                        if counted {
+                            self.ovl.forget(attr.ino.0, 1);
+                        }
                         break;
                     }
                 }
@@ -575,7 +605,7 @@ impl fuser::Filesystem for OverlayFs {
                     // finds nothing, as on the kernel.
                     attr.ino = INodeNo(self.ovl.table.unused_id());
                     attr.kind = e.kind;
-                    let now = std::time::Duration::ZERO;
+                    let now = Duration::ZERO;
                     if reply.add(attr.ino, off, &e.name, &now, &attr, Generation(0)) {
                         break;
                     }
@@ -687,8 +717,8 @@ impl fuser::Filesystem for OverlayFs {
         match r {
             Ok((node, st, Some(fd))) => {
                 let fh = self.ovl.new_handle(&node, fd, flags, &self.files);
-                let attr = self.ovl.attr(&node, &st);
-                let ttl = self.ovl.ttl;
+                // One TTL covers entry and attributes here.
+                let (attr, ttl) = self.entry_attr(&node, &st);
                 match self.passthrough(fh, |fd| reply.open_backing(fd)) {
                     Passthrough::Backing(b) => reply.created_passthrough(
                         &ttl,

@@ -1,12 +1,13 @@
 //! The inode table: FUSE node ids, lookup counts, and what each node is made of.
 //!
-//! fuser sends a node's `st_ino` as its FUSE node id, so a node id is the
-//! inode number users see: the kernel overlay's number (the lower inode for
-//! lower and copied-up files, the upper inode for pure upper ones). When that
-//! number is taken by another live node, a synthetic one is used instead, so
-//! a node id the kernel still holds always means the same file. Nodes are
-//! found again by a key (the real inode of their top layer), so hard links
-//! share one node.
+//! Each node reports the kernel overlay's inode number (the lower inode for
+//! lower and copied-up files, the upper inode for pure upper ones). fuser
+//! sends the `ino` of an entry reply as its FUSE node id, so a node's id is
+//! that number when it is free, and a synthetic one otherwise (two names of
+//! a lower hard link, a reused number); such a node's entries carry no
+//! cached attributes, and GETATTR reports the real number. Nodes are found
+//! again by a key (the real inode of their top layer), so hard links share
+//! one node.
 
 use crate::layer::LayerIdx;
 use dashmap::mapref::entry::Entry;
@@ -111,6 +112,8 @@ impl State {
 
 pub struct Inode {
     pub nodeid: u64,
+    /// The inode number users see; it may differ from the node id.
+    ino: AtomicU64,
     /// `S_IFMT` bits; the type of a node never changes.
     pub kind: u32,
     lookups: AtomicU64,
@@ -141,9 +144,20 @@ impl Inode {
         self.state.read().top()
     }
 
-    /// The inode number reported to users (the node id); kept across copy-up.
+    /// The inode number reported to users.
     pub fn ino(&self) -> u64 {
-        self.nodeid
+        self.ino.load(Ordering::Relaxed)
+    }
+
+    /// Changes the reported number (a split hard link's copy-up).
+    pub fn set_ino(&self, ino: u64) {
+        self.ino.store(ino, Ordering::Relaxed);
+    }
+
+    /// Whether entry replies (which carry the node id as `ino`) show the
+    /// reported number.
+    pub fn ino_is_id(&self) -> bool {
+        self.ino() == self.nodeid
     }
 
     pub fn add_alias(&self, parent: &Arc<Inode>, name: &OsString) {
@@ -183,6 +197,7 @@ impl InodeTable {
         };
         let root = Arc::new(Inode {
             nodeid: ROOT,
+            ino: AtomicU64::new(ROOT),
             kind: libc::S_IFDIR,
             // The kernel never forgets the root.
             lookups: AtomicU64::new(1),
@@ -208,6 +223,17 @@ impl InodeTable {
     /// keep (it gets no lookup count here, and its forget is ignored).
     pub fn unused_id(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts one more kernel lookup of a live node; false if there is none.
+    pub fn bump(&self, nodeid: u64) -> bool {
+        match self.nodes.get(&nodeid) {
+            Some(n) => {
+                n.lookups.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The node a key maps to, without counting a lookup.
@@ -276,6 +302,7 @@ impl InodeTable {
             }
             let n = Arc::new(Inode {
                 nodeid,
+                ino: AtomicU64::new(if ino == 0 { nodeid } else { ino }),
                 kind,
                 lookups: AtomicU64::new(1),
                 state: RwLock::new(State {
@@ -308,7 +335,14 @@ impl InodeTable {
             return None;
         }
         let node = self.get(nodeid)?;
-        let prev = node.lookups.fetch_sub(n, Ordering::AcqRel);
+        // Saturating: a readdirplus entry may have linked a name to this id
+        // before the node existed, and its forget counts that too.
+        let prev = node
+            .lookups
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                Some(c.saturating_sub(n))
+            })
+            .unwrap_or(0);
         if prev > n {
             return None;
         }

@@ -71,8 +71,15 @@ impl Overlay {
         let fds = raise_fd_limit();
         let cap = cfg.cache_entries.min((fds / 4) as usize).max(16);
         let cap = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
+        let table = InodeTable::new(root_layers);
+        // As the kernel: the root reports its top layer root's number.
+        if let (Some(root), Some(top)) = (table.get(ROOT), layers.all.first()) {
+            if let Ok(st) = sys::fstat(top.root.as_fd()) {
+                root.set_ino(st.st_ino);
+            }
+        }
         Ok(Overlay {
-            table: InodeTable::new(root_layers),
+            table,
             layers,
             dircache: Mutex::new(LruCache::new(cap)),
             listings: Mutex::new(LruCache::new(
@@ -278,7 +285,7 @@ impl Overlay {
             nlink = 1;
         }
         fuser::FileAttr {
-            ino: fuser::INodeNo(node.nodeid),
+            ino: fuser::INodeNo(node.ino()),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: to_time(st.st_atime, st.st_atime_nsec),

@@ -17,7 +17,20 @@ both_backends!(
     mknod_fifo_char_block,
     mknod_whiteout_refused,
     mknod_over_whiteout,
+    lower_hard_link_names_share_number,
+    root_reports_top_layer_number,
 );
+
+/// d_ino of `name` in a listing of `dir` (readdir, as `ls -i` sees it).
+fn d_ino(dir: &Path, name: &str) -> u64 {
+    use std::os::unix::fs::DirEntryExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == name)
+        .map(|e| e.ino())
+        .unwrap_or_else(|| panic!("{name} not listed in {}", dir.display()))
+}
 
 fn hard_link_lower_file(b: Backend) {
     let l = Layers::new(1);
@@ -167,4 +180,39 @@ fn mknod_over_whiteout(b: Backend) {
     mknod(l.m("p"), libc::S_IFIFO | 0o600, 0);
     assert_eq!(lstat(l.u("p")).st_mode, libc::S_IFIFO | 0o600);
     assert_eq!(lstat(l.m("p")).st_mode, libc::S_IFIFO | 0o600);
+}
+
+/// Two names of a lower hard link show the lower number in stat and
+/// readdir; copying one up gives it the upper number at once, and the
+/// other keeps the lower one.
+fn lower_hard_link_names_share_number(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/a"), "data");
+    std::fs::hard_link(l.l(0, "d/a"), l.l(0, "d/b")).unwrap();
+    let lower = lstat(l.l(0, "d/a")).st_ino;
+    let _m = mount(b, &l);
+    for name in ["a", "b"] {
+        assert_eq!(lstat(l.m(&format!("d/{name}"))).st_ino, lower, "{name}");
+        assert_eq!(d_ino(&l.m("d"), name), lower, "d_ino of {name}");
+    }
+    // Listing twice: the second listing may come from readdirplus.
+    assert_eq!(d_ino(&l.m("d"), "b"), lower);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(l.m("d/a"))
+        .unwrap();
+    f.write_all(b"+").unwrap();
+    drop(f);
+    let upper = lstat(l.u("d/a")).st_ino;
+    assert_ne!(upper, lower);
+    assert_eq!(lstat(l.m("d/a")).st_ino, upper);
+    assert_eq!(lstat(l.m("d/b")).st_ino, lower);
+    assert_eq!(read_string(l.m("d/b")), "data");
+}
+
+/// The root reports the number of its top layer's root (the upper one).
+fn root_reports_top_layer_number(b: Backend) {
+    let l = Layers::new(2);
+    let m = mount(b, &l);
+    assert_eq!(lstat(m.mountpoint()).st_ino, lstat(l.u("")).st_ino);
 }

@@ -15,8 +15,6 @@ pub struct Sizes {
     pub tree_files: usize,
     /// Entries of the large merged directory (100k).
     pub big_entries: usize,
-    /// Entries walked before the RSS reading (200k).
-    pub rss_entries: usize,
     /// Lower files removed by `rm -rf` (10k).
     pub rm_files: usize,
     /// Files in the tarball (16k).
@@ -38,7 +36,6 @@ impl Sizes {
         Sizes {
             tree_files: n(20_000, 200),
             big_entries: n(100_000, 1_000),
-            rss_entries: n(200_000, 2_000),
             rm_files: n(10_000, 100),
             tar_files: n(16_000, 160),
             cu_files: 32,
@@ -53,6 +50,18 @@ impl Sizes {
     pub fn tree_per_leaf(&self) -> usize {
         self.tree_files.div_ceil(TREE_TOP * TREE_SUB)
     }
+}
+
+/// Entries of the memory walks at `scale`: the 200k and 1M at scale 1.
+pub fn mem_sizes(scale: f64) -> Vec<usize> {
+    [200_000, 1_000_000]
+        .map(|full: usize| ((full as f64 * scale).round() as usize).max(2_000))
+        .to_vec()
+}
+
+/// Directories and entries below `rss/` of a memory tree of `n` files.
+pub fn rss_counts(n: usize) -> (usize, usize) {
+    (n.div_ceil(RSS_PER_DIR), n)
 }
 
 pub const TREE_TOP: usize = 20;
@@ -70,8 +79,8 @@ pub enum DataSet {
     Tree,
     /// `big/eNNNNNN`: empty files over 2 lowers, one merged directory.
     Big,
-    /// `rss/dNNNN/fNNNN`: a large tree over 2 lowers.
-    Rss,
+    /// `rss/dNNNN/fNNNN`: a tree of this many empty files over 2 lowers.
+    Rss(usize),
     /// `victim/dNN/fNNNN` over 2 lowers, to be removed.
     Remove,
     /// `cu/fNN`: large lower files, to be copied up.
@@ -91,13 +100,21 @@ impl DataSet {
         match self {
             DataSet::Tree => "tree",
             DataSet::Big => "big",
-            DataSet::Rss => "rss",
+            DataSet::Rss(_) => "rss",
             DataSet::Remove => "victim",
             DataSet::CopyUp => "cu",
             DataSet::Stat50 => "d",
             DataSet::Git => "repo",
             DataSet::Scratch => "x",
             DataSet::Data => "data",
+        }
+    }
+
+    /// The directory holding a subject's copy: sizes of one kind differ.
+    pub fn dir_name(self) -> String {
+        match self {
+            DataSet::Rss(n) => format!("rss-{n}"),
+            _ => self.name().to_string(),
         }
     }
 
@@ -110,7 +127,7 @@ impl DataSet {
                 TREE_TOP * TREE_SUB
             ),
             DataSet::Big => format!("{} entries in one dir over 2 lowers", s.big_entries),
-            DataSet::Rss => format!("{} files over 2 lowers", s.rss_entries),
+            DataSet::Rss(n) => format!("{n} empty files in {} dirs over 2 lowers", rss_counts(n).0),
             DataSet::Remove => format!(
                 "{} files in {RM_DIRS} dirs over 2 lowers",
                 s.rm_files.div_ceil(RM_DIRS) * RM_DIRS
@@ -130,7 +147,7 @@ impl DataSet {
 
     pub fn lowers(self) -> usize {
         match self {
-            DataSet::Tree | DataSet::Big | DataSet::Rss | DataSet::Remove => 2,
+            DataSet::Tree | DataSet::Big | DataSet::Rss(_) | DataSet::Remove => 2,
             DataSet::Stat50 => STAT_LOWERS,
             DataSet::CopyUp | DataSet::Git | DataSet::Scratch | DataSet::Data => 1,
         }
@@ -142,7 +159,7 @@ impl DataSet {
         let r = match self {
             DataSet::Tree => gen_tree(&mut g, sizes),
             DataSet::Big => gen_big(&mut g, sizes),
-            DataSet::Rss => gen_rss(&mut g, sizes),
+            DataSet::Rss(n) => gen_rss(&mut g, n),
             DataSet::Remove => gen_remove(&mut g, sizes),
             DataSet::CopyUp => gen_copyup(&mut g, sizes),
             DataSet::Stat50 => gen_stat50(&mut g, sizes),
@@ -283,13 +300,14 @@ fn gen_big(g: &mut Gen, s: &Sizes) -> io::Result<()> {
     Ok(())
 }
 
-fn gen_rss(g: &mut Gen, s: &Sizes) -> io::Result<()> {
-    for d in 0..s.rss_entries.div_ceil(RSS_PER_DIR) {
+/// Empty files only: a 1M-entry copy per daemon subject then costs slab, not pages.
+fn gen_rss(g: &mut Gen, n: usize) -> io::Result<()> {
+    for d in 0..rss_counts(n).0 {
         let dir = format!("rss/d{d:04}");
         for layer in [1, 0] {
             g.dir(layer, &dir)?;
         }
-        for f in 0..RSS_PER_DIR.min(s.rss_entries - d * RSS_PER_DIR) {
+        for f in 0..RSS_PER_DIR.min(n - d * RSS_PER_DIR) {
             File::create(g.path(f % 2, &format!("{dir}/f{f:04}")))?;
         }
     }

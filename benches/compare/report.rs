@@ -3,12 +3,23 @@
 
 use std::fmt::Write as _;
 
+/// A daemon's memory, in KiB, from /proc/PID/status.
+#[derive(Clone, Copy, Debug)]
+pub struct Rss {
+    /// `VmHWM` once settled after the cache drop: the peak over its whole life.
+    pub peak: u64,
+    /// `VmRSS` right after the walk.
+    pub walked: u64,
+    /// `VmRSS` once settled after the cache drop (FORGETs handled).
+    pub now: u64,
+}
+
 /// One timed run.
 #[derive(Clone, Copy, Debug)]
 pub struct Sample {
     pub secs: f64,
-    /// Daemon `VmHWM` and `VmRSS` in KiB, for the memory workload.
-    pub rss_kib: Option<(u64, u64)>,
+    /// The daemon's memory, for the memory workloads.
+    pub rss: Option<Rss>,
 }
 
 pub enum Status {
@@ -24,8 +35,10 @@ pub struct SubjectResult {
 }
 
 pub struct WorkloadResult {
-    pub name: &'static str,
+    pub name: String,
     pub about: String,
+    /// Entries walked, for a memory workload.
+    pub entries: Option<usize>,
     /// Set when the whole workload was skipped (a missing tool, say).
     pub skipped: Option<String>,
     pub subjects: Vec<SubjectResult>,
@@ -59,12 +72,11 @@ impl SubjectResult {
         self.samples.iter().map(|s| s.secs).min_by(f64::total_cmp)
     }
 
-    /// Median peak and current RSS in MiB.
-    pub fn rss_mib(&self) -> Option<(f64, f64)> {
-        let r: Vec<(u64, u64)> = self.samples.iter().filter_map(|s| s.rss_kib).collect();
-        let hwm = median(r.iter().map(|x| x.0 as f64 / 1024.0).collect())?;
-        let cur = median(r.iter().map(|x| x.1 as f64 / 1024.0).collect())?;
-        Some((hwm, cur))
+    /// Median peak, after-walk and settled RSS in MiB.
+    pub fn rss_mib(&self) -> Option<(f64, f64, f64)> {
+        let r: Vec<Rss> = self.samples.iter().filter_map(|s| s.rss).collect();
+        let mib = |f: fn(&Rss) -> u64| median(r.iter().map(|x| f(x) as f64 / 1024.0).collect());
+        Some((mib(|x| x.peak)?, mib(|x| x.walked)?, mib(|x| x.now)?))
     }
 }
 
@@ -123,8 +135,11 @@ pub fn print_workload(w: &WorkloadResult) {
                     fmt_secs(min),
                     ratio
                 );
-                if let Some((hwm, cur)) = s.rss_mib() {
-                    let _ = write!(line, "   RSS peak {hwm:.1} MiB, now {cur:.1} MiB");
+                if let Some((peak, walked, now)) = s.rss_mib() {
+                    let _ = write!(
+                        line,
+                        "   RSS peak {peak:.1} MiB, after walk {walked:.1}, after drop {now:.1}"
+                    );
                 }
                 println!("{line}");
             }
@@ -153,6 +168,49 @@ pub fn print_summary(all: &[WorkloadResult], subjects: &[String]) {
                         (None, Some(m)) => fmt_secs(m),
                         _ => "-".into(),
                     },
+                },
+            };
+            let _ = write!(line, " {cell:>20}");
+        }
+        println!("{line}");
+    }
+}
+
+/// Daemon memory per memory workload: peak (`VmHWM`) / settled `VmRSS` after the cache drop.
+pub fn print_memory(all: &[WorkloadResult], subjects: &[String]) {
+    let mem: Vec<&WorkloadResult> = all
+        .iter()
+        .filter(|w| w.entries.is_some() && w.skipped.is_none())
+        .collect();
+    if mem.is_empty() {
+        return;
+    }
+    println!("\n== memory: daemon RSS in MiB, peak (VmHWM) / now (VmRSS after the walk and a cache drop)");
+    let mut head = format!("   {:<22}", "entries walked");
+    let shown: Vec<&String> = subjects
+        .iter()
+        .filter(|n| {
+            mem.iter().any(|w| {
+                w.subjects
+                    .iter()
+                    .any(|s| &s.subject == *n && !matches!(s.status, Status::Skipped(_)))
+            })
+        })
+        .collect();
+    for s in &shown {
+        let _ = write!(head, " {:>20}", s);
+    }
+    println!("{head}");
+    for w in mem {
+        let mut line = format!("   {:<22}", w.entries.unwrap_or(0));
+        for name in &shown {
+            let cell = match w.subjects.iter().find(|s| &s.subject == *name) {
+                None => "-".to_string(),
+                Some(s) => match (&s.status, s.rss_mib()) {
+                    (Status::Failed(_), _) => "FAILED".into(),
+                    (Status::Skipped(_), _) => "n/a".into(),
+                    (Status::Ok, Some((peak, _, now))) => format!("{peak:.1} / {now:.1}"),
+                    (Status::Ok, None) => "-".into(),
                 },
             };
             let _ = write!(line, " {cell:>20}");
@@ -197,9 +255,10 @@ pub fn to_json(header: &[(String, String)], all: &[WorkloadResult]) -> String {
     for (i, w) in all.iter().enumerate() {
         let _ = write!(
             o,
-            "    {{\"name\": {}, \"about\": {}, \"skipped\": {}, \"subjects\": [",
-            js(w.name),
+            "    {{\"name\": {}, \"about\": {}, \"entries\": {}, \"skipped\": {}, \"subjects\": [",
+            js(&w.name),
             js(&w.about),
+            w.entries.map_or("null".into(), |n| n.to_string()),
             w.skipped.as_deref().map_or("null".into(), js)
         );
         for (j, s) in w.subjects.iter().enumerate() {
@@ -222,8 +281,19 @@ pub fn to_json(header: &[(String, String)], all: &[WorkloadResult]) -> String {
                 jnum(s.min()),
                 jnum(w.ratio(s)),
             );
-            if let Some((hwm, cur)) = s.rss_mib() {
-                let _ = write!(o, ", \"rss_peak_mib\": {hwm}, \"rss_now_mib\": {cur}");
+            if let Some((peak, walked, now)) = s.rss_mib() {
+                let kib: Vec<String> = s
+                    .samples
+                    .iter()
+                    .filter_map(|x| x.rss)
+                    .map(|r| format!("[{}, {}, {}]", r.peak, r.walked, r.now))
+                    .collect();
+                let _ = write!(
+                    o,
+                    ", \"rss_peak_mib\": {peak}, \"rss_after_walk_mib\": {walked}, \
+                     \"rss_now_mib\": {now}, \"rss_samples_kib_peak_walk_now\": [{}]",
+                    kib.join(", ")
+                );
             }
             o.push('}');
         }

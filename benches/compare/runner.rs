@@ -280,6 +280,38 @@ pub fn drop_caches() -> Result<(), String> {
     fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| format!("drop_caches: {e}"))
 }
 
+/// CPU ticks (user + system, all threads) a process has used.
+fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let st = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // Fields after the parenthesised name; utime and stime are the 14th and 15th overall.
+    let rest = st.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    match (num(11), num(12)) {
+        (Some(u), Some(s)) => Ok(u + s),
+        _ => Err(format!("/proc/{pid}/stat: no utime/stime")),
+    }
+}
+
+/// Waits (at most `max`) until a daemon has gone idle after a cache drop,
+/// so the FORGETs are handled before its RSS is read: no CPU used and RSS
+/// steady within 1% over one poll. Returns `VmHWM` and `VmRSS` in KiB.
+pub fn settled_rss_kib(pid: u32, max: Duration) -> Result<(u64, u64), String> {
+    let poll = Duration::from_millis(250);
+    let deadline = Instant::now() + max;
+    let mut last = (cpu_ticks(pid)?, rss_kib(pid)?);
+    loop {
+        thread::sleep(poll);
+        let now = (cpu_ticks(pid)?, rss_kib(pid)?);
+        let idle = now.0 == last.0 && now.1 .1.abs_diff(last.1 .1) <= (last.1 .1 / 100).max(64);
+        if idle || Instant::now() > deadline {
+            return Ok(now.1);
+        }
+        last = now;
+    }
+}
+
 /// `VmHWM` and `VmRSS` of a process, in KiB.
 pub fn rss_kib(pid: u32) -> Result<(u64, u64), String> {
     let st = fs::read_to_string(format!("/proc/{pid}/status"))

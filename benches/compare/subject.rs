@@ -18,7 +18,7 @@ const DAEMON_WAIT: Duration = Duration::from_secs(10);
 pub enum Kind {
     /// `mount -t overlay`.
     Kernel,
-    /// `fuse-overlayfs -f`, run as our child.
+    /// `fuse-overlayfs -f`, run as our child: 1.10 (C, libfuse) or 2.0 (Rust, fuser).
     FuseOverlayfs(PathBuf),
     /// `rovl mount -f`, run as our child.
     Rovl(PathBuf),
@@ -47,12 +47,26 @@ pub enum Source<'a> {
 }
 
 impl Subject {
+    /// What mountinfo must show for this subject's mount.
     pub fn fstype(&self) -> &'static str {
         match self.kind {
             Kind::Kernel => "overlay",
-            Kind::FuseOverlayfs(_) => "fuse.fuse-overlayfs",
+            Kind::FuseOverlayfs(_) => "fuse.fuse-overlayfs (or fuse, source fuse-overlayfs)",
             Kind::Rovl(_) => "fuse.rovl",
             Kind::Tmpfs => "tmpfs",
+        }
+    }
+
+    fn accepts(&self, e: &MountEntry) -> bool {
+        match self.kind {
+            Kind::Kernel => e.fstype == "overlay",
+            // 1.10 names its type; 2.0 (fuser) mounts plain `fuse` with source `fuse-overlayfs`.
+            Kind::FuseOverlayfs(_) => {
+                e.fstype == "fuse.fuse-overlayfs"
+                    || (e.fstype == "fuse" && e.source == "fuse-overlayfs")
+            }
+            Kind::Rovl(_) => e.fstype == "fuse.rovl",
+            Kind::Tmpfs => e.fstype == "tmpfs",
         }
     }
 
@@ -96,7 +110,8 @@ impl Subject {
             }
             _ => return Err("internal: source does not fit the subject".into()),
         }
-        m.wait_mounted(self.fstype(), run_log(&m))?;
+        let log = run_log(&m);
+        m.wait_mounted(|e| self.accepts(e), self.fstype(), log)?;
         Ok(m)
     }
 }
@@ -169,12 +184,22 @@ impl Mount {
         self.daemon.as_ref().map(|d| d.child.id())
     }
 
-    fn wait_mounted(&mut self, fstype: &str, log: Option<PathBuf>) -> Result<(), String> {
+    fn wait_mounted(
+        &mut self,
+        accepts: impl Fn(&MountEntry) -> bool,
+        fstype: &str,
+        log: Option<PathBuf>,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + DAEMON_WAIT;
         loop {
-            match mounted_type(&self.mnt) {
-                Some(t) if t == fstype => return Ok(()),
-                Some(t) => return Err(format!("mounted as {t}, expected {fstype}")),
+            match mounted(&self.mnt) {
+                Some(e) if accepts(&e) => return Ok(()),
+                Some(e) => {
+                    return Err(format!(
+                        "mounted as {} (source {}), expected {fstype}",
+                        e.fstype, e.source
+                    ))
+                }
                 None => {}
             }
             let exited = match &mut self.daemon {
@@ -264,16 +289,32 @@ pub fn umount_retry(p: &Path) -> io::Result<()> {
     }
 }
 
-/// The type of the topmost mount at `p` (canonical), if any.
-pub fn mounted_type(p: &Path) -> Option<String> {
+/// A mountinfo line, as far as we check it.
+pub struct MountEntry {
+    pub fstype: String,
+    pub source: String,
+}
+
+/// The topmost mount at `p` (canonical), if any.
+pub fn mounted(p: &Path) -> Option<MountEntry> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = p.as_os_str().as_bytes();
     text.lines().rev().find_map(|line| {
         let (pre, post) = line.split_once(" - ")?;
         let mp = pre.split(' ').nth(4)?;
-        let fstype = post.split(' ').next()?;
-        (unescape(mp) == want).then(|| fstype.to_string())
+        let mut post = post.split(' ');
+        let fstype = post.next()?;
+        let source = post.next().unwrap_or_default();
+        (unescape(mp) == want).then(|| MountEntry {
+            fstype: fstype.to_string(),
+            source: String::from_utf8_lossy(&unescape(source)).into_owned(),
+        })
     })
+}
+
+/// The type of the topmost mount at `p` (canonical), if any.
+pub fn mounted_type(p: &Path) -> Option<String> {
+    mounted(p).map(|e| e.fstype)
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
