@@ -256,7 +256,9 @@ pub fn parse(
         cache_entries: 65536,
         threads: 0,
         userxattr: false,
-        redirect_dir: RedirectDir::Off,
+        // Unlike the kernel's build default (off): a renamed lower dir moves
+        // instead of failing with EXDEV.
+        redirect_dir: RedirectDir::On,
         index: false,
         metacopy: false,
         volatile: false,
@@ -616,7 +618,7 @@ mod tests {
         assert_eq!(c.source, "rovl");
         assert_eq!(c.cache_entries, 65536);
         assert_eq!(c.threads, 0);
-        assert_eq!(c.redirect_dir, RedirectDir::Off);
+        assert_eq!(c.redirect_dir, RedirectDir::On);
         assert!(!c.index && !c.metacopy && !c.userxattr && !c.volatile && !c.read_only);
     }
 

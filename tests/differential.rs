@@ -164,10 +164,11 @@ impl Config {
             other => panic!("ROVL_DIFF_PROFILE={other:?}: expected default or renames"),
         };
         Config {
-            extra_opts: var("ROVL_DIFF_MOUNT_OPTS")
-                .trim()
-                .trim_matches(',')
-                .to_string(),
+            // rovl defaults to redirect_dir=on, the kernel here to off:
+            // the base run pins the kernel's default on both sides.
+            extra_opts: std::env::var("ROVL_DIFF_MOUNT_OPTS")
+                .map(|v| v.trim().trim_matches(',').to_string())
+                .unwrap_or_else(|_| "redirect_dir=off".to_string()),
             profile,
             remount: RemountPlan::parse(&var("ROVL_DIFF_REMOUNT_AT")),
             check_ino: var("ROVL_DIFF_CHECK_INO") == "1",
@@ -1019,7 +1020,6 @@ fn issue4(opts: &str) {
 }
 
 #[test]
-#[ignore] // enable when issue 4 lands
 fn issue4_redirect_dir_on() {
     issue4(ISSUE4_OPTION_SETS[0]);
 }

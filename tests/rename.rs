@@ -21,7 +21,90 @@ both_backends!(
     upper_only_dir_rename_works,
     rename_file_onto_itself,
     rename_dir_over_nonempty_dir,
+    redirect_lower_dir_same_parent,
+    redirect_dir_across_parents_and_back,
+    redirect_dir_into_opaque_and_over_empty,
 );
+
+const REDIRECT: &str = "trusted.overlay.redirect";
+
+/// redirect_dir=on: a lower dir renamed in its parent gets a relative
+/// redirect, only the dir is copied up, and a whiteout hides the old name.
+fn redirect_lower_dir_same_parent(b: Backend) {
+    let l = Layers::new(2);
+    write(l.l(0, "p/d/f"), "f0");
+    write(l.l(1, "p/d/g"), "g1");
+    let before = snapshot(l.lower(0));
+    let _m = mount_opts(b, &l, "redirect_dir=on");
+    std::fs::rename(l.m("p/d"), l.m("p/e")).unwrap();
+    assert_eq!(names(l.m("p/e")), vec!["f", "g"]);
+    assert_eq!(read_string(l.m("p/e/g")), "g1");
+    assert!(!exists(l.m("p/d")));
+    assert_eq!(getxattr(l.u("p/e"), REDIRECT), Some(b"d".to_vec()));
+    assert!(is_whiteout(l.u("p/d")));
+    // Only the dir itself was copied up.
+    assert!(names(l.u("p/e")).is_empty());
+    // A new dir in a merged dir is opaque, so a later redirect into it
+    // cannot merge stray lower entries.
+    mkdir(l.m("p/new"));
+    assert!(is_opaque(l.u("p/new")));
+    assert_same_tree(&before, &snapshot(l.lower(0)), "lower");
+}
+
+/// redirect_dir=on: moved to another parent the redirect is absolute; moved
+/// twice it keeps pointing at the lower path; moved back it still merges.
+fn redirect_dir_across_parents_and_back(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a/d/f"), "f");
+    mkdir(l.l(0, "z"));
+    let _m = mount_opts(b, &l, "redirect_dir=on");
+    std::fs::create_dir(l.m("x")).unwrap();
+    std::fs::rename(l.m("a/d"), l.m("x/d2")).unwrap();
+    assert_eq!(getxattr(l.u("x/d2"), REDIRECT), Some(b"/a/d".to_vec()));
+    std::fs::rename(l.m("x/d2"), l.m("z/d3")).unwrap();
+    assert_eq!(getxattr(l.u("z/d3"), REDIRECT), Some(b"/a/d".to_vec()));
+    assert_eq!(read_string(l.m("z/d3/f")), "f");
+    std::fs::rename(l.m("z/d3"), l.m("a/d")).unwrap();
+    assert_eq!(names(l.m("a/d")), vec!["f"]);
+    assert_eq!(read_string(l.m("a/d/f")), "f");
+    assert!(names(l.m("x")).is_empty());
+    assert!(names(l.m("z")).is_empty());
+}
+
+/// redirect_dir=on: a merged dir moved into an opaque dir, and over an
+/// empty lower dir, keeps its lower entries.
+fn redirect_dir_into_opaque_and_over_empty(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/f"), "f");
+    mkdir(l.l(0, "empty"));
+    write(l.l(0, "o/hidden"), "h");
+    let _m = mount_opts(b, &l, "redirect_dir=on");
+    write(l.m("d/g"), "g");
+    std::fs::remove_file(l.m("o/hidden")).unwrap();
+    std::fs::remove_dir(l.m("o")).unwrap();
+    std::fs::create_dir(l.m("o")).unwrap();
+    assert!(is_opaque(l.u("o")));
+    std::fs::rename(l.m("d"), l.m("o/d")).unwrap();
+    assert_eq!(names(l.m("o/d")), vec!["f", "g"]);
+    assert_eq!(names(l.m("o")), vec!["d"]);
+    std::fs::rename(l.m("o/d"), l.m("empty")).unwrap();
+    assert_eq!(names(l.m("empty")), vec!["f", "g"]);
+    assert_eq!(getxattr(l.u("empty"), REDIRECT), Some(b"/d".to_vec()));
+}
+
+/// rovl's default is redirect_dir=on: a lower dir renames without EXDEV.
+#[test]
+fn rovl_default_renames_lower_dirs() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    write(l.l(0, "d/f"), "f");
+    let _m = mount(Backend::Rovl, &l);
+    std::fs::rename(l.m("d"), l.m("e")).unwrap();
+    assert_eq!(read_string(l.m("e/f")), "f");
+    assert_eq!(getxattr(l.u("e"), REDIRECT), Some(b"d".to_vec()));
+}
 
 fn rename_lower_file(b: Backend) {
     let l = Layers::new(1);
@@ -144,7 +227,7 @@ fn lower_dir_rename_is_exdev(b: Backend) {
     let l = Layers::new(1);
     write(l.l(0, "d/f"), "f");
     let before = snapshot(l.lower(0));
-    let _m = mount(b, &l);
+    let _m = mount_opts(b, &l, "redirect_dir=off");
     assert_eq!(
         errno(std::fs::rename(l.m("d"), l.m("e"))),
         Some(libc::EXDEV)
@@ -157,7 +240,7 @@ fn lower_dir_rename_is_exdev(b: Backend) {
 fn merged_dir_rename_is_exdev(b: Backend) {
     let l = Layers::new(1);
     write(l.l(0, "d/f"), "f");
-    let _m = mount(b, &l);
+    let _m = mount_opts(b, &l, "redirect_dir=off");
     write(l.m("d/g"), "g");
     assert!(exists(l.u("d")));
     assert_eq!(

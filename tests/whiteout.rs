@@ -162,13 +162,14 @@ fn mkdir_over_removed_lower_dir_is_opaque(b: Backend) {
 fn mkdir_over_removed_lower_file_is_opaque(b: Backend) {
     let l = Layers::new(1);
     write(l.l(0, "x"), "file");
-    let _m = mount(b, &l);
+    let _m = mount_opts(b, &l, "redirect_dir=off");
     std::fs::remove_file(l.m("x")).unwrap();
     mkdir(l.m("x"));
     assert_eq!(file_type_bits(&lstat(l.u("x"))), libc::S_IFDIR);
     assert!(is_opaque(l.u("x")));
     assert!(names(l.m("x")).is_empty());
-    // A fresh dir with nothing below is not opaque.
+    // A fresh dir with nothing below is not opaque (with redirect_dir=on,
+    // any new dir in a merged dir is).
     mkdir(l.m("fresh"));
     assert!(!is_opaque(l.u("fresh")));
 }

@@ -650,6 +650,12 @@ pub fn mount(b: Backend, layers: &Layers) -> AnyMount {
         .unwrap_or_else(|e| panic!("{b:?} mount failed: {e}"))
 }
 
+/// Mounts `layers` with backend `b` and `extra` options added.
+pub fn mount_opts(b: Backend, layers: &Layers, extra: &str) -> AnyMount {
+    AnyMount::start(b, &format!("{},{extra}", layers.opts()), &layers.merged)
+        .unwrap_or_else(|e| panic!("{b:?} mount failed: {e}"))
+}
+
 /// Mounts `layers` read-only (lowerdir only) with backend `b`.
 pub fn mount_ro(b: Backend, layers: &Layers) -> AnyMount {
     AnyMount::start(b, &layers.opts_ro(), &layers.merged)
