@@ -32,7 +32,20 @@ impl Overlay {
         let cname = sys::cstr(&name)?;
         let (lower_dir, _) = self.entry_in(node, lower)?;
         let upper_dir = self.dir_fd(&parent, UPPER)?;
+        let index = node.state.read().index.clone().filter(|_| !node.is_dir());
+        if let Some(index) = self.index_dir_entry(node).filter(|_| index.is_some()) {
+            // Another name of this lower hard link was copied up: link it.
+            let ust = self.link_up(
+                &parent,
+                upper_dir.as_fd(),
+                &cname,
+                (index.0.as_fd(), index.1),
+            )?;
+            self.node_now_upper(node, &ust);
+            return Ok(());
+        }
         let st = sys::fstatat(lower_dir.as_fd(), &cname)?;
+        let indexed = index.is_some() && self.indexes(&st);
         // The parent's times are restored afterwards, as the kernel does.
         let pst = sys::fstat(upper_dir.as_fd())?;
 
@@ -40,15 +53,27 @@ impl Overlay {
         self.set_impure(&parent, upper_dir.as_fd());
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
-        let res = self.build_copy(lower_dir.as_fd(), &cname, &st, work, &tmp);
+        let res = self.build_copy(lower_dir.as_fd(), &cname, &st, work, &tmp, indexed);
         if let Err(e) = res {
             {
                 self.remove_tmp(work, &tmp, &st);
                 return Err(e);
             }
         }
-        if let Err(e) = sys::renameat2(work, &tmp, upper_dir.as_fd(), &cname, 0) {
+        let installed = match (&index, indexed) {
+            (Some(iname), true) => {
+                self.install_indexed(work, &tmp, st.st_nlink, iname, upper_dir.as_fd(), &cname)
+            }
+            _ => sys::renameat2(work, &tmp, upper_dir.as_fd(), &cname, 0),
+        };
+        if let Err(e) = installed {
             self.remove_tmp(work, &tmp, &st);
+            // Another name of the same lower file was indexed meanwhile.
+            if let (true, Some(ie)) = (indexed, self.index_dir_entry(node)) {
+                let ust = self.link_up(&parent, upper_dir.as_fd(), &cname, (ie.0.as_fd(), ie.1))?;
+                self.node_now_upper(node, &ust);
+                return Ok(());
+            }
             return Err(e);
         }
         let _ = sys::utimensat(upper_dir.as_fd(), c".", &sys::stat_times(&pst));
@@ -57,7 +82,7 @@ impl Overlay {
         // As the kernel: a copied-up lower hard link is a new file with the
         // upper inode's number; anything else keeps its number.
         let mut ino = node.ino();
-        if !node.is_dir() && st.st_nlink > 1 {
+        if !node.is_dir() && st.st_nlink > 1 && !indexed {
             ino = ust.st_ino;
             node.set_ino(ino);
             self.inval_attr(node.nodeid);
@@ -65,6 +90,18 @@ impl Overlay {
         if ino != ust.st_ino {
             self.copied_inos.insert(ust.st_ino, ino);
         }
+        self.node_now_upper(node, &ust);
+        if node.is_dir() {
+            // A merged dir reports one link and hides whiteouts that a
+            // one-layer dir lists: the kernel's cached attrs and listing are stale.
+            self.inval_dir(node.nodeid);
+        }
+        log::debug!("copied up {:?} (node {})", name, node.nodeid);
+        Ok(())
+    }
+
+    /// A copied-up node's top layer is the upper one, and its key the upper inode.
+    fn node_now_upper(&self, node: &Arc<Inode>, ust: &Stat) {
         {
             let mut s = node.state.write();
             let mut layers: Vec<LayerIdx> = vec![UPPER];
@@ -75,13 +112,6 @@ impl Overlay {
         }
         self.table
             .rekey(node, Key::Real(self.layers.get(UPPER).dev, ust.st_ino));
-        if node.is_dir() {
-            // A merged dir reports one link and hides whiteouts that a
-            // one-layer dir lists: the kernel's cached attrs and listing are stale.
-            self.inval_dir(node.nodeid);
-        }
-        log::debug!("copied up {:?} (node {})", name, node.nodeid);
-        Ok(())
     }
 
     /// Builds the copy at `work/tmp`. Returns whether an origin was recorded.
@@ -92,6 +122,7 @@ impl Overlay {
         st: &Stat,
         work: BorrowedFd<'_>,
         tmp: &CStr,
+        indexed: bool,
     ) -> io::Result<bool> {
         let src = sys::openat(ldir, name, libc::O_PATH, 0)?;
         match sys::mode_type(st.st_mode) {
@@ -120,8 +151,9 @@ impl Overlay {
         // (chown clears file capabilities), times last.
         set_owner_mode(work, tmp, dst.as_fd(), st)?;
         self.copy_xattrs(src.as_fd(), dst.as_fd())?;
-        // Like the kernel: a lower hard link gets no origin, its copy is a new inode.
-        let origin = (sys::is_dir(st.st_mode) || st.st_nlink == 1)
+        // Like the kernel: a lower hard link gets no origin, its copy is a
+        // new inode, unless the index keeps its names together.
+        let origin = (sys::is_dir(st.st_mode) || st.st_nlink == 1 || indexed)
             && self.set_origin(src.as_fd(), dst.as_fd());
         sys::utimensat(work, tmp, &sys::stat_times(st))?;
         Ok(origin)

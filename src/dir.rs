@@ -48,8 +48,10 @@ impl Overlay {
         if self.find(&parent, &cname)?.is_some() {
             return Err(sys::err(libc::EEXIST));
         }
+        let mut nlink_fd = None;
         if let NewObj::Link { src } = &obj {
             self.copy_up(src)?;
+            nlink_fd = self.nlink_start(src)?;
         }
         self.copy_up(&parent)?;
         let ufd = self.dir_fd(&parent, UPPER)?;
@@ -111,13 +113,16 @@ impl Overlay {
             // As the kernel when offline changes to the layers are not
             // allowed (redirect_dir=on): a new dir in a merged dir is opaque,
             // which spares later lookups the lower layers.
-            if is_dir && parent.layers().len() > 1 && self.cfg.redirect_dir == RedirectDir::On {
+            if is_dir && parent.layers().len() > 1 && !self.allow_offline_changes() {
                 if let Ok(fd) = sys::openat(ufd.as_fd(), &cname, libc::O_PATH, 0) {
                     let _ = sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0);
                 }
             }
             f
         };
+        if let NewObj::Link { src } = &obj {
+            self.nlink_end(src, nlink_fd.take());
+        }
         let st = sys::fstatat(ufd.as_fd(), &cname)?;
         let found = Found {
             st,
@@ -214,7 +219,24 @@ impl Overlay {
             return Err(sys::err(libc::EISDIR));
         }
         let node = self.table.find_key(&self.key_of(&parent, name, &f).0);
-        if is_dir {
+        // An indexed hard link is linked up first and its count recorded.
+        let mut nlink: Option<(Arc<Inode>, Option<OwnedFd>, bool)> = None;
+        if !is_dir && self.index.is_some() {
+            let probe = node.is_none();
+            let n = match &node {
+                Some(n) => n.clone(),
+                None => self.instantiate(&parent, name, f).0,
+            };
+            match self.nlink_start(&n) {
+                Ok(fd) => nlink = Some((n, fd, probe)),
+                Err(e) => {
+                    if probe {
+                        self.forget(n.nodeid, 1);
+                    }
+                    return Err(e);
+                }
+            }
+        } else if is_dir {
             let probe = match &node {
                 Some(n) => n.clone(),
                 None => self.instantiate(&parent, name, f).0,
@@ -225,25 +247,35 @@ impl Overlay {
             }
             res?;
         }
-        self.copy_up(&parent)?;
-        let ufd = self.dir_fd(&parent, UPPER)?;
-        let in_upper = match sys::fstatat(ufd.as_fd(), &cname) {
-            Ok(st) => !sys::is_whiteout(&st),
-            Err(_) => false,
-        };
-        if self.lower_positive(&parent, &cname)? {
-            self.whiteout(ufd.as_fd(), &cname, in_upper, is_dir)?;
-        } else if is_dir {
-            // As the kernel: a pure upper dir is removed as it is, so
-            // whiteouts left inside it make it not empty; a renamed merged
-            // dir (redirect) is cleared first.
-            if merged {
-                clear_whiteouts(ufd.as_fd(), &cname)?;
+        let res = (|| -> io::Result<()> {
+            self.copy_up(&parent)?;
+            let ufd = self.dir_fd(&parent, UPPER)?;
+            let in_upper = match sys::fstatat(ufd.as_fd(), &cname) {
+                Ok(st) => !sys::is_whiteout(&st),
+                Err(_) => false,
+            };
+            if self.lower_positive(&parent, &cname)? {
+                self.whiteout(ufd.as_fd(), &cname, in_upper, is_dir)?;
+            } else if is_dir {
+                // As the kernel: a pure upper dir is removed as it is, so
+                // whiteouts left inside it make it not empty; a renamed merged
+                // dir (redirect) is cleared first.
+                if merged {
+                    clear_whiteouts(ufd.as_fd(), &cname)?;
+                }
+                sys::unlinkat(ufd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
+            } else {
+                sys::unlinkat(ufd.as_fd(), &cname, 0)?;
             }
-            sys::unlinkat(ufd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
-        } else {
-            sys::unlinkat(ufd.as_fd(), &cname, 0)?;
+            Ok(())
+        })();
+        if let Some((n, fd, probe)) = nlink {
+            self.nlink_end(&n, fd);
+            if probe {
+                self.forget(n.nodeid, 1);
+            }
         }
+        res?;
         if let Some(n) = node {
             self.detach(&n, parent.nodeid, name);
         }
@@ -329,6 +361,7 @@ impl Overlay {
         }
         let src = self.instantiate(&parent, name, src_f).0;
         let dst = dst_f.map(|f| self.instantiate(&newparent, newname, f).0);
+        let mut nlink = None;
         let res = self.rename_nodes(
             &parent,
             &cname,
@@ -337,7 +370,11 @@ impl Overlay {
             &cnew,
             dst.as_ref(),
             exchange,
+            &mut nlink,
         );
+        if let Some(d) = &dst {
+            self.nlink_end(d, nlink);
+        }
         if res.is_err() {
             // A failed rename may still have touched the dirs (ext4 bumps a
             // dir's times when a RENAME_WHITEOUT fails), and the kernel only
@@ -371,6 +408,7 @@ impl Overlay {
         cnew: &CStr,
         dst: Option<&Arc<Inode>>,
         exchange: bool,
+        nlink: &mut Option<OwnedFd>,
     ) -> io::Result<()> {
         let src_dir = src.is_dir();
         // The VFS checks come first and change nothing.
@@ -412,6 +450,9 @@ impl Overlay {
             if let Some(d) = dst {
                 self.copy_up(d)?;
             }
+        } else if let Some(d) = dst.filter(|d| !d.is_dir()) {
+            // An indexed hard link overwritten: linked up, count recorded.
+            *nlink = self.nlink_start(d)?;
         }
         // The kernel's "origin" type, taken after copy-up.
         let src_origin = self.has_origin(src);

@@ -148,18 +148,29 @@ impl OverlayFs {
     /// Attributes for an entry reply, whose `ino` fuser sends as the node
     /// id: when the reported number differs, the attributes expire at once
     /// so that the next stat asks GETATTR, which reports the real number.
-    fn entry_attr(&self, node: &Inode, st: &Stat) -> (FileAttr, Duration) {
+    fn entry_attr(&self, node: &Arc<Inode>, st: &Stat) -> (FileAttr, Duration) {
         let mut attr = self.ovl.attr(node, st);
         if node.ino_is_id() {
-            return (attr, self.ovl.ttl);
+            return (attr, self.attr_ttl(node));
         }
         attr.ino = INodeNo(node.nodeid);
         (attr, Duration::ZERO)
     }
 
+    /// The names of an indexed hard link are separate kernel inodes sharing
+    /// one file: their attributes are never cached, so a change through one
+    /// name shows through the others at once.
+    fn attr_ttl(&self, node: &Inode) -> Duration {
+        if node.state.read().index.is_some() {
+            Duration::ZERO
+        } else {
+            self.ovl.ttl
+        }
+    }
+
     fn reply_attr(&self, reply: ReplyAttr, r: io::Result<(Arc<Inode>, Stat)>) {
         match r {
-            Ok((node, st)) => reply.attr(&self.ovl.ttl, &self.ovl.attr(&node, &st)),
+            Ok((node, st)) => reply.attr(&self.attr_ttl(&node), &self.ovl.attr(&node, &st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -418,7 +429,19 @@ impl fuser::Filesystem for OverlayFs {
                 Passthrough::Backing(b) => {
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
                 }
-                Passthrough::Cached => reply.opened(FileHandle(fh), CACHED_OPEN),
+                Passthrough::Cached => {
+                    // Another name of an indexed hard link may have written.
+                    let shared = self
+                        .ovl
+                        .node(ino.0)
+                        .is_ok_and(|n| n.state.read().index.is_some());
+                    let flags = if shared {
+                        FopenFlags::FOPEN_NOFLUSH
+                    } else {
+                        CACHED_OPEN
+                    };
+                    reply.opened(FileHandle(fh), flags)
+                }
             },
             Err(e) => reply.error(errno(e)),
         }
@@ -572,7 +595,10 @@ impl fuser::Filesystem for OverlayFs {
                 continue;
             }
             match self.ovl.lookup(ino.0, &e.name) {
-                Ok((node, st)) if node.ino_is_id() || node.ino() <= 1 || node.is_dir() => {
+                Ok((node, st))
+                    if (node.ino_is_id() || node.ino() <= 1 || node.is_dir())
+                        && node.state.read().index.is_none() =>
+                {
                     let attr = self.ovl.attr(&node, &st);
                     if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {
                         // Not sent: the lookup it counted does not happen.

@@ -102,6 +102,9 @@ pub struct State {
     pub impure: bool,
     /// How its lower layers are reached, for a renamed directory.
     pub redirect: Option<Redirect>,
+    /// With index=on, a lower hard link's index entry name (hex of the
+    /// lower file handle): its copy, once made, is shared by every name.
+    pub index: Option<std::ffi::CString>,
 }
 
 impl State {
@@ -207,6 +210,7 @@ impl InodeTable {
                 key: Key::Root,
                 impure: false,
                 redirect: None,
+                index: None,
             }),
             copyup_lock: Mutex::new(()),
             io: Mutex::new(IoMode::default()),
@@ -311,6 +315,7 @@ impl InodeTable {
                     key: key.clone(),
                     impure: false,
                     redirect: None,
+                    index: None,
                 }),
                 copyup_lock: Mutex::new(()),
                 io: Mutex::new(IoMode::default()),

@@ -7,6 +7,7 @@ pub mod copyup;
 pub mod dir;
 pub mod file;
 pub mod fs;
+pub mod index;
 pub mod inode;
 pub mod inode_ops;
 pub mod layer;

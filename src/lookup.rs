@@ -236,7 +236,12 @@ impl Overlay {
         };
         match sys::getxattr_at(pfd.as_fd(), &cname, &self.xattr_name("origin")) {
             Ok(fb) => match self.decode_origin(&fb) {
-                Some(lst) if lst.st_nlink == 1 && !sys::is_dir(lst.st_mode) => lst.st_ino,
+                // An indexed copy keeps its lower hard link's number.
+                Some(lst)
+                    if (lst.st_nlink == 1 || self.index.is_some()) && !sys::is_dir(lst.st_mode) =>
+                {
+                    lst.st_ino
+                }
                 _ => real,
             },
             Err(_) => real,
@@ -285,6 +290,23 @@ impl Overlay {
         }
     }
 
+    /// With index=on, the index entry name of a found non-dir: a lower hard
+    /// link's, or an upper file's that is a copy of one.
+    fn index_name_for(&self, parent: &Arc<Inode>, name: &OsStr, f: &Found) -> Option<CString> {
+        let top = f.layers[0];
+        let upper = self.layers.is_upper(top);
+        if !upper && !self.indexes(&f.st) {
+            return None;
+        }
+        let dfd = self.dir_fd(parent, top).ok()?;
+        let fd = sys::openat(dfd.as_fd(), &sys::cstr(name).ok()?, libc::O_PATH, 0).ok()?;
+        if upper {
+            self.index_name_of_upper(fd.as_fd())
+        } else {
+            self.index_name(fd.as_fd())
+        }
+    }
+
     /// Enters a found object into the inode table.
     pub fn instantiate(&self, parent: &Arc<Inode>, name: &OsStr, f: Found) -> (Arc<Inode>, Stat) {
         let (key, ino) = self.key_of(parent, name, &f);
@@ -292,7 +314,7 @@ impl Overlay {
         let node = self.table.lookup(
             key,
             sys::mode_type(f.st.st_mode),
-            f.layers,
+            f.layers.clone(),
             ino,
             parent,
             &name.to_os_string(),
@@ -302,6 +324,9 @@ impl Overlay {
             if st.redirect != redirect {
                 st.redirect = redirect;
             }
+        } else if self.index.is_some() && node.state.read().index.is_none() {
+            let index = self.index_name_for(parent, name, &f);
+            node.state.write().index = index;
         }
         (node, f.st)
     }

@@ -10,6 +10,14 @@ use std::path::{Path, PathBuf};
 /// The kernel's `OVL_MAX_STACK`.
 pub const MAX_LOWERS: usize = 500;
 
+/// `xino=` values, as the kernel's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Xino {
+    Off,
+    Auto,
+    On,
+}
+
 /// `redirect_dir=` values, as the kernel spells them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RedirectDir {
@@ -46,6 +54,8 @@ pub struct MountConfig {
     /// `userxattr`: keep overlay xattrs in `user.overlay.*` instead of `trusted.overlay.*`.
     pub userxattr: bool,
     pub redirect_dir: RedirectDir,
+    /// `xino=`: inode numbers made unique across filesystems.
+    pub xino: Xino,
     pub index: bool,
     pub metacopy: bool,
     /// `volatile`: skip syncs; the kernel then marks `W/work/incompat/volatile`.
@@ -261,6 +271,7 @@ pub fn parse(
         redirect_dir: RedirectDir::On,
         index: false,
         metacopy: false,
+        xino: Xino::Auto,
         volatile: false,
     };
     if mountpoint.as_os_str().is_empty() {
@@ -317,10 +328,14 @@ pub fn parse(
                 cfg.metacopy = on_off(key, val)?;
                 set_metacopy = true;
             }
-            "xino" => match need_value(key, val)? {
-                "on" | "off" | "auto" => {}
-                v => return Err(bad_value(key, v, "on|off|auto")),
-            },
+            "xino" => {
+                cfg.xino = match need_value(key, val)? {
+                    "on" => Xino::On,
+                    "off" => Xino::Off,
+                    "auto" => Xino::Auto,
+                    v => return Err(bad_value(key, v, "on|off|auto")),
+                }
+            }
             _ if key.starts_with("x-") => {}
             _ => {
                 const FLAGS: &[&str] = &[

@@ -34,6 +34,8 @@ pub struct Overlay {
     listings: Mutex<LruCache<(u64, LayerIdx), Listing>>,
     /// `W/work`, where copy-ups and whiteouts are built before they are renamed into place.
     pub work: Option<OwnedFd>,
+    /// `W/index` with index=on (see `index`).
+    pub index: Option<Arc<OwnedFd>>,
     pub cfg: MountConfig,
     /// `trusted.overlay.` or, with `userxattr`, `user.overlay.`.
     pub xattr_prefix: &'static str,
@@ -78,7 +80,7 @@ impl Overlay {
                 root.set_ino(st.st_ino);
             }
         }
-        Ok(Overlay {
+        let mut ovl = Overlay {
             table,
             layers,
             dircache: Mutex::new(LruCache::new(cap)),
@@ -86,6 +88,7 @@ impl Overlay {
                 NonZeroUsize::new((cfg.cache_entries / 16).max(64)).unwrap_or(NonZeroUsize::MIN),
             )),
             work,
+            index: None,
             cfg: cfg.clone(),
             xattr_prefix: if cfg.userxattr {
                 "user.overlay."
@@ -98,7 +101,13 @@ impl Overlay {
             ttl: Duration::from_secs(86400),
             notifier: OnceLock::new(),
             passthrough: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        if let (true, true, Some(w)) = (cfg.index, has_upper, &cfg.workdir) {
+            if !cfg.read_only {
+                ovl.index = Some(Arc::new(ovl.open_index(w)?));
+            }
+        }
+        Ok(ovl)
     }
 
     /// As the kernel (uuid=auto): a new overlay, whose upper root is not yet
@@ -120,6 +129,15 @@ impl Overlay {
                 let _ = sys::setxattr(root, &uuid, &b, 0);
             }
         }
+    }
+
+    /// The kernel's `ovl_allow_offline_changes`: none of the features that
+    /// assume lower layers never change is on.
+    pub fn allow_offline_changes(&self) -> bool {
+        !self.cfg.index
+            && !self.cfg.metacopy
+            && self.cfg.redirect_dir != crate::options::RedirectDir::On
+            && self.cfg.xino != crate::options::Xino::On
     }
 
     pub fn read_only(&self) -> bool {
@@ -248,6 +266,12 @@ impl Overlay {
         node: &Arc<Inode>,
         layer: LayerIdx,
     ) -> io::Result<(Arc<OwnedFd>, CString)> {
+        // A lower hard link's names read its index entry once there is one.
+        if !self.layers.is_upper(layer) && node.state.read().index.is_some() {
+            if let Some(e) = self.index_dir_entry(node) {
+                return Ok(e);
+            }
+        }
         let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
         Ok((self.dir_fd(&parent, layer)?, sys::cstr(&name)?))
     }
@@ -277,9 +301,17 @@ impl Overlay {
     }
 
     /// The attributes the kernel overlay would report for `node`.
-    pub fn attr(&self, node: &Inode, st: &Stat) -> fuser::FileAttr {
-        let s = node.state.read();
+    pub fn attr(&self, node: &Arc<Inode>, st: &Stat) -> fuser::FileAttr {
         let mut nlink = st.st_nlink as u32;
+        // An indexed hard link counts the names users see (its nlink xattr).
+        if node.state.read().index.is_some() {
+            if let Ok(fd) = self.path_fd(node) {
+                if let Ok(rst) = sys::fstat(fd.as_fd()) {
+                    nlink = self.union_nlink(fd.as_fd(), &rst) as u32;
+                }
+            }
+        }
+        let s = node.state.read();
         // As the kernel: merged directories report one link.
         if node.is_dir() && s.layers.len() > 1 {
             nlink = 1;

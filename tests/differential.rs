@@ -56,7 +56,7 @@ const MAX_NOTES: usize = 10;
 /// The option sets issue 4 names.
 const ISSUE4_OPTION_SETS: [&str; 4] = [
     "redirect_dir=on",
-    "index=on",
+    "redirect_dir=off,index=on",
     "metacopy=on",
     "redirect_dir=on,index=on,metacopy=on",
 ];
@@ -1025,7 +1025,6 @@ fn issue4_redirect_dir_on() {
 }
 
 #[test]
-#[ignore] // enable when issue 4 lands
 fn issue4_index_on() {
     issue4(ISSUE4_OPTION_SETS[1]);
 }

@@ -1,0 +1,254 @@
+//! The inodes index (`index=on`, the kernel's `W/index`): copy-up of a
+//! lower hard link keeps its names linked. The first copy-up puts the copy
+//! in `W/index/<hex of the lower file handle>` and links it at the name; a
+//! later copy-up of another name only links the index entry there ("link
+//! up"). The link count users see is kept in `trusted.overlay.nlink`,
+//! relative to the index inode's own count (`U+N` or `U-N`), since the
+//! index entry and the lower names that are not yet linked up skew it.
+
+use crate::inode::Inode;
+use crate::overlay::Overlay;
+use crate::sys::{self, Stat};
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+impl Overlay {
+    /// As the kernel's mount with `index=on`: the upper root records the
+    /// first lower root as its origin and `W/index` records the upper root,
+    /// so the index is never used with other layers. Checks come before
+    /// any change.
+    pub(crate) fn open_index(&self, workdir: &Path) -> io::Result<OwnedFd> {
+        let lower_root = self.layers.get(1).root.clone();
+        let upper_root = self.upper_root();
+        let lower_fh = self
+            .encode_fh(lower_root.as_fd(), false)
+            .ok_or_else(|| io::Error::other("index=on: lower layer has no file handles"))?;
+        let upper_fh = self
+            .encode_fh(upper_root, true)
+            .ok_or_else(|| io::Error::other("index=on: upper layer has no file handles"))?;
+        let origin = self.xattr_name("origin");
+        let upper = self.xattr_name("upper");
+        let root_origin = sys::getxattr(upper_root, &origin).ok();
+        if root_origin.as_ref().is_some_and(|o| *o != lower_fh) {
+            return Err(io::Error::other(
+                "index=on: upper root origin does not match the first lower layer \
+                 (the upper dir was used with other lower layers)",
+            ));
+        }
+        let index_path = workdir.join("index");
+        let existing = sys::open_dir_path(&index_path).ok();
+        if let Some(fd) = &existing {
+            if sys::getxattr(fd.as_fd(), &upper).is_ok_and(|u| u != upper_fh) {
+                return Err(io::Error::other(format!(
+                    "index=on: {} belongs to another upper dir",
+                    index_path.display()
+                )));
+            }
+        }
+        let fd = match existing {
+            Some(fd) => fd,
+            None => {
+                let wfd = sys::open_dir_path(workdir)?;
+                match sys::mkdirat(wfd.as_fd(), c"index", 0) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(e),
+                }
+                sys::open_dir_path(&index_path)?
+            }
+        };
+        if root_origin.is_none() {
+            sys::setxattr(upper_root, &origin, &lower_fh, 0)?;
+        }
+        if sys::getxattr(fd.as_fd(), &upper).is_err() {
+            sys::setxattr(fd.as_fd(), &upper, &upper_fh, 0)?;
+        }
+        Ok(fd)
+    }
+
+    fn index_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.index.as_ref().map(|f| f.as_fd())
+    }
+
+    /// The index dir and entry of an indexed node that has been copied up,
+    /// where its lower names find their data.
+    pub fn index_dir_entry(&self, node: &Inode) -> Option<(Arc<OwnedFd>, CString)> {
+        let name = node.state.read().index.clone()?;
+        let dir = self.index.clone()?;
+        sys::fstatat(dir.as_fd(), &name).ok()?;
+        Some((dir, name))
+    }
+
+    /// Whether copy-up of this lower object goes through the index: a lower
+    /// hard link, with index=on.
+    pub fn indexes(&self, st: &Stat) -> bool {
+        self.index.is_some() && !sys::is_dir(st.st_mode) && st.st_nlink > 1
+    }
+
+    /// The index entry name of a lower object: the hex of its file handle.
+    pub fn index_name(&self, lower: BorrowedFd<'_>) -> Option<CString> {
+        let fh = self.encode_fh(lower, false)?;
+        let hex: String = fh.iter().map(|b| format!("{b:02x}")).collect();
+        CString::new(hex).ok()
+    }
+
+    /// The index entry of an indexed node, if it has been copied up.
+    pub fn index_entry(&self, node: &Inode) -> Option<(BorrowedFd<'_>, CString)> {
+        let name = node.state.read().index.clone()?;
+        let dir = self.index_fd()?;
+        sys::fstatat(dir, &name).ok()?;
+        Some((dir, name))
+    }
+
+    /// The link count users see for an indexed object with stat `st`, from
+    /// its `nlink` xattr read through `fd`.
+    pub fn union_nlink(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
+        let Ok(v) = sys::getxattr(fd, &self.xattr_name("nlink")) else {
+            return st.st_nlink;
+        };
+        parse_nlink(&v)
+            .filter(|(base, _)| *base == b'U')
+            .and_then(|(_, diff)| u64::try_from(st.st_nlink as i64 + diff).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(st.st_nlink)
+    }
+
+    /// Stores the union link count relative to the upper inode's, before a
+    /// link, unlink or rename changes both (the kernel's `ovl_nlink_start`).
+    fn set_nlink_upper(&self, fd: BorrowedFd<'_>, union: u64) -> io::Result<()> {
+        let st = sys::fstat(fd)?;
+        let v = format!("U{:+}", union as i64 - st.st_nlink as i64);
+        sys::setxattr(fd, &self.xattr_name("nlink"), v.as_bytes(), 0)
+    }
+
+    /// Before a name of an indexed node is linked, unlinked or renamed
+    /// over: link it up, then record the union count (the kernel's
+    /// `ovl_nlink_start`). Returns the upper fd to finish with.
+    pub fn nlink_start(&self, node: &Arc<Inode>) -> io::Result<Option<OwnedFd>> {
+        if node.is_dir() || node.state.read().index.is_none() {
+            return Ok(None);
+        }
+        self.copy_up(node)?;
+        let fd = self.path_fd(node)?;
+        let st = sys::fstat(fd.as_fd())?;
+        let union = self.union_nlink(fd.as_fd(), &st);
+        self.set_nlink_upper(fd.as_fd(), union)?;
+        Ok(Some(fd))
+    }
+
+    /// After the change: an index entry no name uses any more goes (the
+    /// kernel's `ovl_cleanup_index`).
+    pub fn nlink_end(&self, node: &Arc<Inode>, fd: Option<OwnedFd>) {
+        let Some(fd) = fd else {
+            return;
+        };
+        self.inval_attr(node.nodeid);
+        let Ok(st) = sys::fstat(fd.as_fd()) else {
+            return;
+        };
+        if st.st_nlink == 1 && self.union_nlink_raw(fd.as_fd(), &st) <= 0 {
+            if let (Some(dir), Some(name)) = (self.index_fd(), node.state.read().index.clone()) {
+                let _ = sys::unlinkat(dir, &name, 0);
+            }
+        }
+    }
+
+    /// The union count without the fallback for bad values.
+    fn union_nlink_raw(&self, fd: BorrowedFd<'_>, st: &Stat) -> i64 {
+        match sys::getxattr(fd, &self.xattr_name("nlink"))
+            .ok()
+            .and_then(|v| parse_nlink(&v))
+        {
+            Some((b'U', diff)) => st.st_nlink as i64 + diff,
+            _ => st.st_nlink as i64,
+        }
+    }
+
+    /// Copy-up of a name whose lower inode is already indexed: the index
+    /// entry is linked at the name (the kernel's `ovl_link_up`).
+    pub fn link_up(
+        &self,
+        parent: &Arc<Inode>,
+        upper_dir: BorrowedFd<'_>,
+        name: &CStr,
+        index: (BorrowedFd<'_>, CString),
+    ) -> io::Result<Stat> {
+        let pst = sys::fstat(upper_dir)?;
+        self.set_impure(parent, upper_dir);
+        let (idir, iname) = index;
+        let ifd = sys::openat(idir, &iname, libc::O_PATH, 0)?;
+        let ist = sys::fstat(ifd.as_fd())?;
+        let union = self.union_nlink(ifd.as_fd(), &ist);
+        sys::linkat(idir, &iname, upper_dir, name)?;
+        let _ = sys::utimensat(upper_dir, c".", &sys::stat_times(&pst));
+        self.set_nlink_upper(ifd.as_fd(), union)?;
+        sys::fstatat(upper_dir, name)
+    }
+
+    /// After the first copy-up of an indexed file was built at `work/tmp`:
+    /// record the union count, enter it in the index, then move it to its
+    /// name. A crash in between leaves an index entry no name uses, which
+    /// a later copy-up links up.
+    pub fn install_indexed(
+        &self,
+        work: BorrowedFd<'_>,
+        tmp: &CStr,
+        lower_nlink: u64,
+        index_name: &CStr,
+        upper_dir: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> io::Result<()> {
+        let idir = self.index_fd().ok_or_else(|| sys::err(libc::EIO))?;
+        let fd = sys::openat(work, tmp, libc::O_PATH, 0)?;
+        // Two links (index and name) will stand for the lower count.
+        let v = format!("U{:+}", lower_nlink as i64 - 2);
+        sys::setxattr(fd.as_fd(), &self.xattr_name("nlink"), v.as_bytes(), 0)?;
+        sys::linkat(work, tmp, idir, index_name)?;
+        if let Err(e) = sys::renameat2(work, tmp, upper_dir, name, 0) {
+            let _ = sys::unlinkat(idir, index_name, 0);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The index entry name for a copied-up upper object with an origin.
+    pub fn index_name_of_upper(&self, fd: BorrowedFd<'_>) -> Option<CString> {
+        self.index.as_ref()?;
+        let fh = sys::getxattr(fd, &self.xattr_name("origin")).ok()?;
+        let hex: String = fh.iter().map(|b| format!("{b:02x}")).collect();
+        let name = CString::new(hex).ok()?;
+        sys::fstatat(self.index_fd()?, &name).ok()?;
+        Some(name)
+    }
+}
+
+/// `U+3`, `L-1`: the base and the difference.
+fn parse_nlink(v: &[u8]) -> Option<(u8, i64)> {
+    let base = *v.first()?;
+    if base != b'U' && base != b'L' {
+        return None;
+    }
+    let rest = std::str::from_utf8(&v[1..]).ok()?;
+    if !rest.starts_with(['+', '-']) {
+        return None;
+    }
+    Some((base, rest.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_nlink;
+
+    #[test]
+    fn nlink_xattr_values() {
+        assert_eq!(parse_nlink(b"U+1"), Some((b'U', 1)));
+        assert_eq!(parse_nlink(b"U-2"), Some((b'U', -2)));
+        assert_eq!(parse_nlink(b"L+0"), Some((b'L', 0)));
+        assert_eq!(parse_nlink(b"U1"), None);
+        assert_eq!(parse_nlink(b"X+1"), None);
+        assert_eq!(parse_nlink(b""), None);
+    }
+}

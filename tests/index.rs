@@ -1,0 +1,130 @@
+//! index=on: hard links kept across copy-up (the kernel's `W/index`).
+//! Each scenario runs on kernel overlayfs and on rovl.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+
+both_backends!(
+    copy_up_keeps_lower_hard_links,
+    unlink_and_link_keep_the_union_count,
+    index_survives_remount,
+    index_refuses_other_lower_layers,
+);
+
+const OPTS: &str = "redirect_dir=off,index=on";
+
+fn append(p: impl AsRef<std::path::Path>, data: &str) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+    f.write_all(data.as_bytes()).unwrap();
+}
+
+fn nlink_ino(p: impl AsRef<std::path::Path>) -> (u64, u64) {
+    let st = lstat(p);
+    (st.st_nlink, st.st_ino)
+}
+
+/// Three names of a lower file: writing through one shows through all,
+/// all keep the lower number and count 3; the upper gets one index entry
+/// and only the written name.
+fn copy_up_keeps_lower_hard_links(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a"), "data");
+    std::fs::hard_link(l.l(0, "a"), l.l(0, "b")).unwrap();
+    std::fs::hard_link(l.l(0, "a"), l.l(0, "c")).unwrap();
+    let ino = lstat(l.l(0, "a")).st_ino;
+    let _m = mount_opts(b, &l, OPTS);
+    for n in ["a", "b", "c"] {
+        assert_eq!(nlink_ino(l.m(n)), (3, ino), "{n} before copy-up");
+    }
+    append(l.m("a"), "+a");
+    for n in ["a", "b", "c"] {
+        assert_eq!(nlink_ino(l.m(n)), (3, ino), "{n} after copy-up");
+        assert_eq!(read_string(l.m(n)), "data+a", "{n}");
+    }
+    assert_eq!(names(&l.upper), vec!["a"]);
+    assert_eq!(lstat(l.u("a")).st_nlink, 2);
+    let index: Vec<String> = names(l.work.join("index"))
+        .into_iter()
+        .filter(|n| !n.starts_with('#'))
+        .collect();
+    assert_eq!(index.len(), 1, "index entries: {index:?}");
+    assert_eq!(
+        getxattr(l.u("a"), "trusted.overlay.nlink"),
+        Some(b"U+1".to_vec())
+    );
+    // A change through a name not yet copied up links that name up.
+    chmod(l.m("b"), 0o600);
+    assert_eq!(names(&l.upper), vec!["a", "b"]);
+    assert_eq!(lstat(l.u("b")).st_ino, lstat(l.u("a")).st_ino);
+    assert_eq!(lstat(l.m("c")).st_mode & 0o777, 0o600);
+    assert_eq!(read_string(l.l(0, "a")), "data");
+}
+
+/// rm and ln change every name's count, as with one inode.
+fn unlink_and_link_keep_the_union_count(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/a"), "x");
+    std::fs::hard_link(l.l(0, "d/a"), l.l(0, "d/b")).unwrap();
+    std::fs::hard_link(l.l(0, "d/a"), l.l(0, "d/c")).unwrap();
+    let _m = mount_opts(b, &l, OPTS);
+    append(l.m("d/a"), "y");
+    std::fs::remove_file(l.m("d/c")).unwrap();
+    assert!(is_whiteout(l.u("d/c")));
+    assert_eq!(lstat(l.m("d/a")).st_nlink, 2);
+    assert_eq!(lstat(l.m("d/b")).st_nlink, 2);
+    std::fs::hard_link(l.m("d/a"), l.m("d/e")).unwrap();
+    for n in ["a", "b", "e"] {
+        assert_eq!(lstat(l.m(&format!("d/{n}"))).st_nlink, 3, "{n}");
+    }
+    assert_eq!(read_string(l.m("d/e")), "xy");
+    // Removing every name removes the index entry too.
+    for n in ["a", "b", "e"] {
+        std::fs::remove_file(l.m(&format!("d/{n}"))).unwrap();
+    }
+    assert!(names(l.m("d")).is_empty());
+    // (The kernel keeps its shared whiteout, `#<hex>`, in the index dir.)
+    let left: Vec<String> = names(l.work.join("index"))
+        .into_iter()
+        .filter(|n| !n.starts_with('#'))
+        .collect();
+    assert!(left.is_empty(), "index entries left: {left:?}");
+}
+
+/// After a remount the names still share the copy and the count.
+fn index_survives_remount(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a"), "1");
+    std::fs::hard_link(l.l(0, "a"), l.l(0, "b")).unwrap();
+    let ino = lstat(l.l(0, "a")).st_ino;
+    {
+        let _m = mount_opts(b, &l, OPTS);
+        append(l.m("a"), "2");
+    }
+    let _m = mount_opts(b, &l, OPTS);
+    assert_eq!(read_string(l.m("b")), "12");
+    assert_eq!(nlink_ino(l.m("a")), (2, ino));
+    assert_eq!(nlink_ino(l.m("b")), (2, ino));
+    append(l.m("b"), "3");
+    assert_eq!(read_string(l.m("a")), "123");
+    assert_eq!(lstat(l.u("a")).st_ino, lstat(l.u("b")).st_ino);
+}
+
+/// An upper dir indexed against one lower layer is refused over another.
+fn index_refuses_other_lower_layers(b: Backend) {
+    let l = Layers::new(2);
+    {
+        let _m = mount_opts(b, &l, OPTS);
+    }
+    assert!(getxattr(&l.upper, "trusted.overlay.origin").is_some());
+    let swapped = format!(
+        "lowerdir={}:{},upperdir={},workdir={},{OPTS}",
+        l.lowers[1].display(),
+        l.lowers[0].display(),
+        l.upper.display(),
+        l.work.display()
+    );
+    assert!(AnyMount::start(b, &swapped, &l.merged).is_err());
+    assert!(!is_mounted(&l.merged));
+}
