@@ -922,8 +922,19 @@ fn measure(
             let pid = m.daemon_pid().ok_or("no daemon to measure")?;
             let (_, walked) = runner::rss_kib(pid)?;
             runner::drop_caches()?;
-            let (peak, now) = runner::settled_rss_kib(pid, FORGET_SETTLE_MAX)?;
-            Some(report::Rss { peak, walked, now })
+            let ((peak, now), settled) = runner::settled_rss_kib(pid, FORGET_SETTLE_MAX)?;
+            if settled >= FORGET_SETTLE_MAX {
+                eprintln!(
+                    "compare: {} {}: daemon still busy {FORGET_SETTLE_MAX:?} after the cache drop",
+                    s.name, w.name
+                );
+            }
+            Some(report::Rss {
+                peak,
+                walked,
+                now,
+                settle_ms: settled.as_millis() as u64,
+            })
         } else {
             None
         };

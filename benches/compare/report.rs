@@ -12,6 +12,8 @@ pub struct Rss {
     pub walked: u64,
     /// `VmRSS` once settled after the cache drop (FORGETs handled).
     pub now: u64,
+    /// How long settling took.
+    pub settle_ms: u64,
 }
 
 /// One timed run.
@@ -288,11 +290,19 @@ pub fn to_json(header: &[(String, String)], all: &[WorkloadResult]) -> String {
                     .filter_map(|x| x.rss)
                     .map(|r| format!("[{}, {}, {}]", r.peak, r.walked, r.now))
                     .collect();
+                let settle: Vec<String> = s
+                    .samples
+                    .iter()
+                    .filter_map(|x| x.rss)
+                    .map(|r| r.settle_ms.to_string())
+                    .collect();
                 let _ = write!(
                     o,
                     ", \"rss_peak_mib\": {peak}, \"rss_after_walk_mib\": {walked}, \
-                     \"rss_now_mib\": {now}, \"rss_samples_kib_peak_walk_now\": [{}]",
-                    kib.join(", ")
+                     \"rss_now_mib\": {now}, \"rss_samples_kib_peak_walk_now\": [{}], \
+                     \"rss_settle_ms\": [{}]",
+                    kib.join(", "),
+                    settle.join(", ")
                 );
             }
             o.push('}');

@@ -296,8 +296,10 @@ fn cpu_ticks(pid: u32) -> Result<u64, String> {
 
 /// Waits (at most `max`) until a daemon has gone idle after a cache drop,
 /// so the FORGETs are handled before its RSS is read: no CPU used and RSS
-/// steady within 1% over one poll. Returns `VmHWM` and `VmRSS` in KiB.
-pub fn settled_rss_kib(pid: u32, max: Duration) -> Result<(u64, u64), String> {
+/// steady within 1% over one poll. Returns `VmHWM` and `VmRSS` in KiB, and
+/// how long it waited (`max` or more: it never went idle).
+pub fn settled_rss_kib(pid: u32, max: Duration) -> Result<((u64, u64), Duration), String> {
+    let start = Instant::now();
     let poll = Duration::from_millis(250);
     let deadline = Instant::now() + max;
     let mut last = (cpu_ticks(pid)?, rss_kib(pid)?);
@@ -306,7 +308,7 @@ pub fn settled_rss_kib(pid: u32, max: Duration) -> Result<(u64, u64), String> {
         let now = (cpu_ticks(pid)?, rss_kib(pid)?);
         let idle = now.0 == last.0 && now.1 .1.abs_diff(last.1 .1) <= (last.1 .1 / 100).max(64);
         if idle || Instant::now() > deadline {
-            return Ok(now.1);
+            return Ok((now.1, start.elapsed()));
         }
         last = now;
     }
