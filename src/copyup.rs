@@ -1,6 +1,8 @@
 //! Copy-up (the kernel's `copy_up.c`): a lower object is rebuilt in the
 //! workdir with its data and metadata, then renamed into the upper layer, so a
-//! crash never leaves a half-copied file visible.
+//! crash never leaves a half-copied file visible. With metacopy=on a regular
+//! file that is not opened for write gets its metadata only, marked
+//! `trusted.overlay.metacopy`; its data follows at the first write.
 
 use crate::inode::{Inode, Key, ROOT};
 use crate::layer::{LayerIdx, UPPER};
@@ -12,16 +14,32 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 impl Overlay {
-    /// Makes sure `node` exists in the upper layer, copying up its parents first.
+    /// Makes sure `node` exists in the upper layer, copying up its parents
+    /// first; with metacopy=on a regular file may get its metadata only.
     pub fn copy_up(&self, node: &Arc<Inode>) -> io::Result<()> {
+        self.copy_up_with(node, false)
+    }
+
+    /// Copy-up for a write: the upper file gets the data too.
+    pub fn copy_up_data(&self, node: &Arc<Inode>) -> io::Result<()> {
+        self.copy_up_with(node, true)
+    }
+
+    fn copy_up_with(&self, node: &Arc<Inode>, data: bool) -> io::Result<()> {
         self.check_writable()?;
-        if node.top() == Some(UPPER) {
+        let done = |n: &Arc<Inode>| {
+            n.top() == Some(UPPER) && (!data || n.state.read().lowerdata.is_none())
+        };
+        if done(node) {
             return Ok(());
         }
         let _guard = node.copyup_lock.lock();
         // Another thread may have finished it while we waited.
-        if node.top() == Some(UPPER) {
+        if done(node) {
             return Ok(());
+        }
+        if node.top() == Some(UPPER) {
+            return self.copy_up_meta_data(node);
         }
         if node.nodeid == ROOT {
             return Ok(());
@@ -41,11 +59,15 @@ impl Overlay {
                 &cname,
                 (index.0.as_fd(), index.1),
             )?;
-            self.node_now_upper(node, &ust);
+            self.linked_up(node, &parent, lower, &cname, &ust);
+            if data && node.state.read().lowerdata.is_some() {
+                return self.copy_up_meta_data(node);
+            }
             return Ok(());
         }
         let st = sys::fstatat(lower_dir.as_fd(), &cname)?;
         let indexed = index.is_some() && self.indexes(&st);
+        let meta = !data && self.cfg.metacopy && sys::mode_type(st.st_mode) == libc::S_IFREG;
         // The parent's times are restored afterwards, as the kernel does.
         let pst = sys::fstat(upper_dir.as_fd())?;
 
@@ -53,7 +75,7 @@ impl Overlay {
         self.set_impure(&parent, upper_dir.as_fd());
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
-        let res = self.build_copy(lower_dir.as_fd(), &cname, &st, work, &tmp, indexed);
+        let res = self.build_copy(lower_dir.as_fd(), &cname, &st, work, &tmp, indexed, meta);
         if let Err(e) = res {
             {
                 self.remove_tmp(work, &tmp, &st);
@@ -71,7 +93,10 @@ impl Overlay {
             // Another name of the same lower file was indexed meanwhile.
             if let (true, Some(ie)) = (indexed, self.index_dir_entry(node)) {
                 let ust = self.link_up(&parent, upper_dir.as_fd(), &cname, (ie.0.as_fd(), ie.1))?;
-                self.node_now_upper(node, &ust);
+                self.linked_up(node, &parent, lower, &cname, &ust);
+                if data && node.state.read().lowerdata.is_some() {
+                    return self.copy_up_meta_data(node);
+                }
                 return Ok(());
             }
             return Err(e);
@@ -83,12 +108,16 @@ impl Overlay {
         // upper inode's number; anything else keeps its number.
         let mut ino = node.ino();
         if !node.is_dir() && st.st_nlink > 1 && !indexed {
-            ino = ust.st_ino;
+            ino = self.xino(ust.st_ino, ust.st_dev);
             node.set_ino(ino);
             self.inval_attr(node.nodeid);
         }
         if ino != ust.st_ino {
             self.copied_inos.insert(ust.st_ino, ino);
+        }
+        if meta {
+            let data = sys::openat(lower_dir.as_fd(), &cname, libc::O_PATH, 0)?;
+            node.state.write().lowerdata = Some(Arc::new(data));
         }
         self.node_now_upper(node, &ust);
         if node.is_dir() {
@@ -98,6 +127,67 @@ impl Overlay {
         }
         log::debug!("copied up {:?} (node {})", name, node.nodeid);
         Ok(())
+    }
+
+    /// The data of a metadata-only copy, copied into it in place (the
+    /// kernel's `ovl_copy_up_meta_inode_data`); then the mark goes.
+    fn copy_up_meta_data(&self, node: &Arc<Inode>) -> io::Result<()> {
+        let Some(lower) = node.state.read().lowerdata.clone() else {
+            // The lower data was never found: nothing to read it from.
+            return Err(sys::err(libc::EIO));
+        };
+        let (pfd, name) = self.entry_in(node, UPPER)?;
+        let input = sys::reopen(lower.as_fd(), libc::O_RDONLY)?;
+        let size = sys::fstat(input.as_fd())?.st_size as u64;
+        let out = sys::openat(pfd.as_fd(), &name, libc::O_WRONLY, 0)?;
+        copy_data(input.as_fd(), out.as_fd(), size)?;
+        if !self.cfg.volatile {
+            sys::fsync(out.as_fd(), false)?;
+        }
+        sys::removexattr(out.as_fd(), &self.xattr_name("metacopy"))?;
+        node.state.write().lowerdata = None;
+        Ok(())
+    }
+
+    /// A name linked to its index entry; if that is a metadata-only copy,
+    /// the data stays in the name's lower file.
+    fn linked_up(
+        &self,
+        node: &Arc<Inode>,
+        parent: &Arc<Inode>,
+        lower: LayerIdx,
+        name: &CStr,
+        ust: &Stat,
+    ) {
+        self.node_now_upper(node, ust);
+        let meta = self
+            .path_fd(node)
+            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("metacopy")))
+            .is_ok();
+        let data = if meta {
+            self.dir_fd(parent, lower)
+                .and_then(|d| sys::openat(d.as_fd(), name, libc::O_PATH, 0))
+                .ok()
+                .map(Arc::new)
+        } else {
+            None
+        };
+        node.state.write().lowerdata = data;
+    }
+
+    /// Whether a node's data is still below it: its copy (upper or index)
+    /// keeps the metacopy mark until another name's write copies the data.
+    pub fn refresh_lowerdata(&self, node: &Arc<Inode>) {
+        if node.state.read().lowerdata.is_none() {
+            return;
+        }
+        let meta = self
+            .path_fd(node)
+            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("metacopy")))
+            .is_ok();
+        if !meta {
+            node.state.write().lowerdata = None;
+        }
     }
 
     /// A copied-up node's top layer is the upper one, and its key the upper inode.
@@ -115,6 +205,7 @@ impl Overlay {
     }
 
     /// Builds the copy at `work/tmp`. Returns whether an origin was recorded.
+    #[allow(clippy::too_many_arguments)]
     fn build_copy(
         &self,
         ldir: BorrowedFd<'_>,
@@ -123,6 +214,7 @@ impl Overlay {
         work: BorrowedFd<'_>,
         tmp: &CStr,
         indexed: bool,
+        meta: bool,
     ) -> io::Result<bool> {
         let src = sys::openat(ldir, name, libc::O_PATH, 0)?;
         match sys::mode_type(st.st_mode) {
@@ -133,10 +225,15 @@ impl Overlay {
                     libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
                     0o600,
                 )?;
-                let input = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
-                copy_data(input.as_fd(), out.as_fd(), st.st_size as u64)?;
-                if !self.cfg.volatile {
-                    sys::fsync(out.as_fd(), false)?;
+                if meta {
+                    // A metadata-only copy has the size, and no data yet.
+                    sys::ftruncate(out.as_fd(), st.st_size as u64)?;
+                } else {
+                    let input = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
+                    copy_data(input.as_fd(), out.as_fd(), st.st_size as u64)?;
+                    if !self.cfg.volatile {
+                        sys::fsync(out.as_fd(), false)?;
+                    }
                 }
             }
             libc::S_IFDIR => sys::mkdirat(work, tmp, 0o700)?,
@@ -155,6 +252,9 @@ impl Overlay {
         // new inode, unless the index keeps its names together.
         let origin = (sys::is_dir(st.st_mode) || st.st_nlink == 1 || indexed)
             && self.set_origin(src.as_fd(), dst.as_fd());
+        if meta {
+            sys::setxattr(dst.as_fd(), &self.xattr_name("metacopy"), b"", 0)?;
+        }
         sys::utimensat(work, tmp, &sys::stat_times(st))?;
         Ok(origin)
     }

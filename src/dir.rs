@@ -51,6 +51,14 @@ impl Overlay {
         let mut nlink_fd = None;
         if let NewObj::Link { src } = &obj {
             self.copy_up(src)?;
+            // As the kernel: a metadata-only copy about to get a second
+            // name records where its data is, by absolute path.
+            if src.state.read().lowerdata.is_some() {
+                let (sdir, sname) = self.entry_in(src, UPPER)?;
+                if let Some(r) = self.set_redirect(src, false, sdir.as_fd(), &sname)? {
+                    src.state.write().redirect = Some(r);
+                }
+            }
             nlink_fd = self.nlink_start(src)?;
         }
         self.copy_up(&parent)?;
@@ -129,6 +137,8 @@ impl Overlay {
             layers: vec![UPPER],
             redirect: None,
             lower_ino: None,
+            lowerdata: None,
+            metacopy: false,
         };
         let node = match obj {
             NewObj::Link { src } => {
@@ -493,6 +503,15 @@ impl Overlay {
         let samedir = parent.nodeid == newparent.nodeid;
         let mut src_new_redirect = None;
         let mut dst_new_redirect = None;
+        if !src_dir && src.state.read().lowerdata.is_some() {
+            // A metadata-only copy keeps finding its data, as a moved dir does.
+            src_new_redirect = self.set_redirect(src, samedir, old_ufd.as_fd(), cname)?;
+        }
+        if let Some(d) = dst.filter(|d| exchange && !d.is_dir()) {
+            if d.state.read().lowerdata.is_some() {
+                dst_new_redirect = self.set_redirect(d, samedir, new_ufd.as_fd(), cnew)?;
+            }
+        }
         if src_dir {
             if src_redirect {
                 src_new_redirect = self.set_redirect(src, samedir, old_ufd.as_fd(), cname)?;
@@ -546,6 +565,17 @@ impl Overlay {
         name: &CStr,
     ) -> io::Result<Option<Redirect>> {
         let cur = node.state.read().redirect.clone();
+        // As the kernel: a file that is a lower hard link always gets an
+        // absolute redirect, since its names may live in different dirs.
+        let samedir = samedir
+            && (node.is_dir()
+                || node
+                    .state
+                    .read()
+                    .lowerdata
+                    .as_ref()
+                    .and_then(|l| sys::fstat(l.as_fd()).ok())
+                    .is_none_or(|st| st.st_nlink <= 1));
         let new = match cur {
             Some(Redirect::Abs(_)) => return Ok(None),
             Some(Redirect::Rel(_)) if samedir => return Ok(None),

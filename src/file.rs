@@ -102,7 +102,14 @@ impl Overlay {
         let write = wants_write(flags);
         if write {
             self.check_writable()?;
-            self.copy_up(&node)?;
+            self.copy_up_data(&node)?;
+        }
+        // A metadata-only copy is read from its lower file.
+        self.refresh_lowerdata(&node);
+        let lowerdata = node.state.read().lowerdata.clone();
+        if let Some(lower) = lowerdata {
+            let fd = sys::reopen(lower.as_fd(), flags & !STRIP & !libc::O_NOFOLLOW)?;
+            return Ok(self.new_handle(&node, fd, flags, handles));
         }
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
         let (pfd, name) = self.entry_in(&node, top)?;
@@ -111,7 +118,9 @@ impl Overlay {
     }
 
     pub fn new_handle(&self, node: &Arc<Inode>, fd: OwnedFd, flags: i32, handles: &Handles) -> u64 {
-        let in_upper = node.top() == Some(UPPER) && self.layers.has_upper;
+        let in_upper = node.top() == Some(UPPER)
+            && self.layers.has_upper
+            && node.state.read().lowerdata.is_none();
         handles.insert(Handle {
             node: node.clone(),
             fd: RwLock::new(Arc::new(fd)),
@@ -128,6 +137,7 @@ impl Overlay {
         if !h.in_upper.load(Ordering::Acquire)
             && self.layers.has_upper
             && h.node.top() == Some(UPPER)
+            && h.node.state.read().lowerdata.is_none()
         {
             let (pfd, name) = self.entry_in(&h.node, UPPER)?;
             let fd = Arc::new(sys::openat(

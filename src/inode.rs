@@ -105,6 +105,9 @@ pub struct State {
     /// With index=on, a lower hard link's index entry name (hex of the
     /// lower file handle): its copy, once made, is shared by every name.
     pub index: Option<std::ffi::CString>,
+    /// A metadata-only copy's data: the lower file (O_PATH) reads go to
+    /// until a write copies the data up (metacopy=on).
+    pub lowerdata: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl State {
@@ -211,6 +214,7 @@ impl InodeTable {
                 impure: false,
                 redirect: None,
                 index: None,
+                lowerdata: None,
             }),
             copyup_lock: Mutex::new(()),
             io: Mutex::new(IoMode::default()),
@@ -227,6 +231,18 @@ impl InodeTable {
     /// keep (it gets no lookup count here, and its forget is ignored).
     pub fn unused_id(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Gives back the maps' memory once most nodes are gone: a hash map
+    /// keeps the capacity of its largest size, which after a walk of a
+    /// million files is most of the daemon's memory.
+    pub fn shrink(&self) {
+        if self.nodes.len() * 4 < self.nodes.capacity() {
+            self.nodes.shrink_to_fit();
+        }
+        if self.keys.len() * 4 < self.keys.capacity() {
+            self.keys.shrink_to_fit();
+        }
     }
 
     /// Counts one more kernel lookup of a live node; false if there is none.
@@ -316,6 +332,7 @@ impl InodeTable {
                     impure: false,
                     redirect: None,
                     index: None,
+                    lowerdata: None,
                 }),
                 copyup_lock: Mutex::new(()),
                 io: Mutex::new(IoMode::default()),

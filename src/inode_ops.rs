@@ -55,7 +55,12 @@ impl Overlay {
     ) -> io::Result<(Arc<Inode>, Stat)> {
         self.check_writable()?;
         let node = self.node(nodeid)?;
-        self.copy_up(&node)?;
+        // A size change needs the data; other changes, only the metadata.
+        if a.size.is_some() {
+            self.copy_up_data(&node)?;
+        } else {
+            self.copy_up(&node)?;
+        }
         let fd = self.path_fd(&node)?;
         if a.uid.is_some() || a.gid.is_some() {
             let (pfd, name) = self.upper_entry(&node)?;

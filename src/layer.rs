@@ -100,6 +100,33 @@ impl Layers {
         self.all.windows(2).all(|w| w[0].dev == w[1].dev)
     }
 
+    /// The kernel's fs ids: 0 for the upper fs (reserved even without an
+    /// upper layer), then each other filesystem in layer order.
+    pub fn fs_devs(&self) -> Vec<u64> {
+        let mut devs = Vec::new();
+        if self.has_upper {
+            devs.push(self.all[0].dev);
+        } else {
+            devs.push(u64::MAX);
+        }
+        for l in &self.all {
+            if !devs.contains(&l.dev) {
+                devs.push(l.dev);
+            }
+        }
+        devs
+    }
+
+    /// The kernel's xino bits: enough high bits for the fs id plus one,
+    /// or 0 when all layers share one filesystem.
+    pub fn xino_bits(&self) -> u32 {
+        if self.same_fs() {
+            return 0;
+        }
+        let numfs = self.fs_devs().len() as u32;
+        (numfs - 1).ilog2() + 2
+    }
+
     pub fn get(&self, l: LayerIdx) -> &Layer {
         &self.all[l as usize]
     }

@@ -26,6 +26,11 @@ pub struct Found {
     pub redirect: Option<Redirect>,
     /// Inode number of the first lower dir merged under an upper one.
     pub lower_ino: Option<u64>,
+    /// For a metadata-only copy (metacopy=on): the lower file holding its
+    /// data, if found (O_PATH).
+    pub lowerdata: Option<Arc<OwnedFd>>,
+    /// The top object is a metadata-only copy.
+    pub metacopy: bool,
 }
 
 /// Where the next layers are searched.
@@ -84,22 +89,37 @@ impl Overlay {
             }
             let is_dir = sys::is_dir(st.st_mode);
             if let Some(f) = &mut found {
+                if f.metacopy {
+                    // The data of a metadata-only copy: the first file below.
+                    if sys::mode_type(st.st_mode) == libc::S_IFREG {
+                        f.lowerdata = sys::openat(dfd.as_fd(), &cname, libc::O_PATH, 0)
+                            .ok()
+                            .map(Arc::new);
+                    }
+                    break;
+                }
                 // A non-directory below a directory ends the merge.
                 if !is_dir {
                     break;
                 }
                 if f.layers.len() == 1 {
-                    f.lower_ino = Some(st.st_ino);
+                    f.lower_ino = Some(self.xino(st.st_ino, st.st_dev));
                 }
                 f.layers.push(l);
             } else {
+                let metacopy = self.cfg.metacopy
+                    && self.layers.is_upper(l)
+                    && sys::mode_type(st.st_mode) == libc::S_IFREG
+                    && sys::getxattr_at(dfd.as_fd(), &cname, &self.xattr_name("metacopy")).is_ok();
                 found = Some(Found {
                     st,
                     layers: vec![l],
                     redirect: None,
                     lower_ino: None,
+                    lowerdata: None,
+                    metacopy,
                 });
-                if !is_dir {
+                if !is_dir && !metacopy {
                     break;
                 }
             }
@@ -202,37 +222,37 @@ impl Overlay {
         if self.layers.is_upper(top) {
             return (Key::Real(dev, real), self.upper_ino(parent, name, f));
         }
+        let ino = self.xino(real, f.st.st_dev);
         let is_dir = sys::is_dir(f.st.st_mode);
         if !is_dir && f.st.st_nlink > 1 && self.layers.has_upper {
             // Copy-up splits lower hard links: one node per name.
-            return (Key::Name(parent.nodeid, name.to_os_string()), real);
+            return (Key::Name(parent.nodeid, name.to_os_string()), ino);
         }
-        (Key::Real(dev, real), real)
+        (Key::Real(dev, real), ino)
     }
 
     /// The inode number the kernel reports for an upper object: that of
-    /// its copy-up origin when all layers share one filesystem (a merged
-    /// dir's first lower dir; a file's decoded origin if not a split hard
-    /// link), so it stays the same across copy-up and remount.
+    /// its copy-up origin (a merged dir's first lower dir; a file's decoded
+    /// origin if not a split hard link), so it stays the same across
+    /// copy-up and remount; with layers on several filesystems, mapped
+    /// into one number space (xino).
     fn upper_ino(&self, parent: &Arc<Inode>, name: &OsStr, f: &Found) -> u64 {
         let real = f.st.st_ino;
         if let Some(i) = self.copied_inos.get(&real) {
             return *i;
         }
-        if !self.layers.same_fs() {
-            return real;
-        }
+        let mapped = self.xino(real, f.st.st_dev);
         if let Some(lower) = f.lower_ino {
             return lower;
         }
         if sys::is_dir(f.st.st_mode) || self.layers.all.len() < 2 {
-            return real;
+            return mapped;
         }
         let Ok(pfd) = self.dir_fd(parent, crate::layer::UPPER) else {
-            return real;
+            return mapped;
         };
         let Ok(cname) = sys::cstr(name) else {
-            return real;
+            return mapped;
         };
         match sys::getxattr_at(pfd.as_fd(), &cname, &self.xattr_name("origin")) {
             Ok(fb) => match self.decode_origin(&fb) {
@@ -240,11 +260,11 @@ impl Overlay {
                 Some(lst)
                     if (lst.st_nlink == 1 || self.index.is_some()) && !sys::is_dir(lst.st_mode) =>
                 {
-                    lst.st_ino
+                    self.xino(lst.st_ino, lst.st_dev)
                 }
-                _ => real,
+                _ => mapped,
             },
-            Err(_) => real,
+            Err(_) => mapped,
         }
     }
 
@@ -324,9 +344,29 @@ impl Overlay {
             if st.redirect != redirect {
                 st.redirect = redirect;
             }
-        } else if self.index.is_some() && node.state.read().index.is_none() {
-            let index = self.index_name_for(parent, name, &f);
-            node.state.write().index = index;
+        } else {
+            if self.index.is_some() && node.state.read().index.is_none() {
+                let index = self.index_name_for(parent, name, &f);
+                node.state.write().index = index;
+            }
+            // A lower name whose index entry is a metadata-only copy reads
+            // its own lower file.
+            if !f.metacopy && !self.layers.is_upper(f.layers[0]) && self.cfg.metacopy {
+                if let Some((idir, iname)) = self.index_dir_entry(&node) {
+                    if sys::getxattr_at(idir.as_fd(), &iname, &self.xattr_name("metacopy")).is_ok()
+                    {
+                        let lower = self.dir_fd(parent, f.layers[0]).and_then(|d| {
+                            sys::openat(d.as_fd(), &sys::cstr(name)?, libc::O_PATH, 0)
+                        });
+                        node.state.write().lowerdata = lower.ok().map(Arc::new);
+                    }
+                }
+            }
+            if f.metacopy {
+                let mut st = node.state.write();
+                st.lowerdata = f.lowerdata.clone();
+                st.redirect = redirect;
+            }
         }
         (node, f.st)
     }

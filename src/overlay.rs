@@ -34,6 +34,9 @@ pub struct Overlay {
     listings: Mutex<LruCache<(u64, LayerIdx), Listing>>,
     /// `W/work`, where copy-ups and whiteouts are built before they are renamed into place.
     pub work: Option<OwnedFd>,
+    /// xino: the fs ids and the high bits they take (0: one filesystem).
+    fs_devs: Vec<u64>,
+    xino_bits: u32,
     /// `W/index` with index=on (see `index`).
     pub index: Option<Arc<OwnedFd>>,
     pub cfg: MountConfig,
@@ -74,12 +77,11 @@ impl Overlay {
         let cap = cfg.cache_entries.min((fds / 4) as usize).max(16);
         let cap = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
         let table = InodeTable::new(root_layers);
-        // As the kernel: the root reports its top layer root's number.
-        if let (Some(root), Some(top)) = (table.get(ROOT), layers.all.first()) {
-            if let Ok(st) = sys::fstat(top.root.as_fd()) {
-                root.set_ino(st.st_ino);
-            }
-        }
+        let root_st = layers
+            .all
+            .first()
+            .and_then(|t| sys::fstat(t.root.as_fd()).ok());
+        let (fs_devs, xino_bits) = (layers.fs_devs(), layers.xino_bits());
         let mut ovl = Overlay {
             table,
             layers,
@@ -88,6 +90,8 @@ impl Overlay {
                 NonZeroUsize::new((cfg.cache_entries / 16).max(64)).unwrap_or(NonZeroUsize::MIN),
             )),
             work,
+            fs_devs,
+            xino_bits,
             index: None,
             cfg: cfg.clone(),
             xattr_prefix: if cfg.userxattr {
@@ -102,6 +106,10 @@ impl Overlay {
             notifier: OnceLock::new(),
             passthrough: std::sync::atomic::AtomicBool::new(false),
         };
+        // As the kernel: the root reports its top layer root's number.
+        if let (Some(root), Some(st)) = (ovl.table.get(ROOT), root_st) {
+            root.set_ino(ovl.xino(st.st_ino, st.st_dev));
+        }
         if let (true, true, Some(w)) = (cfg.index, has_upper, &cfg.workdir) {
             if !cfg.read_only {
                 ovl.index = Some(Arc::new(ovl.open_index(w)?));
@@ -129,6 +137,24 @@ impl Overlay {
                 let _ = sys::setxattr(root, &uuid, &b, 0);
             }
         }
+    }
+
+    /// An inode number of the filesystem `dev` in the overlay's one number
+    /// space: with layers on several filesystems, the fs id goes in the high
+    /// bits (the kernel's xino). A number already using them stays as is.
+    pub fn xino(&self, ino: u64, dev: u64) -> u64 {
+        let bits = self.xino_bits;
+        if bits == 0 {
+            return ino;
+        }
+        let shift = 64 - bits;
+        let Some(fsid) = self.fs_devs.iter().position(|&d| d == dev) else {
+            return ino;
+        };
+        if ino >> shift != 0 {
+            return ino;
+        }
+        ino | (fsid as u64) << (shift + 1)
     }
 
     /// The kernel's `ovl_allow_offline_changes`: none of the features that
@@ -211,6 +237,7 @@ impl Overlay {
             // the system, so the daemon's size follows the kernel's cache.
             let freed = self.freed.fetch_add(1, Ordering::Relaxed) + 1;
             if freed % 16384 == 0 {
+                self.table.shrink();
                 unsafe { libc::malloc_trim(0) };
             }
         }
@@ -316,10 +343,17 @@ impl Overlay {
         if node.is_dir() && s.layers.len() > 1 {
             nlink = 1;
         }
+        // A metadata-only copy uses the blocks of its lower data.
+        let mut blocks = st.st_blocks as u64;
+        if let Some(lower) = &s.lowerdata {
+            if let Ok(lst) = sys::fstat(lower.as_fd()) {
+                blocks = lst.st_blocks as u64;
+            }
+        }
         fuser::FileAttr {
             ino: fuser::INodeNo(node.ino()),
             size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
+            blocks,
             atime: to_time(st.st_atime, st.st_atime_nsec),
             mtime: to_time(st.st_mtime, st.st_mtime_nsec),
             ctime: to_time(st.st_ctime, st.st_ctime_nsec),

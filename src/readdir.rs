@@ -59,10 +59,14 @@ impl Overlay {
                         Err(_) => continue,
                     }
                 }
+                let dev = self.layers.get(l).dev;
                 let ino = if upper {
-                    self.copied_inos.get(&e.ino).map(|v| *v).unwrap_or(e.ino)
+                    self.copied_inos
+                        .get(&e.ino)
+                        .map(|v| *v)
+                        .unwrap_or_else(|| self.xino(e.ino, dev))
                 } else {
-                    e.ino
+                    self.xino(e.ino, dev)
                 };
                 out.push(DirEntry {
                     name: e.name,
@@ -80,7 +84,7 @@ impl Overlay {
     /// As the kernel's impure-dir readdir: an upper dir marked impure whose
     /// entries no longer come from a lower layer loses the mark.
     fn drop_stale_impure(&self, node: &Arc<Inode>, entries: &[DirEntry]) {
-        if self.read_only() || !self.layers.same_fs() {
+        if self.read_only() {
             return;
         }
         let Ok(dfd) = self.dir_fd(node, crate::layer::UPPER) else {

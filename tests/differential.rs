@@ -1030,13 +1030,11 @@ fn issue4_index_on() {
 }
 
 #[test]
-#[ignore] // enable when issue 4 lands
 fn issue4_metacopy_on() {
     issue4(ISSUE4_OPTION_SETS[2]);
 }
 
 #[test]
-#[ignore] // enable when issue 4 lands
 fn issue4_all_three() {
     issue4(ISSUE4_OPTION_SETS[3]);
 }
