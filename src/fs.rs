@@ -461,9 +461,14 @@ impl fuser::Filesystem for OverlayFs {
         let Some(h) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        match self.ovl.read(&h, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(e)),
+        let mut reply = Some(reply);
+        let r = self.ovl.read(&h, offset, size, |d| {
+            if let Some(r) = reply.take() {
+                r.data(d);
+            }
+        });
+        if let (Err(e), Some(r)) = (r, reply) {
+            r.error(errno(e));
         }
     }
 
