@@ -24,7 +24,8 @@
 //! ROVL_DIFF_REMOUNT_AT=60,130 or =5% (unmount both sides after these ops,
 //! or after each op with this probability, and mount them again with the
 //! same options and workdir; the view must not change),
-//! ROVL_DIFF_CHECK_INO=1 (st_ino kept through copy-up, rename, link and
+//! ROVL_DIFF_CHECK_INO=0 to skip the inode checks, on by default (st_ino
+//! kept through copy-up, rename, link and
 //! remount; d_ino = st_ino; one st_dev: a rule the kernel keeps must hold
 //! for the second side too; where the kernel breaks one it is only counted).
 
@@ -171,7 +172,7 @@ impl Config {
                 .unwrap_or_else(|_| "redirect_dir=off".to_string()),
             profile,
             remount: RemountPlan::parse(&var("ROVL_DIFF_REMOUNT_AT")),
-            check_ino: var("ROVL_DIFF_CHECK_INO") == "1",
+            check_ino: var("ROVL_DIFF_CHECK_INO") != "0",
         }
     }
 
