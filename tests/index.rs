@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::io::Write;
 
 both_backends!(
     copy_up_keeps_lower_hard_links,
@@ -14,11 +13,6 @@ both_backends!(
 );
 
 const OPTS: &str = "redirect_dir=off,index=on";
-
-fn append(p: impl AsRef<std::path::Path>, data: &str) {
-    let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
-    f.write_all(data.as_bytes()).unwrap();
-}
 
 fn nlink_ino(p: impl AsRef<std::path::Path>) -> (u64, u64) {
     let st = lstat(p);

@@ -21,17 +21,6 @@ both_backends!(
     root_reports_top_layer_number,
 );
 
-/// d_ino of `name` in a listing of `dir` (readdir, as `ls -i` sees it).
-fn d_ino(dir: &Path, name: &str) -> u64 {
-    use std::os::unix::fs::DirEntryExt;
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .find(|e| e.file_name() == name)
-        .map(|e| e.ino())
-        .unwrap_or_else(|| panic!("{name} not listed in {}", dir.display()))
-}
-
 fn hard_link_lower_file(b: Backend) {
     let l = Layers::new(1);
     write(l.l(0, "d/f"), "lower");

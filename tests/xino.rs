@@ -4,22 +4,13 @@
 mod common;
 
 use common::*;
-use std::os::unix::fs::DirEntryExt;
 
 both_backends!(numbers_unique_across_filesystems);
 
-fn d_ino(dir: &std::path::Path, name: &str) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .find(|e| e.file_name() == name)
-        .map(|e| e.ino())
-        .unwrap()
-}
-
 /// Lower on the test fs, upper on a tmpfs, xino=on (rovl maps by default
-/// too; the kernel's xino=auto only with a 32-bit upper fs): a lower file's number gets the
-/// lower fs id in the high bits, an upper file keeps its own (fs id 0),
+/// too; the kernel's xino=auto only with a 32-bit upper fs): a lower
+/// file's number gets the lower fs id in the high bits, an upper file keeps
+/// its own (fs id 0),
 /// and copy-up keeps the mapped lower number.
 fn numbers_unique_across_filesystems(b: Backend) {
     let l = Layers::new(1);

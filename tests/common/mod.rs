@@ -1149,3 +1149,21 @@ pub fn work_leftovers(layers: &Layers) -> Vec<String> {
         .filter(|n| !is_whiteout(w.join(n)))
         .collect()
 }
+
+/// `d_ino` of `name` in a listing of `dir` (readdir, as `ls -i` sees it).
+pub fn d_ino(dir: &Path, name: &str) -> u64 {
+    use std::os::unix::fs::DirEntryExt;
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == name)
+        .map(|e| e.ino())
+        .unwrap_or_else(|| panic!("{name} not listed in {}", dir.display()))
+}
+
+/// Appends `data` to an existing file.
+pub fn append(p: impl AsRef<Path>, data: &str) {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().append(true).open(p).unwrap();
+    f.write_all(data.as_bytes()).unwrap();
+}
