@@ -48,6 +48,12 @@ impl Overlay {
                 )));
             }
         }
+        // Entries to drop, found before anything changes: an entry the
+        // kernel would refuse stops the mount with the layers untouched.
+        let drop = match &existing {
+            Some(fd) => self.stale_index_entries(fd.as_fd(), &index_path)?,
+            None => Vec::new(),
+        };
         let fd = match existing {
             Some(fd) => fd,
             None => {
@@ -66,7 +72,65 @@ impl Overlay {
         if sys::getxattr(fd.as_fd(), &upper).is_err() {
             sys::setxattr(fd.as_fd(), &upper, &upper_fh, 0)?;
         }
+        let rd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        for name in drop {
+            log::info!("index: removing {:?}", name);
+            if let Err(e) = sys::unlinkat(rd.as_fd(), &name, 0) {
+                log::warn!("index: cannot remove {:?}: {e}", name);
+            }
+        }
         Ok(fd)
+    }
+
+    /// As the kernel's `ovl_indexdir_cleanup` (without nfs_export): the
+    /// entries of `W/index` to remove at mount. These are leftovers of an
+    /// interrupted create (`#...`), entries whose lower file is gone
+    /// (stale), and entries no name uses any more (orphans: one link, and
+    /// a union count of zero). A name that is not a file handle, or a file
+    /// without the origin its name says, is an error.
+    fn stale_index_entries(&self, dir: BorrowedFd<'_>, path: &Path) -> io::Result<Vec<CString>> {
+        let bad = |name: &CString, why: &str| {
+            io::Error::other(format!(
+                "index=on: {}/{}: {why}; remove the index dir or mount with index=off",
+                path.display(),
+                name.to_string_lossy()
+            ))
+        };
+        let rd = sys::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let origin = self.xattr_name("origin");
+        let mut drop = Vec::new();
+        for e in sys::read_dir_all(&rd)? {
+            let name = sys::cstr(&e.name)?;
+            let bytes = name.as_bytes();
+            if bytes.first() == Some(&b'#') {
+                if e.d_type != libc::DT_DIR {
+                    drop.push(name);
+                }
+                continue;
+            }
+            let Some(fh) = unhex(bytes).filter(|fh| fh.len() >= 21) else {
+                return Err(bad(&name, "not a file handle"));
+            };
+            let st = sys::fstatat(rd.as_fd(), &name)?;
+            if sys::is_whiteout(&st) || sys::is_dir(st.st_mode) {
+                continue;
+            }
+            match sys::getxattr_at(rd.as_fd(), &name, &origin) {
+                Ok(o) if o == fh => {}
+                Ok(_) => {
+                    drop.push(name);
+                    continue;
+                }
+                Err(_) => return Err(bad(&name, "no origin")),
+            }
+            if st.st_nlink == 1 {
+                let fd = sys::openat(rd.as_fd(), &name, libc::O_PATH, 0)?;
+                if self.decode_origin(&fh).is_none() || self.union_nlink_raw(fd.as_fd(), &st) <= 0 {
+                    drop.push(name);
+                }
+            }
+        }
+        Ok(drop)
     }
 
     fn index_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -225,6 +289,16 @@ impl Overlay {
     }
 }
 
+/// Bytes from lower-case or upper-case hex; None if it is not hex.
+fn unhex(s: &[u8]) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.chunks(2)
+        .map(|c| u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok())
+        .collect()
+}
+
 /// `U+3`, `L-1`: the base and the difference.
 fn parse_nlink(v: &[u8]) -> Option<(u8, i64)> {
     let base = *v.first()?;
@@ -241,6 +315,13 @@ fn parse_nlink(v: &[u8]) -> Option<(u8, i64)> {
 #[cfg(test)]
 mod tests {
     use super::parse_nlink;
+
+    #[test]
+    fn hex_names() {
+        assert_eq!(super::unhex(b"00fbA1"), Some(vec![0, 0xfb, 0xa1]));
+        assert_eq!(super::unhex(b"0"), None);
+        assert_eq!(super::unhex(b"zz"), None);
+    }
 
     #[test]
     fn nlink_xattr_values() {

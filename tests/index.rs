@@ -10,7 +10,17 @@ both_backends!(
     unlink_and_link_keep_the_union_count,
     index_survives_remount,
     index_refuses_other_lower_layers,
+    stale_and_orphan_entries_removed_at_mount,
+    bad_index_entry_refused,
 );
+
+/// Index entries other than leftovers (`#...`), by name.
+fn index_entries(l: &Layers) -> Vec<String> {
+    names(l.work.join("index"))
+        .into_iter()
+        .filter(|n| !n.starts_with('#'))
+        .collect()
+}
 
 const OPTS: &str = "redirect_dir=off,index=on";
 
@@ -121,4 +131,65 @@ fn index_refuses_other_lower_layers(b: Backend) {
     );
     assert!(AnyMount::start(b, &swapped, &l.merged).is_err());
     assert!(!is_mounted(&l.merged));
+}
+
+/// At mount, as the kernel: an entry whose lower file is gone (stale), an
+/// entry no name uses (one link, union count 0) and a leftover `#...` go;
+/// an entry still in use stays.
+fn stale_and_orphan_entries_removed_at_mount(b: Backend) {
+    let l = Layers::new(1);
+    for (x, y) in [("a", "b"), ("c", "d"), ("e", "f")] {
+        write(l.l(0, x), x);
+        std::fs::hard_link(l.l(0, x), l.l(0, y)).unwrap();
+    }
+    {
+        let _m = mount_opts(b, &l, OPTS);
+        for x in ["a", "c", "e"] {
+            append(l.m(x), "+");
+        }
+    }
+    assert_eq!(index_entries(&l).len(), 3);
+    let entry_of = |name: &str| {
+        let ino = lstat(l.u(name)).st_ino;
+        index_entries(&l)
+            .into_iter()
+            .find(|e| lstat(l.work.join("index").join(e)).st_ino == ino)
+            .unwrap()
+    };
+    let (keep, orphan, stale) = (entry_of("a"), entry_of("c"), entry_of("e"));
+    // c: no upper name left and a union count of zero.
+    std::fs::remove_file(l.u("c")).unwrap();
+    setxattr(
+        l.work.join("index").join(&orphan),
+        "trusted.overlay.nlink",
+        b"U-1",
+    );
+    // e: its lower file is gone.
+    std::fs::remove_file(l.u("e")).unwrap();
+    std::fs::remove_file(l.l(0, "e")).unwrap();
+    std::fs::remove_file(l.l(0, "f")).unwrap();
+    write(l.work.join("index").join("#leftover"), "x");
+    let _m = mount_opts(b, &l, OPTS);
+    assert_eq!(
+        index_entries(&l),
+        vec![keep],
+        "stale {stale}, orphan {orphan}"
+    );
+    assert!(!exists(l.work.join("index").join("#leftover")));
+    assert_eq!(read_string(l.m("b")), "a+");
+    assert_eq!(read_string(l.m("d")), "c");
+}
+
+/// An index entry whose name is not a file handle stops the mount.
+fn bad_index_entry_refused(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a"), "a");
+    {
+        let _m = mount_opts(b, &l, OPTS);
+    }
+    write(l.work.join("index").join("zz"), "x");
+    let opts = format!("{},{OPTS}", l.opts());
+    assert!(AnyMount::start(b, &opts, &l.merged).is_err());
+    assert!(!is_mounted(&l.merged));
+    assert!(exists(l.work.join("index").join("zz")));
 }
