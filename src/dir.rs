@@ -219,6 +219,8 @@ impl Overlay {
             .ok_or_else(|| sys::err(libc::ENOENT))?;
         let is_dir = sys::is_dir(f.st.st_mode);
         let merged = f.layers.len() > 1;
+        // Found in a lower layer only: nothing to probe again below.
+        let lower_only = !self.layers.is_upper(f.layers[0]);
         if self.layers.is_upper(f.layers[0]) && (is_dir || f.st.st_nlink <= 1) {
             self.copied_inos.remove(&f.st.st_ino);
         }
@@ -257,14 +259,17 @@ impl Overlay {
             }
             res?;
         }
+        // (An indexed name was just linked up.)
+        let lower_only = lower_only && nlink.is_none();
         let res = (|| -> io::Result<()> {
             self.copy_up(&parent)?;
             let ufd = self.dir_fd(&parent, UPPER)?;
-            let in_upper = match sys::fstatat(ufd.as_fd(), &cname) {
-                Ok(st) => !sys::is_whiteout(&st),
-                Err(_) => false,
-            };
-            if self.lower_positive(&parent, &cname)? {
+            let in_upper = !lower_only
+                && match sys::fstatat(ufd.as_fd(), &cname) {
+                    Ok(st) => !sys::is_whiteout(&st),
+                    Err(_) => false,
+                };
+            if lower_only || self.lower_positive(&parent, &cname)? {
                 self.whiteout(ufd.as_fd(), &cname, in_upper, is_dir)?;
             } else if is_dir {
                 // As the kernel: a pure upper dir is removed as it is, so
