@@ -27,9 +27,7 @@ impl Overlay {
 
     fn copy_up_with(&self, node: &Arc<Inode>, data: bool) -> io::Result<()> {
         self.check_writable()?;
-        let done = |n: &Arc<Inode>| {
-            n.top() == Some(UPPER) && (!data || n.state.read().lowerdata.is_none())
-        };
+        let done = |n: &Arc<Inode>| n.top() == Some(UPPER) && (!data || !n.has_lowerdata());
         if done(node) {
             return Ok(());
         }
@@ -50,7 +48,7 @@ impl Overlay {
         let cname = sys::cstr(&name)?;
         let (lower_dir, _) = self.entry_in(node, lower)?;
         let upper_dir = self.dir_fd(&parent, UPPER)?;
-        let index = node.state.read().index.clone().filter(|_| !node.is_dir());
+        let index = node.index_name().filter(|_| !node.is_dir());
         if let Some(index) = self.index_dir_entry(node).filter(|_| index.is_some()) {
             // Another name of this lower hard link was copied up: link it.
             let ust = self.link_up(
@@ -60,7 +58,7 @@ impl Overlay {
                 (index.0.as_fd(), index.1),
             )?;
             self.linked_up(node, &parent, lower, &cname, &ust);
-            if data && node.state.read().lowerdata.is_some() {
+            if data && node.has_lowerdata() {
                 return self.copy_up_meta_data(node);
             }
             return Ok(());
@@ -94,7 +92,7 @@ impl Overlay {
             if let (true, Some(ie)) = (indexed, self.index_dir_entry(node)) {
                 let ust = self.link_up(&parent, upper_dir.as_fd(), &cname, (ie.0.as_fd(), ie.1))?;
                 self.linked_up(node, &parent, lower, &cname, &ust);
-                if data && node.state.read().lowerdata.is_some() {
+                if data && node.has_lowerdata() {
                     return self.copy_up_meta_data(node);
                 }
                 return Ok(());
@@ -117,7 +115,7 @@ impl Overlay {
         }
         if meta {
             let data = sys::openat(lower_dir.as_fd(), &cname, libc::O_PATH, 0)?;
-            node.state.write().lowerdata = Some(Arc::new(data));
+            node.set_lowerdata(Some(Arc::new(data)));
         }
         self.node_now_upper(node, &ust);
         if node.is_dir() {
@@ -132,7 +130,7 @@ impl Overlay {
     /// The data of a metadata-only copy, copied into it in place (the
     /// kernel's `ovl_copy_up_meta_inode_data`); then the mark goes.
     fn copy_up_meta_data(&self, node: &Arc<Inode>) -> io::Result<()> {
-        let Some(lower) = node.state.read().lowerdata.clone() else {
+        let Some(lower) = node.lowerdata() else {
             // The lower data was never found: nothing to read it from.
             return Err(sys::err(libc::EIO));
         };
@@ -145,7 +143,7 @@ impl Overlay {
             sys::fsync(out.as_fd(), false)?;
         }
         sys::removexattr(out.as_fd(), &self.xattr_name("metacopy"))?;
-        node.state.write().lowerdata = None;
+        node.set_lowerdata(None);
         Ok(())
     }
 
@@ -172,13 +170,13 @@ impl Overlay {
         } else {
             None
         };
-        node.state.write().lowerdata = data;
+        node.set_lowerdata(data);
     }
 
     /// Whether a node's data is still below it: its copy (upper or index)
     /// keeps the metacopy mark until another name's write copies the data.
     pub fn refresh_lowerdata(&self, node: &Arc<Inode>) {
-        if node.state.read().lowerdata.is_none() {
+        if !node.has_lowerdata() {
             return;
         }
         let meta = self
@@ -186,7 +184,7 @@ impl Overlay {
             .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("metacopy")))
             .is_ok();
         if !meta {
-            node.state.write().lowerdata = None;
+            node.set_lowerdata(None);
         }
     }
 
@@ -196,9 +194,9 @@ impl Overlay {
             let mut s = node.state.write();
             let mut layers: Vec<LayerIdx> = vec![UPPER];
             if node.is_dir() {
-                layers.extend(s.layers.iter().copied());
+                layers.extend(s.layers.as_slice().iter().copied());
             }
-            s.layers = layers;
+            s.layers = crate::inode::LayerList::from_vec(layers);
         }
         self.table
             .rekey(node, Key::Real(self.layers.get(UPPER).dev, ust.st_ino));

@@ -53,10 +53,10 @@ impl Overlay {
             self.copy_up(src)?;
             // As the kernel: a metadata-only copy about to get a second
             // name records where its data is, by absolute path.
-            if src.state.read().lowerdata.is_some() {
+            if src.has_lowerdata() {
                 let (sdir, sname) = self.entry_in(src, UPPER)?;
                 if let Some(r) = self.set_redirect(src, false, sdir.as_fd(), &sname)? {
-                    src.state.write().redirect = Some(r);
+                    src.set_redirect(Some(r));
                 }
             }
             nlink_fd = self.nlink_start(src)?;
@@ -508,12 +508,12 @@ impl Overlay {
         let samedir = parent.nodeid == newparent.nodeid;
         let mut src_new_redirect = None;
         let mut dst_new_redirect = None;
-        if !src_dir && src.state.read().lowerdata.is_some() {
+        if !src_dir && src.has_lowerdata() {
             // A metadata-only copy keeps finding its data, as a moved dir does.
             src_new_redirect = self.set_redirect(src, samedir, old_ufd.as_fd(), cname)?;
         }
         if let Some(d) = dst.filter(|d| exchange && !d.is_dir()) {
-            if d.state.read().lowerdata.is_some() {
+            if d.has_lowerdata() {
                 dst_new_redirect = self.set_redirect(d, samedir, new_ufd.as_fd(), cnew)?;
             }
         }
@@ -535,10 +535,10 @@ impl Overlay {
         }
         sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, flags)?;
         if let Some(r) = src_new_redirect {
-            src.state.write().redirect = Some(r);
+            src.set_redirect(Some(r));
         }
         if let (Some(r), Some(d)) = (dst_new_redirect, dst) {
-            d.state.write().redirect = Some(r);
+            d.set_redirect(Some(r));
         }
         if cleanup_whiteout {
             sys::unlinkat(old_ufd.as_fd(), cname, 0)?;
@@ -569,16 +569,13 @@ impl Overlay {
         dir: BorrowedFd<'_>,
         name: &CStr,
     ) -> io::Result<Option<Redirect>> {
-        let cur = node.state.read().redirect.clone();
+        let cur = node.redirect();
         // As the kernel: a file that is a lower hard link always gets an
         // absolute redirect, since its names may live in different dirs.
         let samedir = samedir
             && (node.is_dir()
                 || node
-                    .state
-                    .read()
-                    .lowerdata
-                    .as_ref()
+                    .lowerdata()
                     .and_then(|l| sys::fstat(l.as_fd()).ok())
                     .is_none_or(|st| st.st_nlink <= 1));
         let new = match cur {
@@ -606,7 +603,7 @@ impl Overlay {
         let mut cur = node.clone();
         while cur.nodeid != crate::inode::ROOT {
             let (parent, name) = cur.alias()?;
-            match cur.state.read().redirect.clone() {
+            match cur.redirect() {
                 Some(Redirect::Abs(p)) => {
                     comps.extend(p.into_iter().rev());
                     break;

@@ -106,7 +106,7 @@ impl Overlay {
         }
         // A metadata-only copy is read from its lower file.
         self.refresh_lowerdata(&node);
-        let lowerdata = node.state.read().lowerdata.clone();
+        let lowerdata = node.lowerdata();
         if let Some(lower) = lowerdata {
             let fd = sys::reopen(lower.as_fd(), flags & !STRIP & !libc::O_NOFOLLOW)?;
             return Ok(self.new_handle(&node, fd, flags, handles));
@@ -118,9 +118,7 @@ impl Overlay {
     }
 
     pub fn new_handle(&self, node: &Arc<Inode>, fd: OwnedFd, flags: i32, handles: &Handles) -> u64 {
-        let in_upper = node.top() == Some(UPPER)
-            && self.layers.has_upper
-            && node.state.read().lowerdata.is_none();
+        let in_upper = node.top() == Some(UPPER) && self.layers.has_upper && !node.has_lowerdata();
         handles.insert(Handle {
             node: node.clone(),
             fd: RwLock::new(Arc::new(fd)),
@@ -137,7 +135,7 @@ impl Overlay {
         if !h.in_upper.load(Ordering::Acquire)
             && self.layers.has_upper
             && h.node.top() == Some(UPPER)
-            && h.node.state.read().lowerdata.is_none()
+            && !h.node.has_lowerdata()
         {
             let (pfd, name) = self.entry_in(&h.node, UPPER)?;
             let fd = Arc::new(sys::openat(

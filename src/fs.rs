@@ -161,7 +161,7 @@ impl OverlayFs {
     /// one file: their attributes are never cached, so a change through one
     /// name shows through the others at once.
     fn attr_ttl(&self, node: &Inode) -> Duration {
-        if node.state.read().index.is_some() {
+        if node.has_index() {
             Duration::ZERO
         } else {
             self.ovl.ttl
@@ -431,10 +431,7 @@ impl fuser::Filesystem for OverlayFs {
                 }
                 Passthrough::Cached => {
                     // Another name of an indexed hard link may have written.
-                    let shared = self
-                        .ovl
-                        .node(ino.0)
-                        .is_ok_and(|n| n.state.read().index.is_some());
+                    let shared = self.ovl.node(ino.0).is_ok_and(|n| n.has_index());
                     let flags = if shared {
                         FopenFlags::FOPEN_NOFLUSH
                     } else {
@@ -602,7 +599,7 @@ impl fuser::Filesystem for OverlayFs {
             match self.ovl.lookup(ino.0, &e.name) {
                 Ok((node, st))
                     if (node.ino_is_id() || node.ino() <= 1 || node.is_dir())
-                        && node.state.read().index.is_none() =>
+                        && !node.has_index() =>
                 {
                     let attr = self.ovl.attr(&node, &st);
                     if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {

@@ -140,7 +140,7 @@ impl Overlay {
     /// The index dir and entry of an indexed node that has been copied up,
     /// where its lower names find their data.
     pub fn index_dir_entry(&self, node: &Inode) -> Option<(Arc<OwnedFd>, CString)> {
-        let name = node.state.read().index.clone()?;
+        let name = node.index_name()?;
         let dir = self.index.clone()?;
         sys::fstatat(dir.as_fd(), &name).ok()?;
         Some((dir, name))
@@ -161,7 +161,7 @@ impl Overlay {
 
     /// The index entry of an indexed node, if it has been copied up.
     pub fn index_entry(&self, node: &Inode) -> Option<(BorrowedFd<'_>, CString)> {
-        let name = node.state.read().index.clone()?;
+        let name = node.index_name()?;
         let dir = self.index_fd()?;
         sys::fstatat(dir, &name).ok()?;
         Some((dir, name))
@@ -192,7 +192,7 @@ impl Overlay {
     /// over: link it up, then record the union count (the kernel's
     /// `ovl_nlink_start`). Returns the upper fd to finish with.
     pub fn nlink_start(&self, node: &Arc<Inode>) -> io::Result<Option<OwnedFd>> {
-        if node.is_dir() || node.state.read().index.is_none() {
+        if node.is_dir() || !node.has_index() {
             return Ok(None);
         }
         self.copy_up(node)?;
@@ -214,7 +214,7 @@ impl Overlay {
             return;
         };
         if st.st_nlink == 1 && self.union_nlink_raw(fd.as_fd(), &st) <= 0 {
-            if let (Some(dir), Some(name)) = (self.index_fd(), node.state.read().index.clone()) {
+            if let (Some(dir), Some(name)) = (self.index_fd(), node.index_name()) {
                 let _ = sys::unlinkat(dir, &name, 0);
             }
         }

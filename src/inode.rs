@@ -13,7 +13,7 @@ use crate::layer::LayerIdx;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -27,9 +27,102 @@ const SYNTHETIC: u64 = 1 << 62;
 pub enum Key {
     /// The real inode (device, inode number) of the node's top layer.
     Real(u64, u64),
-    /// A lower hard link that copy-up would split: one node per name.
-    Name(u64, OsString),
+    /// A lower hard link that copy-up would split: one node per name
+    /// (parent node id, name). Boxed: rare, and it would double every key.
+    Name(Box<(u64, OsString)>),
     Root,
+}
+
+/// The names of a node, as (parent, name): most nodes have one, kept
+/// without a list.
+pub enum Aliases {
+    None,
+    One(Arc<Inode>, Box<OsStr>),
+    Many(Vec<(Arc<Inode>, Box<OsStr>)>),
+}
+
+impl Aliases {
+    pub fn first(&self) -> Option<(Arc<Inode>, OsString)> {
+        match self {
+            Aliases::None => None,
+            Aliases::One(p, n) => Some((p.clone(), n.to_os_string())),
+            Aliases::Many(v) => v.first().map(|(p, n)| (p.clone(), n.to_os_string())),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Aliases::None)
+    }
+
+    fn contains(&self, parent: u64, name: &OsStr) -> bool {
+        match self {
+            Aliases::None => false,
+            Aliases::One(p, n) => p.nodeid == parent && **n == *name,
+            Aliases::Many(v) => v.iter().any(|(p, n)| p.nodeid == parent && **n == *name),
+        }
+    }
+
+    fn push(&mut self, parent: Arc<Inode>, name: &OsStr) {
+        let name: Box<OsStr> = name.into();
+        *self = match std::mem::replace(self, Aliases::None) {
+            Aliases::None => Aliases::One(parent, name),
+            Aliases::One(p, n) => Aliases::Many(vec![(p, n), (parent, name)]),
+            Aliases::Many(mut v) => {
+                v.push((parent, name));
+                Aliases::Many(v)
+            }
+        };
+    }
+
+    fn remove(&mut self, parent: u64, name: &OsStr) {
+        *self = match std::mem::replace(self, Aliases::None) {
+            Aliases::One(p, n) if !(p.nodeid == parent && *n == *name) => Aliases::One(p, n),
+            Aliases::Many(mut v) => {
+                v.retain(|(p, n)| !(p.nodeid == parent && **n == *name));
+                if v.len() > 1 {
+                    Aliases::Many(v)
+                } else {
+                    match v.pop() {
+                        Some((p, n)) => Aliases::One(p, n),
+                        None => Aliases::None,
+                    }
+                }
+            }
+            _ => Aliases::None,
+        };
+    }
+}
+
+/// The layers of a node: one for all but merged dirs, kept without a heap
+/// allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerList {
+    One(LayerIdx),
+    Many(Box<[LayerIdx]>),
+}
+
+impl LayerList {
+    pub fn from_vec(v: Vec<LayerIdx>) -> LayerList {
+        match v.as_slice() {
+            [one] => LayerList::One(*one),
+            _ => LayerList::Many(v.into_boxed_slice()),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[LayerIdx] {
+        match self {
+            LayerList::One(l) => std::slice::from_ref(l),
+            LayerList::Many(v) => v,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
 }
 
 /// Where a directory's lower layers hold it when it was renamed
@@ -93,26 +186,51 @@ pub struct IoMode {
 pub struct State {
     /// Names this node is known by, as (parent, name). Empty for the root and
     /// for unlinked nodes. Directories have at most one.
-    pub aliases: Vec<(Arc<Inode>, OsString)>,
+    pub aliases: Aliases,
     /// Layers holding this object, top-down. For a directory, the layers
     /// merged into it; for anything else, exactly one.
-    pub layers: Vec<LayerIdx>,
+    pub layers: LayerList,
     pub key: Key,
     /// The upper dir is known to carry the impure xattr.
     pub impure: bool,
-    /// How its lower layers are reached, for a renamed directory.
-    pub redirect: Option<Redirect>,
+    /// What few nodes have, boxed so that the others stay small.
+    extra: Option<Box<Extra>>,
+}
+
+/// The rarely set parts of a node's state.
+#[derive(Default)]
+struct Extra {
+    /// How its lower layers are reached, for a renamed directory (or a
+    /// moved metadata-only copy).
+    redirect: Option<Redirect>,
     /// With index=on, a lower hard link's index entry name (hex of the
     /// lower file handle): its copy, once made, is shared by every name.
-    pub index: Option<std::ffi::CString>,
+    index: Option<std::ffi::CString>,
     /// A metadata-only copy's data: the lower file (O_PATH) reads go to
     /// until a write copies the data up (metacopy=on).
-    pub lowerdata: Option<Arc<std::os::fd::OwnedFd>>,
+    lowerdata: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+impl State {
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the box once nothing is left in it.
+    fn trim(&mut self) {
+        if self
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.redirect.is_none() && e.index.is_none() && e.lowerdata.is_none())
+        {
+            self.extra = None;
+        }
+    }
 }
 
 impl State {
     pub fn top(&self) -> Option<LayerIdx> {
-        self.layers.first().copied()
+        self.layers.as_slice().first().copied()
     }
 }
 
@@ -139,15 +257,61 @@ impl Inode {
 
     /// The first known (parent, name), if any.
     pub fn alias(&self) -> Option<(Arc<Inode>, OsString)> {
-        self.state.read().aliases.first().cloned()
+        self.state.read().aliases.first()
     }
 
     pub fn layers(&self) -> Vec<LayerIdx> {
-        self.state.read().layers.clone()
+        self.state.read().layers.as_slice().to_vec()
     }
 
     pub fn top(&self) -> Option<LayerIdx> {
         self.state.read().top()
+    }
+
+    pub fn redirect(&self) -> Option<Redirect> {
+        self.state.read().extra.as_ref()?.redirect.clone()
+    }
+
+    pub fn set_redirect(&self, r: Option<Redirect>) {
+        let mut st = self.state.write();
+        st.extra_mut().redirect = r;
+        st.trim();
+    }
+
+    pub fn index_name(&self) -> Option<std::ffi::CString> {
+        self.state.read().extra.as_ref()?.index.clone()
+    }
+
+    pub fn has_index(&self) -> bool {
+        self.state
+            .read()
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.index.is_some())
+    }
+
+    pub fn set_index(&self, name: Option<std::ffi::CString>) {
+        let mut st = self.state.write();
+        st.extra_mut().index = name;
+        st.trim();
+    }
+
+    pub fn lowerdata(&self) -> Option<Arc<std::os::fd::OwnedFd>> {
+        self.state.read().extra.as_ref()?.lowerdata.clone()
+    }
+
+    pub fn has_lowerdata(&self) -> bool {
+        self.state
+            .read()
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.lowerdata.is_some())
+    }
+
+    pub fn set_lowerdata(&self, fd: Option<Arc<std::os::fd::OwnedFd>>) {
+        let mut st = self.state.write();
+        st.extra_mut().lowerdata = fd;
+        st.trim();
     }
 
     /// The inode number reported to users.
@@ -168,23 +332,16 @@ impl Inode {
 
     pub fn add_alias(&self, parent: &Arc<Inode>, name: &OsString) {
         let mut st = self.state.write();
-        if !st
-            .aliases
-            .iter()
-            .any(|(p, n)| p.nodeid == parent.nodeid && n == name)
-        {
+        if !st.aliases.contains(parent.nodeid, name) {
             if self.is_dir() {
-                st.aliases.clear();
+                st.aliases = Aliases::None;
             }
-            st.aliases.push((parent.clone(), name.clone()));
+            st.aliases.push(parent.clone(), name);
         }
     }
 
     pub fn remove_alias(&self, parent: u64, name: &OsString) {
-        self.state
-            .write()
-            .aliases
-            .retain(|(p, n)| !(p.nodeid == parent && n == name));
+        self.state.write().aliases.remove(parent, name);
     }
 }
 
@@ -208,13 +365,11 @@ impl InodeTable {
             // The kernel never forgets the root.
             lookups: AtomicU64::new(1),
             state: RwLock::new(State {
-                aliases: Vec::new(),
-                layers: root_layers,
+                aliases: Aliases::None,
+                layers: LayerList::from_vec(root_layers),
                 key: Key::Root,
                 impure: false,
-                redirect: None,
-                index: None,
-                lowerdata: None,
+                extra: None,
             }),
             copyup_lock: Mutex::new(()),
             io: Mutex::new(IoMode::default()),
@@ -291,7 +446,7 @@ impl InodeTable {
                         n.lookups.fetch_add(1, Ordering::Relaxed);
                         {
                             let mut st = n.state.write();
-                            st.layers = layers;
+                            st.layers = LayerList::from_vec(layers);
                         }
                         n
                     }
@@ -326,13 +481,11 @@ impl InodeTable {
                 kind,
                 lookups: AtomicU64::new(1),
                 state: RwLock::new(State {
-                    aliases: Vec::new(),
-                    layers: layers.clone(),
+                    aliases: Aliases::None,
+                    layers: LayerList::from_vec(layers.clone()),
                     key: key.clone(),
                     impure: false,
-                    redirect: None,
-                    index: None,
-                    lowerdata: None,
+                    extra: None,
                 }),
                 copyup_lock: Mutex::new(()),
                 io: Mutex::new(IoMode::default()),

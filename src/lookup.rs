@@ -226,7 +226,10 @@ impl Overlay {
         let is_dir = sys::is_dir(f.st.st_mode);
         if !is_dir && f.st.st_nlink > 1 && self.layers.has_upper {
             // Copy-up splits lower hard links: one node per name.
-            return (Key::Name(parent.nodeid, name.to_os_string()), ino);
+            return (
+                Key::Name(Box::new((parent.nodeid, name.to_os_string()))),
+                ino,
+            );
         }
         (Key::Real(dev, real), ino)
     }
@@ -340,14 +343,13 @@ impl Overlay {
             &name.to_os_string(),
         );
         if node.is_dir() {
-            let mut st = node.state.write();
-            if st.redirect != redirect {
-                st.redirect = redirect;
+            if node.redirect() != redirect {
+                node.set_redirect(redirect);
             }
         } else {
-            if self.index.is_some() && node.state.read().index.is_none() {
+            if self.index.is_some() && !node.has_index() {
                 let index = self.index_name_for(parent, name, &f);
-                node.state.write().index = index;
+                node.set_index(index);
             }
             // A lower name whose index entry is a metadata-only copy reads
             // its own lower file.
@@ -358,14 +360,13 @@ impl Overlay {
                         let lower = self.dir_fd(parent, f.layers[0]).and_then(|d| {
                             sys::openat(d.as_fd(), &sys::cstr(name)?, libc::O_PATH, 0)
                         });
-                        node.state.write().lowerdata = lower.ok().map(Arc::new);
+                        node.set_lowerdata(lower.ok().map(Arc::new));
                     }
                 }
             }
             if f.metacopy {
-                let mut st = node.state.write();
-                st.lowerdata = f.lowerdata.clone();
-                st.redirect = redirect;
+                node.set_lowerdata(f.lowerdata.clone());
+                node.set_redirect(redirect);
             }
         }
         (node, f.st)

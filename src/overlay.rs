@@ -209,7 +209,7 @@ impl Overlay {
         let redirect = if self.layers.is_upper(layer) {
             None
         } else {
-            node.state.read().redirect.clone()
+            node.redirect()
         };
         let (pfd, c) = match redirect {
             Some(Redirect::Abs(p)) => self.walk_path(layer, &p)?,
@@ -294,7 +294,7 @@ impl Overlay {
         layer: LayerIdx,
     ) -> io::Result<(Arc<OwnedFd>, CString)> {
         // A lower hard link's names read its index entry once there is one.
-        if !self.layers.is_upper(layer) && node.state.read().index.is_some() {
+        if !self.layers.is_upper(layer) && node.has_index() {
             if let Some(e) = self.index_dir_entry(node) {
                 return Ok(e);
             }
@@ -331,21 +331,20 @@ impl Overlay {
     pub fn attr(&self, node: &Arc<Inode>, st: &Stat) -> fuser::FileAttr {
         let mut nlink = st.st_nlink as u32;
         // An indexed hard link counts the names users see (its nlink xattr).
-        if node.state.read().index.is_some() {
+        if node.has_index() {
             if let Ok(fd) = self.path_fd(node) {
                 if let Ok(rst) = sys::fstat(fd.as_fd()) {
                     nlink = self.union_nlink(fd.as_fd(), &rst) as u32;
                 }
             }
         }
-        let s = node.state.read();
         // As the kernel: merged directories report one link.
-        if node.is_dir() && s.layers.len() > 1 {
+        if node.is_dir() && node.state.read().layers.len() > 1 {
             nlink = 1;
         }
         // A metadata-only copy uses the blocks of its lower data.
         let mut blocks = st.st_blocks as u64;
-        if let Some(lower) = &s.lowerdata {
+        if let Some(lower) = node.lowerdata() {
             if let Ok(lst) = sys::fstat(lower.as_fd()) {
                 blocks = lst.st_blocks as u64;
             }
