@@ -664,6 +664,9 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let r = self.ovl.node(ino.0).and_then(|n| {
+            if self.ovl.cfg.volatile {
+                return Ok(());
+            }
             let fd = self.ovl.path_fd(&n)?;
             let d = sys::reopen(
                 std::os::fd::AsFd::as_fd(&fd),
