@@ -111,9 +111,13 @@ impl Overlay {
             root.set_ino(ovl.xino(st.st_ino, st.st_dev));
         }
         if let (true, true, Some(w)) = (cfg.index, has_upper, &cfg.workdir) {
-            if !cfg.read_only {
-                ovl.index = Some(Arc::new(ovl.open_index(w)?));
-            }
+            // A read-only mount reads the index as it is: lower names of
+            // an indexed hard link still show its copy.
+            ovl.index = if cfg.read_only {
+                sys::open_dir_path(&w.join("index")).ok().map(Arc::new)
+            } else {
+                Some(Arc::new(ovl.open_index(w)?))
+            };
         }
         Ok(ovl)
     }

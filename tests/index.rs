@@ -12,6 +12,7 @@ both_backends!(
     index_refuses_other_lower_layers,
     stale_and_orphan_entries_removed_at_mount,
     bad_index_entry_refused,
+    read_only_mount_reads_the_index,
 );
 
 /// Index entries other than leftovers (`#...`), by name.
@@ -192,4 +193,22 @@ fn bad_index_entry_refused(b: Backend) {
     assert!(AnyMount::start(b, &opts, &l.merged).is_err());
     assert!(!is_mounted(&l.merged));
     assert!(exists(l.work.join("index").join("zz")));
+}
+
+/// A read-only mount shows the indexed copy through every name.
+fn read_only_mount_reads_the_index(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a"), "data");
+    std::fs::hard_link(l.l(0, "a"), l.l(0, "b")).unwrap();
+    let ino = lstat(l.l(0, "a")).st_ino;
+    {
+        let _m = mount_opts(b, &l, OPTS);
+        append(l.m("a"), "+more");
+    }
+    let _m = mount_opts(b, &l, &format!("ro,{OPTS}"));
+    assert_eq!(read_string(l.m("b")), "data+more");
+    for n in ["a", "b"] {
+        let st = lstat(l.m(n));
+        assert_eq!((st.st_nlink, st.st_ino), (2, ino), "{n}");
+    }
 }
