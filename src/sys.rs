@@ -319,6 +319,13 @@ pub fn faccessat(dir: BorrowedFd<'_>, name: &CStr, mask: i32) -> io::Result<()> 
 /// Runs a size-probing call (`buf` empty asks for the size) until the value
 /// fits: the value may grow between the two calls.
 fn read_sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    // Most values and lists are small: one call usually does.
+    let mut small = [0u8; 256];
+    match check_size(call(&mut small)) {
+        Ok(n) => return Ok(small[..n].to_vec()),
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+        Err(e) => return Err(e),
+    }
     loop {
         let size = check_size(call(&mut []))?;
         let mut buf = vec![0u8; size];
