@@ -12,6 +12,7 @@ pub mod inode;
 pub mod inode_ops;
 pub mod layer;
 pub mod lookup;
+pub mod mountinfo;
 pub mod options;
 pub mod overlay;
 pub mod readdir;

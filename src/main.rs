@@ -259,48 +259,6 @@ fn umount2(p: &Path, flags: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for space, ...).
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// Filesystem type of the topmost mount at exactly `target`, if any.
-fn mounted_fstype(target: &Path) -> io::Result<Option<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let want = target.as_os_str().as_bytes();
-    let mut found = None;
-    for line in info.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mp) = left.split(' ').nth(4) else {
-            continue;
-        };
-        if unescape_mountinfo(mp) == want {
-            found = right.split(' ').next().map(str::to_string);
-        }
-    }
-    Ok(found)
-}
-
 fn umount_cmd(mountpoint: &Path) -> CmdResult {
     let cwd =
         std::env::current_dir().map_err(|e| format!("rovl: cannot get current directory: {e}"))?;
@@ -313,7 +271,7 @@ fn umount_cmd(mountpoint: &Path) -> CmdResult {
         _ => std::fs::canonicalize(&abs)
             .map_err(|e| format!("rovl: {}: {e}", mountpoint.display()))?,
     };
-    match mounted_fstype(&target) {
+    match rovl::mountinfo::top_at(&target).map(|m| m.map(|m| m.fstype)) {
         Ok(None) => return Err(format!("rovl: {}: not mounted", mountpoint.display())),
         Ok(Some(t)) if t != "fuse" && !t.starts_with("fuse.") => {
             return Err(format!(
@@ -459,12 +417,6 @@ mod tests {
         assert!(Cli::try_parse_from(["rovl", "-o", "x"]).is_err());
         assert!(Cli::try_parse_from(["rovl", "a", "b", "c"]).is_err());
         assert!(Cli::try_parse_from(["rovl", "umount"]).is_err());
-    }
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), b"/a b\\c");
-        assert_eq!(unescape_mountinfo(r"/x\04"), b"/x\\04");
     }
 
     #[test]

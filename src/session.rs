@@ -152,24 +152,10 @@ pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
 /// reads large files in a quarter of the requests. Best effort. The device
 /// comes from mountinfo: a stat of the mount would wait for this daemon.
 fn raise_readahead(mountpoint: &std::path::Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(Some(m)) = crate::mountinfo::top_at(mountpoint) else {
         return;
     };
-    let Some(mp) = mountpoint.to_str() else {
-        return;
-    };
-    // Fields: id parent major:minor root mountpoint ...; the last match is on top.
-    let dev = info
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.len() > 4 && f[4] == mp).then(|| f[2].to_string())
-        })
-        .next_back();
-    let Some(dev) = dev else {
-        return;
-    };
-    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
     if let Err(e) = std::fs::write(&path, "1024") {
         log::debug!("readahead not raised ({path}): {e}");
     }

@@ -2,6 +2,7 @@
 //! /proc/self/mountinfo shows it at the mountpoint with the right type, so a
 //! subject that fails to mount is never timed against the bare directory.
 
+use rovl::mountinfo::MountInfo;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
@@ -57,7 +58,7 @@ impl Subject {
         }
     }
 
-    fn accepts(&self, e: &MountEntry) -> bool {
+    fn accepts(&self, e: &MountInfo) -> bool {
         match self.kind {
             Kind::Kernel => e.fstype == "overlay",
             // 1.10 names its type; 2.0 (fuser) mounts plain `fuse` with source `fuse-overlayfs`.
@@ -89,9 +90,9 @@ impl Subject {
         };
         match (&self.kind, src) {
             (Kind::Tmpfs, Source::Flat(dir)) => {
-                run_cmd(Command::new("mount").arg("--bind").arg(dir).arg(&self.mnt))?
+                crate::data::run_quiet(Command::new("mount").arg("--bind").arg(dir).arg(&self.mnt))?
             }
-            (Kind::Kernel, Source::Overlay { lowers, run }) => run_cmd(
+            (Kind::Kernel, Source::Overlay { lowers, run }) => crate::data::run_quiet(
                 Command::new("mount")
                     .args(["-t", "overlay", "overlay", "-o"])
                     .arg(overlay_opts(lowers, run)?)
@@ -135,22 +136,6 @@ fn overlay_opts(lowers: &[PathBuf], run: &Path) -> Result<String, String> {
     ))
 }
 
-fn run_cmd(c: &mut Command) -> Result<(), String> {
-    let out = c
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{c:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// A daemon we started; only it is ever signalled.
 struct Daemon {
     child: Child,
@@ -186,7 +171,7 @@ impl Mount {
 
     fn wait_mounted(
         &mut self,
-        accepts: impl Fn(&MountEntry) -> bool,
+        accepts: impl Fn(&MountInfo) -> bool,
         fstype: &str,
         log: Option<PathBuf>,
     ) -> Result<(), String> {
@@ -289,54 +274,12 @@ pub fn umount_retry(p: &Path) -> io::Result<()> {
     }
 }
 
-/// A mountinfo line, as far as we check it.
-pub struct MountEntry {
-    pub fstype: String,
-    pub source: String,
-}
-
 /// The topmost mount at `p` (canonical), if any.
-pub fn mounted(p: &Path) -> Option<MountEntry> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = p.as_os_str().as_bytes();
-    text.lines().rev().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        let mp = pre.split(' ').nth(4)?;
-        let mut post = post.split(' ');
-        let fstype = post.next()?;
-        let source = post.next().unwrap_or_default();
-        (unescape(mp) == want).then(|| MountEntry {
-            fstype: fstype.to_string(),
-            source: String::from_utf8_lossy(&unescape(source)).into_owned(),
-        })
-    })
+pub fn mounted(p: &Path) -> Option<MountInfo> {
+    rovl::mountinfo::top_at(p).ok().flatten()
 }
 
 /// The type of the topmost mount at `p` (canonical), if any.
 pub fn mounted_type(p: &Path) -> Option<String> {
     mounted(p).map(|e| e.fstype)
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push(
-                b[i + 1..i + 4]
-                    .iter()
-                    .fold(0u8, |a, c| a.wrapping_mul(8) + (c - b'0')),
-            );
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
 }

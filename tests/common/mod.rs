@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -173,59 +173,10 @@ impl Drop for Layers {
 // ---------------------------------------------------------------------------
 // Mount table
 
-/// One line of /proc/self/mountinfo.
-#[derive(Clone, Debug)]
-pub struct MountInfo {
-    pub mount_point: PathBuf,
-    pub fstype: String,
-    pub source: String,
-    pub options: String,
-    pub super_options: String,
-}
-
-/// Undoes the octal escapes (`\040`) of /proc mount tables.
-fn unescape_mount_field(s: &str) -> PathBuf {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                let v = oct.iter().fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
-                out.push(v as u8);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    PathBuf::from(OsString::from_vec(out))
-}
+pub use rovl::mountinfo::MountInfo;
 
 pub fn mountinfo() -> Vec<MountInfo> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v = Vec::new();
-    for line in text.lines() {
-        let (pre, post) = match line.split_once(" - ") {
-            Some(x) => x,
-            None => continue,
-        };
-        let pre: Vec<&str> = pre.split(' ').collect();
-        let post: Vec<&str> = post.split(' ').collect();
-        if pre.len() < 6 || post.len() < 3 {
-            continue;
-        }
-        v.push(MountInfo {
-            mount_point: unescape_mount_field(pre[4]),
-            options: pre[5].to_string(),
-            fstype: post[0].to_string(),
-            source: unescape_mount_field(post[1]).display().to_string(),
-            super_options: post[2].to_string(),
-        });
-    }
-    v
+    rovl::mountinfo::read().unwrap_or_default()
 }
 
 fn mount_points() -> Vec<PathBuf> {
