@@ -597,12 +597,11 @@ impl fuser::Filesystem for OverlayFs {
                 continue;
             }
             match self.ovl.lookup(ino.0, &e.name) {
-                Ok((node, st))
-                    if (node.ino_is_id() || node.ino() <= 1 || node.is_dir())
-                        && !node.has_index() =>
-                {
-                    let attr = self.ovl.attr(&node, &st);
-                    if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {
+                Ok((node, st)) if node.ino_is_id() || node.ino() <= 1 || node.is_dir() => {
+                    // As a lookup reply: the node id as `ino`, and no cached
+                    // attributes where the reported number differs.
+                    let (attr, t) = self.entry_attr(&node, &st);
+                    if reply.add(attr.ino, off, &e.name, &t, &attr, Generation(0)) {
                         // Not sent: the lookup it counted does not happen.
                         self.ovl.forget(node.nodeid, 1);
                         break;
