@@ -158,11 +158,7 @@ impl Overlay {
         ust: &Stat,
     ) {
         self.node_now_upper(node, ust);
-        let meta = self
-            .path_fd(node)
-            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("metacopy")))
-            .is_ok();
-        let data = if meta {
+        let data = if self.is_metacopy(node) {
             self.dir_fd(parent, lower)
                 .and_then(|d| sys::openat(d.as_fd(), name, libc::O_PATH, 0))
                 .ok()
@@ -176,16 +172,16 @@ impl Overlay {
     /// Whether a node's data is still below it: its copy (upper or index)
     /// keeps the metacopy mark until another name's write copies the data.
     pub fn refresh_lowerdata(&self, node: &Arc<Inode>) {
-        if !node.has_lowerdata() {
-            return;
-        }
-        let meta = self
-            .path_fd(node)
-            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("metacopy")))
-            .is_ok();
-        if !meta {
+        if node.has_lowerdata() && !self.is_metacopy(node) {
             node.set_lowerdata(None);
         }
+    }
+
+    /// Whether the node's real object carries the metacopy mark.
+    fn is_metacopy(&self, node: &Arc<Inode>) -> bool {
+        self.path_fd(node)
+            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("metacopy")))
+            .is_ok()
     }
 
     /// A copied-up node's top layer is the upper one, and its key the upper inode.

@@ -154,28 +154,14 @@ impl Overlay {
 
     /// The index entry name of a lower object: the hex of its file handle.
     pub fn index_name(&self, lower: BorrowedFd<'_>) -> Option<CString> {
-        let fh = self.encode_fh(lower, false)?;
-        let hex: String = fh.iter().map(|b| format!("{b:02x}")).collect();
-        CString::new(hex).ok()
-    }
-
-    /// The index entry of an indexed node, if it has been copied up.
-    pub fn index_entry(&self, node: &Inode) -> Option<(BorrowedFd<'_>, CString)> {
-        let name = node.index_name()?;
-        let dir = self.index_fd()?;
-        sys::fstatat(dir, &name).ok()?;
-        Some((dir, name))
+        hex_name(&self.encode_fh(lower, false)?)
     }
 
     /// The link count users see for an indexed object with stat `st`, from
-    /// its `nlink` xattr read through `fd`.
+    /// its `nlink` xattr read through `fd`; its own count if that is unusable.
     pub fn union_nlink(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
-        let Ok(v) = sys::getxattr(fd, &self.xattr_name("nlink")) else {
-            return st.st_nlink;
-        };
-        parse_nlink(&v)
-            .filter(|(base, _)| *base == b'U')
-            .and_then(|(_, diff)| u64::try_from(st.st_nlink as i64 + diff).ok())
+        u64::try_from(self.union_nlink_raw(fd, st))
+            .ok()
             .filter(|&n| n > 0)
             .unwrap_or(st.st_nlink)
     }
@@ -220,7 +206,8 @@ impl Overlay {
         }
     }
 
-    /// The union count without the fallback for bad values.
+    /// The union count (the kernel's `ovl_get_nlink`), which may be zero or
+    /// less once no name is left.
     fn union_nlink_raw(&self, fd: BorrowedFd<'_>, st: &Stat) -> i64 {
         match sys::getxattr(fd, &self.xattr_name("nlink"))
             .ok()
@@ -280,13 +267,16 @@ impl Overlay {
 
     /// The index entry name for a copied-up upper object with an origin.
     pub fn index_name_of_upper(&self, fd: BorrowedFd<'_>) -> Option<CString> {
-        self.index.as_ref()?;
-        let fh = sys::getxattr(fd, &self.xattr_name("origin")).ok()?;
-        let hex: String = fh.iter().map(|b| format!("{b:02x}")).collect();
-        let name = CString::new(hex).ok()?;
-        sys::fstatat(self.index_fd()?, &name).ok()?;
+        let dir = self.index_fd()?;
+        let name = hex_name(&sys::getxattr(fd, &self.xattr_name("origin")).ok()?)?;
+        sys::fstatat(dir, &name).ok()?;
         Some(name)
     }
+}
+
+/// An index entry name: the file handle in lower-case hex.
+fn hex_name(fh: &[u8]) -> Option<CString> {
+    CString::new(fh.iter().map(|b| format!("{b:02x}")).collect::<String>()).ok()
 }
 
 /// Bytes from lower-case or upper-case hex; None if it is not hex.
