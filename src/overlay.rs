@@ -298,7 +298,7 @@ impl Overlay {
         layer: LayerIdx,
     ) -> io::Result<(Arc<OwnedFd>, CString)> {
         // A lower hard link's names read its index entry once there is one.
-        if !self.layers.is_upper(layer) && node.has_index() {
+        if self.index.is_some() && !self.layers.is_upper(layer) && node.has_index() {
             if let Some(e) = self.index_dir_entry(node) {
                 return Ok(e);
             }
@@ -335,7 +335,7 @@ impl Overlay {
     pub fn attr(&self, node: &Arc<Inode>, st: &Stat) -> fuser::FileAttr {
         let mut nlink = st.st_nlink as u32;
         // An indexed hard link counts the names users see (its nlink xattr).
-        if node.has_index() {
+        if self.index.is_some() && node.has_index() {
             if let Ok(fd) = self.path_fd(node) {
                 if let Ok(rst) = sys::fstat(fd.as_fd()) {
                     nlink = self.union_nlink(fd.as_fd(), &rst) as u32;
@@ -348,7 +348,7 @@ impl Overlay {
         }
         // A metadata-only copy uses the blocks of its lower data.
         let mut blocks = st.st_blocks as u64;
-        if let Some(lower) = node.lowerdata() {
+        if let Some(lower) = self.cfg.metacopy.then(|| node.lowerdata()).flatten() {
             if let Ok(lst) = sys::fstat(lower.as_fd()) {
                 blocks = lst.st_blocks as u64;
             }
