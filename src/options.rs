@@ -61,6 +61,9 @@ pub struct MountConfig {
     /// `volatile`: skip syncs; the kernel then marks `W/work/incompat/volatile`.
     /// Always false without an upper layer (the kernel ignores it there).
     pub volatile: bool,
+    /// `selinux_missing=enotsup|enodata`: how a missing `security.selinux`
+    /// is reported. `enotsup` (the default) lets `ls -l` stop asking.
+    pub selinux_enotsup: bool,
 }
 
 /// A bad mount option or layer; `Display` is one line for stderr.
@@ -273,6 +276,7 @@ pub fn parse(
         metacopy: false,
         xino: Xino::Auto,
         volatile: false,
+        selinux_enotsup: true,
     };
     if mountpoint.as_os_str().is_empty() {
         return Err(OptionsError::new("mountpoint is empty"));
@@ -324,6 +328,13 @@ pub fn parse(
                 set_redirect = true;
             }
             "index" => cfg.index = on_off(key, val)?,
+            "selinux_missing" => {
+                cfg.selinux_enotsup = match need_value(key, val)? {
+                    "enotsup" => true,
+                    "enodata" => false,
+                    v => return Err(bad_value(key, v, "enotsup|enodata")),
+                }
+            }
             "metacopy" => {
                 cfg.metacopy = on_off(key, val)?;
                 set_metacopy = true;
@@ -635,6 +646,7 @@ mod tests {
         assert_eq!(c.threads, 0);
         assert_eq!(c.redirect_dir, RedirectDir::On);
         assert!(!c.index && !c.metacopy && !c.userxattr && !c.volatile && !c.read_only);
+        assert!(c.selinux_enotsup);
     }
 
     #[test]
@@ -779,6 +791,17 @@ mod tests {
         assert_eq!(c.threads, 3);
         assert!(c.index && c.volatile);
         assert_eq!(c.redirect_dir, RedirectDir::NoFollow);
+        assert!(
+            !p("lowerdir=/a:/b,selinux_missing=enodata")
+                .unwrap()
+                .selinux_enotsup
+        );
+        assert!(
+            p("lowerdir=/a:/b,selinux_missing=enotsup")
+                .unwrap()
+                .selinux_enotsup
+        );
+        assert!(err("lowerdir=/a:/b,selinux_missing=yes").contains("selinux_missing"));
         for (v, r) in [
             ("on", RedirectDir::On),
             ("follow", RedirectDir::Follow),

@@ -24,6 +24,23 @@ impl Overlay {
     }
 
     pub fn getxattr(&self, nodeid: u64, name: &OsStr) -> io::Result<Vec<u8>> {
+        let r = self.getxattr_real(nodeid, name);
+        // The kernel asks this only when SELinux is not active (the LSM
+        // answers otherwise). ENOTSUP makes `ls -l` stop asking for the rest
+        // of the listing: one round trip per file saved.
+        match r {
+            Err(e)
+                if self.cfg.selinux_enotsup
+                    && e.raw_os_error() == Some(libc::ENODATA)
+                    && name.as_bytes() == b"security.selinux" =>
+            {
+                Err(sys::err(libc::EOPNOTSUPP))
+            }
+            r => r,
+        }
+    }
+
+    fn getxattr_real(&self, nodeid: u64, name: &OsStr) -> io::Result<Vec<u8>> {
         let node = self.node(nodeid)?;
         let real = self.real_xattr_name(name)?;
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;

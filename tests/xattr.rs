@@ -13,6 +13,7 @@ both_backends!(
     private_xattr_names_are_escaped,
     xattr_flags_and_errors,
     xattr_on_upper_dir,
+    selinux_labels_pass_through,
 );
 
 fn user_xattrs_roundtrip(b: Backend) {
@@ -182,4 +183,60 @@ fn xattr_on_upper_dir(b: Backend) {
     assert_eq!(getxattr(l.u("d"), "user.dir").as_deref(), Some(&b"1"[..]));
     assert_eq!(names(l.m("d")), vec!["f"]);
     assert_eq!(listxattr(l.m("d")), vec!["user.dir"]);
+}
+
+fn selinux_labels_pass_through(b: Backend) {
+    // No SELinux here: the label is an ordinary xattr stored by the layers.
+    let l = Layers::new(1);
+    write(l.l(0, "lab"), "x");
+    setxattr(
+        l.l(0, "lab"),
+        "security.selinux",
+        b"system_u:object_r:x_t:s0\0",
+    );
+    write(l.l(0, "plain"), "y");
+    let _m = mount(b, &l);
+    assert_eq!(
+        getxattr(l.m("lab"), "security.selinux").as_deref(),
+        Some(&b"system_u:object_r:x_t:s0\0"[..])
+    );
+    // A missing label: the kernel says ENODATA; rovl says ENOTSUP by default
+    // (`selinux_missing=enotsup`) so that `ls -l` stops asking per file.
+    let want = match b {
+        Backend::Kernel => libc::ENODATA,
+        Backend::Rovl => libc::EOPNOTSUPP,
+    };
+    assert_eq!(
+        errno(try_getxattr(l.m("plain"), "security.selinux")),
+        Some(want)
+    );
+    // Other missing security xattrs keep ENODATA on both.
+    assert_eq!(
+        errno(try_getxattr(l.m("plain"), "security.capability")),
+        Some(libc::ENODATA)
+    );
+    // Setting a label through the mount still works (copy-up).
+    setxattr(l.m("plain"), "security.selinux", b"u:r:t:s0\0");
+    assert_eq!(
+        getxattr(l.u("plain"), "security.selinux").as_deref(),
+        Some(&b"u:r:t:s0\0"[..])
+    );
+}
+
+#[test]
+fn selinux_missing_enodata_matches_kernel() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    write(l.l(0, "plain"), "y");
+    let _m = mount_opts(Backend::Rovl, &l, "selinux_missing=enodata");
+    assert_eq!(
+        errno(try_getxattr(l.m("plain"), "security.selinux")),
+        Some(libc::ENODATA)
+    );
+    assert_eq!(
+        errno(try_getxattr(l.m(""), "security.selinux")),
+        Some(libc::ENODATA)
+    );
 }
