@@ -117,6 +117,19 @@ impl Overlay {
         Ok(self.new_handle(&node, fd, flags, handles))
     }
 
+    /// With `passthrough=all`, read-only opens of a lower file read it in
+    /// the kernel, and the kernel gives an inode one backing file. A change
+    /// of the data then needs a new inode: this node leaves its names, and
+    /// ESTALE makes the kernel look the name up again (open, truncate and
+    /// the other path calls retry once with `LOOKUP_REVAL`), which finds a
+    /// new node. Open files of the old one keep reading the lower file.
+    pub fn leave_lower_backing(&self, node: &Arc<Inode>) -> io::Error {
+        log::debug!("node {} leaves its lower passthrough file", node.nodeid);
+        self.table.unkey(node);
+        node.clear_aliases();
+        sys::err(libc::ESTALE)
+    }
+
     pub fn new_handle(&self, node: &Arc<Inode>, fd: OwnedFd, flags: i32, handles: &Handles) -> u64 {
         let in_upper = node.top() == Some(UPPER) && self.layers.has_upper && !node.has_lowerdata();
         handles.insert(Handle {

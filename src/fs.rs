@@ -5,7 +5,7 @@ use crate::dir::{Caller, NewObj};
 use crate::file::Handles;
 use crate::inode::Inode;
 use crate::inode_ops::SetAttr;
-use crate::options::MountConfig;
+use crate::options::{MountConfig, PassthroughMode};
 use crate::overlay::Overlay;
 use crate::readdir::DirEntry;
 use crate::sys::{self, Stat};
@@ -79,15 +79,21 @@ enum Passthrough {
     Backing(Arc<fuser::BackingId>),
     /// Through us and the page cache.
     Cached,
+    /// A writable open of an inode whose backing is a lower file: the
+    /// handle is dropped and the kernel must look the name up again.
+    Stale(io::Error),
 }
 
 impl OverlayFs {
-    /// Picks the data path of a new handle. Upper files go through the
-    /// kernel's passthrough, all opens of an inode sharing one backing
-    /// file. Lower files stay cached: a later copy-up could not switch an
-    /// open passthrough file to the upper copy, which the kernel overlay
-    /// does. An inode with cached opens keeps new ones cached, as the
-    /// kernel does not mix the two.
+    /// Picks the data path of a new handle. All opens of an inode share
+    /// one backing file, as the kernel requires. Upper files go through the
+    /// kernel's passthrough (`passthrough=upper`, the default); lower files
+    /// stay cached, so that an open read-only file follows a later copy-up
+    /// as in the kernel overlay. With `passthrough=all` read-only opens of
+    /// lower files pass through too, and a write gets a new inode instead
+    /// of sharing their backing (which would write the lower file). An
+    /// inode with cached opens keeps new ones cached, as the kernel does
+    /// not mix the two.
     fn passthrough(
         &self,
         fh: u64,
@@ -99,11 +105,22 @@ impl OverlayFs {
         let mut io = h.node.io.lock();
         let live = io.backing.as_ref().and_then(|w| w.upgrade());
         if let Some(b) = live {
-            // Only upper files get a backing, and an upper file stays put.
+            if io.lower && h.writable {
+                drop(io);
+                self.files.remove(fh);
+                return Passthrough::Stale(self.ovl.leave_lower_backing(&h.node));
+            }
+            // Read-only opens share it: the data changes only through a
+            // writable open, which never shares a lower backing.
             h.set_backing(b.clone());
             return Passthrough::Backing(b);
         }
-        if !self.ovl.passthrough.load(Ordering::Relaxed) || !h.is_upper() || io.cached > 0 {
+        let wanted = match self.ovl.cfg.passthrough {
+            PassthroughMode::Off => false,
+            PassthroughMode::Upper => h.is_upper(),
+            PassthroughMode::All => h.is_upper() || !h.writable,
+        };
+        if !self.ovl.passthrough.load(Ordering::Relaxed) || !wanted || io.cached > 0 {
             h.set_cached(&mut io);
             return Passthrough::Cached;
         }
@@ -111,6 +128,7 @@ impl OverlayFs {
             Ok(b) => {
                 let b = Arc::new(b);
                 io.backing = Some(Arc::downgrade(&b));
+                io.lower = !h.is_upper();
                 h.set_backing(b.clone());
                 Passthrough::Backing(b)
             }
@@ -439,6 +457,7 @@ impl fuser::Filesystem for OverlayFs {
                     };
                     reply.opened(FileHandle(fh), flags)
                 }
+                Passthrough::Stale(e) => reply.error(errno(e)),
             },
             Err(e) => reply.error(errno(e)),
         }
@@ -760,6 +779,11 @@ impl fuser::Filesystem for OverlayFs {
                     ),
                     Passthrough::Cached => {
                         reply.created(&ttl, &attr, Generation(0), FileHandle(fh), CACHED_OPEN)
+                    }
+                    // A new file has no lower backing; undo the entry's count.
+                    Passthrough::Stale(e) => {
+                        self.ovl.table.forget(node.nodeid, 1);
+                        reply.error(errno(e))
                     }
                 }
             }

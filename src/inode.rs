@@ -180,6 +180,16 @@ pub struct IoMode {
     pub cached: usize,
     /// The passthrough backing file shared by the other open handles.
     pub backing: Option<Weak<fuser::BackingId>>,
+    /// That backing file is a lower file (`passthrough=all`).
+    pub lower: bool,
+}
+
+impl IoMode {
+    /// Open read-only files read a lower file in the kernel: a write must
+    /// not share their backing.
+    pub fn lower_backed(&self) -> bool {
+        self.lower && self.backing.as_ref().is_some_and(|w| w.strong_count() > 0)
+    }
 }
 
 /// Mutable facts about a node, updated by lookups and by our own changes.
@@ -342,6 +352,11 @@ impl Inode {
 
     pub fn remove_alias(&self, parent: u64, name: &OsString) {
         self.state.write().aliases.remove(parent, name);
+    }
+
+    /// Leaves every name: the node lives on for its open files only.
+    pub fn clear_aliases(&self) {
+        self.state.write().aliases = Aliases::None;
     }
 }
 

@@ -55,6 +55,12 @@ impl Overlay {
     ) -> io::Result<(Arc<Inode>, Stat)> {
         self.check_writable()?;
         let node = self.node(nodeid)?;
+        let writable_fh =
+            a.fh.and_then(|fh| handles.get(fh))
+                .is_some_and(|h| h.writable);
+        if a.size.is_some() && !writable_fh && node.io.lock().lower_backed() {
+            return Err(self.leave_lower_backing(&node));
+        }
         // A size change needs the data; other changes, only the metadata.
         if a.size.is_some() {
             self.copy_up_data(&node)?;

@@ -27,6 +27,17 @@ pub enum RedirectDir {
     Off,
 }
 
+/// `passthrough=` values: which files' data bypasses the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassthroughMode {
+    /// Everything goes through the daemon and the page cache.
+    Off,
+    /// Upper files only: a read-only file follows its copy-up, as in the kernel.
+    Upper,
+    /// Lower files opened read-only too.
+    All,
+}
+
 /// Everything a mount needs, resolved to absolute paths.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountConfig {
@@ -64,6 +75,8 @@ pub struct MountConfig {
     /// `selinux_missing=enotsup|enodata`: how a missing `security.selinux`
     /// is reported. `enotsup` (the default) lets `ls -l` stop asking.
     pub selinux_enotsup: bool,
+    /// `passthrough=off|upper|all`: FUSE passthrough, where the kernel offers it.
+    pub passthrough: PassthroughMode,
 }
 
 /// A bad mount option or layer; `Display` is one line for stderr.
@@ -277,6 +290,7 @@ pub fn parse(
         xino: Xino::Auto,
         volatile: false,
         selinux_enotsup: true,
+        passthrough: PassthroughMode::Upper,
     };
     if mountpoint.as_os_str().is_empty() {
         return Err(OptionsError::new("mountpoint is empty"));
@@ -328,6 +342,14 @@ pub fn parse(
                 set_redirect = true;
             }
             "index" => cfg.index = on_off(key, val)?,
+            "passthrough" => {
+                cfg.passthrough = match need_value(key, val)? {
+                    "off" => PassthroughMode::Off,
+                    "upper" => PassthroughMode::Upper,
+                    "all" => PassthroughMode::All,
+                    v => return Err(bad_value(key, v, "off|upper|all")),
+                }
+            }
             "selinux_missing" => {
                 cfg.selinux_enotsup = match need_value(key, val)? {
                     "enotsup" => true,
@@ -647,6 +669,7 @@ mod tests {
         assert_eq!(c.redirect_dir, RedirectDir::On);
         assert!(!c.index && !c.metacopy && !c.userxattr && !c.volatile && !c.read_only);
         assert!(c.selinux_enotsup);
+        assert_eq!(c.passthrough, PassthroughMode::Upper);
     }
 
     #[test]
@@ -802,6 +825,15 @@ mod tests {
                 .selinux_enotsup
         );
         assert!(err("lowerdir=/a:/b,selinux_missing=yes").contains("selinux_missing"));
+        for (v, m) in [
+            ("off", PassthroughMode::Off),
+            ("upper", PassthroughMode::Upper),
+            ("all", PassthroughMode::All),
+        ] {
+            let c = p(&format!("lowerdir=/a:/b,passthrough={v}")).unwrap();
+            assert_eq!(c.passthrough, m);
+        }
+        assert!(err("lowerdir=/a:/b,passthrough=lower").contains("passthrough"));
         for (v, r) in [
             ("on", RedirectDir::On),
             ("follow", RedirectDir::Follow),
