@@ -19,6 +19,8 @@
 //! - `ROVL_BENCH_FUSE_OVERLAYFS=path:path` (default /usr/bin/fuse-overlayfs, 1.10 from apt),
 //! - `ROVL_BENCH_FOVL2=path` (default /opt/fuse-overlayfs-2/bin/fuse-overlayfs, 2.0 from
 //!   `cargo install fuse-overlayfs --root /opt/fuse-overlayfs-2`; empty to leave it out),
+//! - `ROVL_BENCH_ROVL_VARIANTS=opts;opts` (default `passthrough=all`): more rovl subjects,
+//!   each with these mount options added; empty for none,
 //! - `ROVL_BENCH_JSON` (default `<target>/bench-compare.json`),
 //! - `ROVL_BENCH_TIMEOUT` seconds per command (default 120).
 
@@ -574,6 +576,8 @@ struct Config {
     mem_sizes: Vec<usize>,
     workloads: Vec<Workload>,
     timeout: Duration,
+    /// Extra rovl subjects: mount options added to each.
+    rovl_variants: Vec<String>,
 }
 
 /// `200000`, `200k` or `1M`.
@@ -660,6 +664,12 @@ impl Config {
             ));
         }
         let timeout = Duration::from_secs(env_parse("ROVL_BENCH_TIMEOUT", 120u64)?);
+        let rovl_variants = std::env::var("ROVL_BENCH_ROVL_VARIANTS")
+            .unwrap_or_else(|_| "passthrough=all".into())
+            .split(';')
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+            .collect();
         Ok(Config {
             scale,
             rounds,
@@ -670,6 +680,7 @@ impl Config {
             mem_sizes,
             workloads,
             timeout,
+            rovl_variants,
         })
     }
 
@@ -773,7 +784,10 @@ fn discover(cfg: &Config, fsdir: &Path, mnts: &Path, notes: &mut Vec<String>) ->
         kinds.push((name, Kind::FuseOverlayfs(bin.clone())));
     }
     if cfg.rovl.exists() {
-        kinds.push(("rovl".into(), Kind::Rovl(cfg.rovl.clone())));
+        kinds.push(("rovl".into(), Kind::Rovl(cfg.rovl.clone(), String::new())));
+        for v in &cfg.rovl_variants {
+            kinds.push((format!("rovl({v})"), Kind::Rovl(cfg.rovl.clone(), v.clone())));
+        }
     } else {
         notes.push(format!(
             "rovl: {} missing (cargo build --release); skipped",

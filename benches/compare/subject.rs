@@ -21,8 +21,8 @@ pub enum Kind {
     Kernel,
     /// `fuse-overlayfs -f`, run as our child: 1.10 (C, libfuse) or 2.0 (Rust, fuser).
     FuseOverlayfs(PathBuf),
-    /// `rovl mount -f`, run as our child.
-    Rovl(PathBuf),
+    /// `rovl mount -f`, run as our child, with these options added.
+    Rovl(PathBuf, String),
     /// The merged view copied into a plain tmpfs directory, bind-mounted: the floor.
     Tmpfs,
 }
@@ -53,7 +53,7 @@ impl Subject {
         match self.kind {
             Kind::Kernel => "overlay",
             Kind::FuseOverlayfs(_) => "fuse.fuse-overlayfs (or fuse, source fuse-overlayfs)",
-            Kind::Rovl(_) => "fuse.rovl",
+            Kind::Rovl(..) => "fuse.rovl",
             Kind::Tmpfs => "tmpfs",
         }
     }
@@ -66,7 +66,7 @@ impl Subject {
                 e.fstype == "fuse.fuse-overlayfs"
                     || (e.fstype == "fuse" && e.source == "fuse-overlayfs")
             }
-            Kind::Rovl(_) => e.fstype == "fuse.rovl",
+            Kind::Rovl(..) => e.fstype == "fuse.rovl",
             Kind::Tmpfs => e.fstype == "tmpfs",
         }
     }
@@ -76,7 +76,7 @@ impl Subject {
     }
 
     pub fn has_daemon(&self) -> bool {
-        matches!(self.kind, Kind::FuseOverlayfs(_) | Kind::Rovl(_))
+        matches!(self.kind, Kind::FuseOverlayfs(_) | Kind::Rovl(..))
     }
 
     /// Mounts `src` at this subject's mountpoint.
@@ -103,10 +103,13 @@ impl Subject {
                 c.arg("-f").arg("-o").arg(overlay_opts(lowers, run)?);
                 m.daemon = Some(spawn_daemon(&mut c, &self.mnt, run)?);
             }
-            (Kind::Rovl(bin), Source::Overlay { lowers, run }) => {
+            (Kind::Rovl(bin, extra), Source::Overlay { lowers, run }) => {
+                let mut opts = overlay_opts(lowers, run)?;
+                if !extra.is_empty() {
+                    opts = format!("{opts},{extra}");
+                }
                 let mut c = Command::new(bin);
-                c.args(["mount", "-f", "-o"])
-                    .arg(overlay_opts(lowers, run)?);
+                c.args(["mount", "-f", "-o"]).arg(opts);
                 m.daemon = Some(spawn_daemon(&mut c, &self.mnt, run)?);
             }
             _ => return Err("internal: source does not fit the subject".into()),
