@@ -16,6 +16,7 @@
 //! ROVL_DIFF_HANG_SECS (default 120: an op that long is reported as a hang),
 //! ROVL_DIFF_PROGRAM=/usr/bin/fuse-overlayfs (compare another FUSE overlay,
 //! run as `PROGRAM -f -o OPTS MNT`, instead of rovl).
+//! ROVL_DIFF_ROVL_OPTS=passthrough=all (appended to rovl's options only).
 //! Issue 4 (also read by the selftest):
 //! ROVL_DIFF_MOUNT_OPTS=redirect_dir=on,index=on,metacopy=on (appended to
 //! every mount's options, both sides, remounts and cross mounts),
@@ -400,7 +401,13 @@ fn workdir_listing(work: &Path, t: &tree::Tree, upper: &tree::Tree) -> Vec<Strin
 
 fn mount_second(second: &Second, opts: &str, mnt: &Path) -> io::Result<SecondMount> {
     match second {
-        Second::Rovl => RovlMount::start(opts, mnt).map(SecondMount::Fuse),
+        Second::Rovl => match std::env::var("ROVL_DIFF_ROVL_OPTS") {
+            // rovl-only options (passthrough=all, say) on rovl's side alone.
+            Ok(own) if !own.trim().is_empty() => {
+                RovlMount::start(&format!("{opts},{}", own.trim()), mnt).map(SecondMount::Fuse)
+            }
+            _ => RovlMount::start(opts, mnt).map(SecondMount::Fuse),
+        },
         Second::Kernel => KernelMount::start(opts, mnt).map(SecondMount::Kernel),
         Second::Program(prog) => {
             RovlMount::start_program(prog, &["-f", "-o", opts], mnt).map(SecondMount::Fuse)
