@@ -786,7 +786,10 @@ fn discover(cfg: &Config, fsdir: &Path, mnts: &Path, notes: &mut Vec<String>) ->
     if cfg.rovl.exists() {
         kinds.push(("rovl".into(), Kind::Rovl(cfg.rovl.clone(), String::new())));
         for v in &cfg.rovl_variants {
-            kinds.push((format!("rovl({v})"), Kind::Rovl(cfg.rovl.clone(), v.clone())));
+            kinds.push((
+                format!("rovl({v})"),
+                Kind::Rovl(cfg.rovl.clone(), v.clone()),
+            ));
         }
     } else {
         notes.push(format!(

@@ -160,3 +160,31 @@ fn passthrough_all_shared_reads_and_metadata_copy_up() {
     assert_eq!(read_string(l.l(1, "d/f")), "data");
     assert_eq!(lstat(l.m("d/f")).st_mode & 0o7777, 0o600);
 }
+
+#[test]
+fn passthrough_all_with_metacopy() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    write(l.l(0, "m"), "lowerdata");
+    let _mnt = mount_opts(Backend::Rovl, &l, "metacopy=on,passthrough=all");
+    // A metadata-only copy, read through its lower data file.
+    let c = cstr(&l.m("m"));
+    // SAFETY: a valid C path.
+    assert_eq!(unsafe { libc::chmod(c.as_ptr(), 0o640) }, 0);
+    assert!(getxattr(l.u("m"), "trusted.overlay.metacopy").is_some());
+    assert_eq!(lstat(l.u("m")).st_size, 9);
+    let mut r = File::open(l.m("m")).unwrap();
+    assert_eq!(read_all(&mut r), "lowerdata");
+    // A write copies the data in and goes to a new inode.
+    let mut w = OpenOptions::new().append(true).open(l.m("m")).unwrap();
+    w.write_all(b"+").unwrap();
+    drop(w);
+    assert_eq!(read_string(l.m("m")), "lowerdata+");
+    assert_eq!(read_string(l.u("m")), "lowerdata+");
+    assert_eq!(getxattr(l.u("m"), "trusted.overlay.metacopy"), None);
+    assert_eq!(read_string(l.l(0, "m")), "lowerdata");
+    assert_eq!(lstat(l.m("m")).st_mode & 0o777, 0o640);
+    assert_eq!(read_all(&mut r), "lowerdata");
+}
