@@ -45,6 +45,8 @@ pub struct Overlay {
     /// Reported inode numbers of files copied up during this mount, by upper inode.
     pub copied_inos: DashMap<u64, u64>,
     tmp_counter: AtomicU64,
+    /// Our pid, for temporary names (`std::process::id` is a system call).
+    pid: u32,
     /// Nodes freed so far, to pace `malloc_trim`.
     freed: AtomicU64,
     pub ttl: Duration,
@@ -101,6 +103,7 @@ impl Overlay {
             },
             copied_inos: DashMap::new(),
             tmp_counter: AtomicU64::new(0),
+            pid: std::process::id(),
             freed: AtomicU64::new(0),
             ttl: Duration::from_secs(86400),
             notifier: OnceLock::new(),
@@ -192,7 +195,7 @@ impl Overlay {
     /// A unique temporary name in the workdir, in the kernel's `#N` style.
     pub fn tmp_name(&self) -> CString {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        CString::new(format!("#rovl{:x}.{}", n, std::process::id())).expect("no NUL")
+        CString::new(format!("#rovl{:x}.{}", n, self.pid)).expect("no NUL")
     }
 
     pub fn xattr_name(&self, suffix: &str) -> CString {
