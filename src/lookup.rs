@@ -51,8 +51,9 @@ impl Overlay {
     /// search in the layers below it.
     pub fn find(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<Option<Found>> {
         let mut layers = parent.layers();
-        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
         let mut target = Target::Name(name.to_owned());
+        // Which layers may hold the name being looked for (by its listing).
+        let mut holders: Option<(CString, crate::overlay::Holders)> = None;
         let mut found: Option<Found> = None;
         let mut k = 0;
         while k < layers.len() {
@@ -67,7 +68,16 @@ impl Overlay {
                 k == layers.len()
             };
             let (dfd, cname) = match &target {
-                Target::Name(n) if !self.may_hold(parent, l, lowers, n) => continue,
+                Target::Name(n)
+                    if !{
+                        if holders.as_ref().is_none_or(|(k, _)| k != n) {
+                            holders = Some((n.clone(), self.holders(parent, &layers, n)));
+                        }
+                        holders.as_ref().is_some_and(|(_, h)| h.may_hold(l))
+                    } =>
+                {
+                    continue
+                }
                 Target::Name(n) => match self.dir_fd(parent, l) {
                     Ok(fd) => (fd, n.clone()),
                     Err(e) if missing(&e) => continue,
@@ -196,9 +206,9 @@ impl Overlay {
     /// from the upper layer then needs a whiteout.
     pub fn lower_positive(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<bool> {
         let layers = parent.layers();
-        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
+        let holders = self.holders(parent, &layers, name);
         for l in layers {
-            if self.layers.is_upper(l) || !self.may_hold(parent, l, lowers, name) {
+            if self.layers.is_upper(l) || !holders.may_hold(l) {
                 continue;
             }
             let pfd = match self.dir_fd(parent, l) {

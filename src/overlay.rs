@@ -8,7 +8,8 @@ use crate::sys::{self, Stat};
 use dashmap::DashMap;
 use lru::LruCache;
 use parking_lot::Mutex;
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::num::NonZeroUsize;
@@ -20,8 +21,92 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The longest name any layer accepts (the kernel takes the minimum too).
 pub const NAME_MAX: usize = 255;
 
-/// The names in one lower layer's directory.
-type Listing = Arc<HashSet<OsString>>;
+/// Which lower layers of a merged directory hold each name. Lower layers
+/// never change, so one listing per dir answers every lookup in it: a name
+/// missing from 50 layers costs one hash probe.
+pub struct DirNames {
+    names: HashMap<OsString, Held>,
+    /// The layers listed, a bit per layer index; the others are probed.
+    listed: Vec<u64>,
+    /// How many layers were listed: the entry's weight in the cache.
+    weight: usize,
+}
+
+/// The lower layers holding one name (most names are in one).
+#[derive(Clone)]
+enum Held {
+    One(LayerIdx),
+    Many(Box<[LayerIdx]>),
+}
+
+impl Held {
+    fn contains(&self, l: LayerIdx) -> bool {
+        match self {
+            Held::One(x) => *x == l,
+            Held::Many(v) => v.contains(&l),
+        }
+    }
+
+    fn add(&mut self, l: LayerIdx) {
+        *self = match self {
+            Held::One(x) => Held::Many(Box::new([*x, l])),
+            Held::Many(v) => Held::Many(v.iter().copied().chain([l]).collect()),
+        };
+    }
+}
+
+impl DirNames {
+    fn is_listed(&self, l: LayerIdx) -> bool {
+        let l = l as usize;
+        self.listed
+            .get(l / 64)
+            .is_some_and(|w| w & (1 << (l % 64)) != 0)
+    }
+}
+
+/// Which layers of a directory may hold one name.
+pub struct Holders {
+    dir: Option<Arc<DirNames>>,
+    held: Option<Held>,
+}
+
+impl Holders {
+    /// False only when the dir's listing of lower layer `l` lacks the name.
+    pub fn may_hold(&self, l: LayerIdx) -> bool {
+        match &self.dir {
+            Some(d) if d.is_listed(l) => self.held.as_ref().is_some_and(|h| h.contains(l)),
+            _ => true,
+        }
+    }
+}
+
+/// Dir listings by node id, bounded by the number of layer listings held.
+struct NameCache {
+    lru: LruCache<u64, Arc<DirNames>>,
+    weight: usize,
+    cap: usize,
+}
+
+impl NameCache {
+    fn put(&mut self, id: u64, d: Arc<DirNames>) {
+        self.weight += d.weight;
+        if let Some(old) = self.lru.put(id, d) {
+            self.weight -= old.weight;
+        }
+        while self.weight > self.cap && self.lru.len() > 1 {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.weight -= old.weight,
+                None => break,
+            }
+        }
+    }
+
+    fn pop(&mut self, id: u64) {
+        if let Some(old) = self.lru.pop(&id) {
+            self.weight -= old.weight;
+        }
+    }
+}
 
 pub struct Overlay {
     pub layers: Layers,
@@ -31,7 +116,7 @@ pub struct Overlay {
     dircache: Mutex<LruCache<(u64, LayerIdx), Arc<OwnedFd>>>,
     /// Names in a merged dir's lower layers (which never change), so a
     /// lookup over many layers probes only those that hold the name.
-    listings: Mutex<LruCache<(u64, LayerIdx), Listing>>,
+    listings: Mutex<NameCache>,
     /// `W/work`, where copy-ups and whiteouts are built before they are renamed into place.
     pub work: Option<OwnedFd>,
     /// xino: the fs ids and the high bits they take (0: one filesystem).
@@ -88,9 +173,11 @@ impl Overlay {
             table,
             layers,
             dircache: Mutex::new(LruCache::new(cap)),
-            listings: Mutex::new(LruCache::new(
-                NonZeroUsize::new((cfg.cache_entries / 16).max(64)).unwrap_or(NonZeroUsize::MIN),
-            )),
+            listings: Mutex::new(NameCache {
+                lru: LruCache::unbounded(),
+                weight: 0,
+                cap: (cfg.cache_entries / 16).max(64),
+            }),
             work,
             fs_devs,
             xino_bits,
@@ -258,40 +345,65 @@ impl Overlay {
                 c.pop(&(nodeid, l));
             }
         }
-        let mut c = self.listings.lock();
-        for l in self.layers.indices() {
-            c.pop(&(nodeid, l));
+        self.listings.lock().pop(nodeid);
+    }
+
+    /// Which of `layers` (a directory's) may hold `name`. Listings are kept
+    /// for dirs merged from several lower layers, where they save most probes.
+    pub fn holders(&self, node: &Arc<Inode>, layers: &[LayerIdx], name: &CStr) -> Holders {
+        let lowers: Vec<LayerIdx> = layers
+            .iter()
+            .copied()
+            .filter(|&l| !self.layers.is_upper(l))
+            .collect();
+        if lowers.len() < 2 {
+            return Holders {
+                dir: None,
+                held: None,
+            };
+        }
+        let dir = self.dir_names(node, &lowers);
+        let held = dir.names.get(cstr_of(name)).cloned();
+        Holders {
+            dir: Some(dir),
+            held,
         }
     }
 
-    /// Whether lower layer `l` of directory `node` may hold `name`: false
-    /// only when its cached listing says not. Listings are kept for dirs
-    /// merged from several lower layers, where they save most probes.
-    pub fn may_hold(&self, node: &Arc<Inode>, l: LayerIdx, lowers: usize, name: &CStr) -> bool {
-        if lowers < 2 || self.layers.is_upper(l) {
-            return true;
+    /// The listing of `node`'s lower layers, cached. A layer that cannot be
+    /// read is left out, and probed.
+    fn dir_names(&self, node: &Arc<Inode>, lowers: &[LayerIdx]) -> Arc<DirNames> {
+        let cached = self.listings.lock().lru.get(&node.nodeid).cloned();
+        if let Some(d) = cached.filter(|d| lowers.iter().all(|&l| d.is_listed(l))) {
+            return d;
         }
-        let key = (node.nodeid, l);
-        let cached = self.listings.lock().get(&key).cloned();
-        let set = match cached {
-            Some(s) => s,
-            None => {
-                let Ok(dfd) = self.dir_fd(node, l) else {
-                    return true;
-                };
-                let Ok(rd) = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
-                else {
-                    return true;
-                };
-                let Ok(entries) = sys::read_dir_all(&rd) else {
-                    return true;
-                };
-                let s: Listing = Arc::new(entries.into_iter().map(|e| e.name).collect());
-                self.listings.lock().put(key, s.clone());
-                s
-            }
+        let mut d = DirNames {
+            names: HashMap::new(),
+            listed: vec![0; self.layers.all.len().div_ceil(64)],
+            weight: 0,
         };
-        set.contains(cstr_of(name))
+        for &l in lowers {
+            let entries = self.dir_fd(node, l).and_then(|dfd| {
+                let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                sys::read_dir_all(&rd)
+            });
+            let Ok(entries) = entries else {
+                continue;
+            };
+            for e in entries {
+                match d.names.entry(e.name) {
+                    Entry::Occupied(mut o) => o.get_mut().add(l),
+                    Entry::Vacant(v) => {
+                        v.insert(Held::One(l));
+                    }
+                }
+            }
+            d.listed[l as usize / 64] |= 1 << (l as usize % 64);
+            d.weight += 1;
+        }
+        let d = Arc::new(d);
+        self.listings.lock().put(node.nodeid, d.clone());
+        d
     }
 
     /// The parent dir fd in `layer` and the name of a non-root node.
@@ -485,4 +597,73 @@ pub fn dtype_kind(d_type: u8) -> fuser::FileType {
 pub fn cstr_of(s: &CStr) -> &OsStr {
     use std::os::unix::ffi::OsStrExt;
     OsStr::from_bytes(s.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(weight: usize, listed: &[LayerIdx], held: &[(&str, &[LayerIdx])]) -> Arc<DirNames> {
+        let mut d = DirNames {
+            names: HashMap::new(),
+            listed: vec![0; 8],
+            weight,
+        };
+        for &l in listed {
+            d.listed[l as usize / 64] |= 1 << (l as usize % 64);
+        }
+        for (n, ls) in held {
+            let mut h = Held::One(ls[0]);
+            for &l in &ls[1..] {
+                h.add(l);
+            }
+            d.names.insert(OsString::from(n), h);
+        }
+        Arc::new(d)
+    }
+
+    #[test]
+    fn holders_answer_per_layer() {
+        let d = names(3, &[1, 2, 130], &[("a", &[1]), ("b", &[2, 130])]);
+        let h = |n: &str| Holders {
+            held: d.names.get(OsStr::new(n)).cloned(),
+            dir: Some(d.clone()),
+        };
+        assert!(h("a").may_hold(1) && !h("a").may_hold(2) && !h("a").may_hold(130));
+        assert!(!h("b").may_hold(1) && h("b").may_hold(2) && h("b").may_hold(130));
+        assert!(!h("zz").may_hold(1) && !h("zz").may_hold(130));
+        // Layers not listed (the upper one, an unreadable one) are probed.
+        assert!(h("zz").may_hold(0) && h("zz").may_hold(3));
+        let none = Holders {
+            dir: None,
+            held: None,
+        };
+        assert!(none.may_hold(5));
+    }
+
+    #[test]
+    fn name_cache_is_bounded_by_layers_listed() {
+        let mut c = NameCache {
+            lru: LruCache::unbounded(),
+            weight: 0,
+            cap: 10,
+        };
+        c.put(1, names(4, &[], &[]));
+        c.put(2, names(4, &[], &[]));
+        assert_eq!(c.weight, 8);
+        // Over the bound: the least recently used dir goes.
+        c.put(3, names(4, &[], &[]));
+        assert_eq!(c.weight, 8);
+        assert!(c.lru.peek(&1).is_none() && c.lru.peek(&3).is_some());
+        // Replacing an entry counts only the new one.
+        c.put(3, names(2, &[], &[]));
+        assert_eq!(c.weight, 6);
+        c.pop(2);
+        c.pop(2);
+        assert_eq!(c.weight, 2);
+        // One entry heavier than the bound is still kept.
+        c.put(4, names(50, &[], &[]));
+        assert_eq!(c.lru.len(), 1);
+        assert_eq!(c.weight, 50);
+    }
 }
