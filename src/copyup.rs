@@ -375,29 +375,38 @@ impl Overlay {
     }
 }
 
-/// Copies file data, keeping holes: FICLONE when the fs shares extents,
-/// then copy_file_range over each data extent, read/write as the fallback.
+/// Copies file data: FICLONE when the fs shares extents, else
+/// copy_file_range in 1 MiB chunks (read/write as the fallback). Holes are
+/// skipped as the kernel's copy-up skips them: a SEEK_DATA before each
+/// chunk. (SEEK_HOLE would be exact, but tmpfs answers it by walking every
+/// page of the data that follows: 64 us for 8 MiB.)
 pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    const CHUNK: i64 = 1 << 20;
     if size == 0 {
         return Ok(());
     }
     if sys::ficlone(out, input).is_ok() {
         return Ok(());
     }
-    let mut pos: i64 = 0;
     let end = size as i64;
+    let mut pos: i64 = 0;
+    let mut skip_holes = true;
     while pos < end {
-        let data = match sys::lseek(input, pos, libc::SEEK_DATA) {
-            Ok(d) => d,
-            // No more data: the rest is a hole.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(_) => pos,
-        };
-        let hole = sys::lseek(input, data, libc::SEEK_HOLE)
-            .unwrap_or(end)
-            .min(end);
-        copy_range(input, out, data, hole - data)?;
-        pos = hole;
+        if skip_holes {
+            match sys::lseek(input, pos, libc::SEEK_DATA) {
+                Ok(d) if d > pos => {
+                    pos = d;
+                    continue;
+                }
+                Ok(_) => {}
+                // No more data: the rest is a hole.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+                Err(_) => skip_holes = false,
+            }
+        }
+        let len = CHUNK.min(end - pos);
+        copy_range(input, out, pos, len)?;
+        pos += len;
     }
     sys::ftruncate(out, size)
 }
