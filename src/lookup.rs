@@ -52,7 +52,7 @@ impl Overlay {
     pub fn find(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<Option<Found>> {
         let mut layers = parent.layers();
         let mut target = Target::Name(name.to_owned());
-        // Which layers may hold the name being looked for (by its listing).
+        // What the dir's listing says of the name being looked for.
         let mut holders: Option<(CString, crate::overlay::Holders)> = None;
         let mut found: Option<Found> = None;
         let mut k = 0;
@@ -73,7 +73,9 @@ impl Overlay {
                         if holders.as_ref().is_none_or(|(k, _)| k != n) {
                             holders = Some((n.clone(), self.holders(parent, &layers, n)));
                         }
-                        holders.as_ref().is_some_and(|(_, h)| h.may_hold(l))
+                        holders
+                            .as_mut()
+                            .is_some_and(|(_, h)| self.may_hold(h, parent, l, n))
                     } =>
                 {
                     continue
@@ -206,9 +208,9 @@ impl Overlay {
     /// from the upper layer then needs a whiteout.
     pub fn lower_positive(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<bool> {
         let layers = parent.layers();
-        let holders = self.holders(parent, &layers, name);
+        let mut holders = self.holders(parent, &layers, name);
         for l in layers {
-            if self.layers.is_upper(l) || !holders.may_hold(l) {
+            if self.layers.is_upper(l) || !self.may_hold(&mut holders, parent, l, name) {
                 continue;
             }
             let pfd = match self.dir_fd(parent, l) {

@@ -7,7 +7,7 @@ use crate::options::MountConfig;
 use crate::sys::{self, Stat};
 use dashmap::DashMap;
 use lru::LruCache;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -23,13 +23,39 @@ pub const NAME_MAX: usize = 255;
 
 /// Which lower layers of a merged directory hold each name. Lower layers
 /// never change, so one listing per dir answers every lookup in it: a name
-/// missing from 50 layers costs one hash probe.
+/// missing from 50 layers costs one hash probe. Layers are listed as
+/// lookups first need them.
+#[derive(Default)]
 pub struct DirNames {
+    inner: RwLock<NamesInner>,
+}
+
+#[derive(Default)]
+struct NamesInner {
     names: HashMap<OsString, Held>,
-    /// The layers listed, a bit per layer index; the others are probed.
-    listed: Vec<u64>,
+    /// The layers listed, a bit per layer index.
+    listed: Bits,
     /// How many layers were listed: the entry's weight in the cache.
     weight: usize,
+}
+
+/// A set of layer indices.
+#[derive(Clone, Default)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn has(&self, l: LayerIdx) -> bool {
+        let l = l as usize;
+        self.0.get(l / 64).is_some_and(|w| w & (1 << (l % 64)) != 0)
+    }
+
+    fn set(&mut self, l: LayerIdx) {
+        let l = l as usize;
+        if self.0.len() <= l / 64 {
+            self.0.resize(l / 64 + 1, 0);
+        }
+        self.0[l / 64] |= 1 << (l % 64);
+    }
 }
 
 /// The lower layers holding one name (most names are in one).
@@ -55,29 +81,11 @@ impl Held {
     }
 }
 
-impl DirNames {
-    fn is_listed(&self, l: LayerIdx) -> bool {
-        let l = l as usize;
-        self.listed
-            .get(l / 64)
-            .is_some_and(|w| w & (1 << (l % 64)) != 0)
-    }
-}
-
-/// Which layers of a directory may hold one name.
+/// What a directory's listing says of one name, as of the layers listed.
 pub struct Holders {
     dir: Option<Arc<DirNames>>,
     held: Option<Held>,
-}
-
-impl Holders {
-    /// False only when the dir's listing of lower layer `l` lacks the name.
-    pub fn may_hold(&self, l: LayerIdx) -> bool {
-        match &self.dir {
-            Some(d) if d.is_listed(l) => self.held.as_ref().is_some_and(|h| h.contains(l)),
-            _ => true,
-        }
-    }
+    listed: Bits,
 }
 
 /// Dir listings by node id, bounded by the number of layer listings held.
@@ -88,14 +96,22 @@ struct NameCache {
 }
 
 impl NameCache {
-    fn put(&mut self, id: u64, d: Arc<DirNames>) {
-        self.weight += d.weight;
-        if let Some(old) = self.lru.put(id, d) {
-            self.weight -= old.weight;
+    /// Records that `dir`, `id`'s listing, grew by one layer (caching it if
+    /// it is not), then evicts the least recently used entries while over
+    /// the bound.
+    fn grew(&mut self, id: u64, dir: &Arc<DirNames>) {
+        match self.lru.peek(&id) {
+            Some(d) if Arc::ptr_eq(d, dir) => self.weight += 1,
+            _ => {
+                if let Some(old) = self.lru.put(id, dir.clone()) {
+                    self.weight -= old.inner.read().weight;
+                }
+                self.weight += dir.inner.read().weight;
+            }
         }
         while self.weight > self.cap && self.lru.len() > 1 {
             match self.lru.pop_lru() {
-                Some((_, old)) => self.weight -= old.weight,
+                Some((_, old)) => self.weight -= old.inner.read().weight,
                 None => break,
             }
         }
@@ -103,7 +119,7 @@ impl NameCache {
 
     fn pop(&mut self, id: u64) {
         if let Some(old) = self.lru.pop(&id) {
-            self.weight -= old.weight;
+            self.weight -= old.inner.read().weight;
         }
     }
 }
@@ -348,62 +364,79 @@ impl Overlay {
         self.listings.lock().pop(nodeid);
     }
 
-    /// Which of `layers` (a directory's) may hold `name`. Listings are kept
-    /// for dirs merged from several lower layers, where they save most probes.
+    /// What `node`'s listing says of `name`. Listings are kept for dirs
+    /// merged from several lower layers, where they save most probes.
     pub fn holders(&self, node: &Arc<Inode>, layers: &[LayerIdx], name: &CStr) -> Holders {
-        let lowers: Vec<LayerIdx> = layers
-            .iter()
-            .copied()
-            .filter(|&l| !self.layers.is_upper(l))
-            .collect();
-        if lowers.len() < 2 {
+        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
+        if lowers < 2 {
             return Holders {
                 dir: None,
                 held: None,
+                listed: Bits::default(),
             };
         }
-        let dir = self.dir_names(node, &lowers);
-        let held = dir.names.get(cstr_of(name)).cloned();
+        // Cached once a layer is listed (see `list_layer`).
+        let cached = self.listings.lock().lru.get(&node.nodeid).cloned();
+        let dir = cached.unwrap_or_default();
+        let (held, listed) = {
+            let g = dir.inner.read();
+            (g.names.get(cstr_of(name)).cloned(), g.listed.clone())
+        };
         Holders {
             dir: Some(dir),
             held,
+            listed,
         }
     }
 
-    /// The listing of `node`'s lower layers, cached. A layer that cannot be
-    /// read is left out, and probed.
-    fn dir_names(&self, node: &Arc<Inode>, lowers: &[LayerIdx]) -> Arc<DirNames> {
-        let cached = self.listings.lock().lru.get(&node.nodeid).cloned();
-        if let Some(d) = cached.filter(|d| lowers.iter().all(|&l| d.is_listed(l))) {
-            return d;
-        }
-        let mut d = DirNames {
-            names: HashMap::new(),
-            listed: vec![0; self.layers.all.len().div_ceil(64)],
-            weight: 0,
+    /// Whether lower layer `l` of `node` may hold `name`: false only when
+    /// its listing lacks the name. A layer not listed yet is listed now; one
+    /// that cannot be read is probed.
+    pub fn may_hold(&self, h: &mut Holders, node: &Arc<Inode>, l: LayerIdx, name: &CStr) -> bool {
+        let Some(dir) = h.dir.clone() else {
+            return true;
         };
-        for &l in lowers {
-            let entries = self.dir_fd(node, l).and_then(|dfd| {
-                let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-                sys::read_dir_all(&rd)
-            });
-            let Ok(entries) = entries else {
-                continue;
-            };
+        if self.layers.is_upper(l) {
+            return true;
+        }
+        if !h.listed.has(l) {
+            self.list_layer(&dir, node, l);
+            let g = dir.inner.read();
+            h.held = g.names.get(cstr_of(name)).cloned();
+            h.listed = g.listed.clone();
+            if !h.listed.has(l) {
+                return true;
+            }
+        }
+        h.held.as_ref().is_some_and(|x| x.contains(l))
+    }
+
+    /// Adds lower layer `l` of `node` to its listing.
+    fn list_layer(&self, dir: &Arc<DirNames>, node: &Arc<Inode>, l: LayerIdx) {
+        let entries = self.dir_fd(node, l).and_then(|dfd| {
+            let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            sys::read_dir_all(&rd)
+        });
+        let Ok(entries) = entries else {
+            return;
+        };
+        {
+            let mut g = dir.inner.write();
+            if g.listed.has(l) {
+                return;
+            }
             for e in entries {
-                match d.names.entry(e.name) {
+                match g.names.entry(e.name) {
                     Entry::Occupied(mut o) => o.get_mut().add(l),
                     Entry::Vacant(v) => {
                         v.insert(Held::One(l));
                     }
                 }
             }
-            d.listed[l as usize / 64] |= 1 << (l as usize % 64);
-            d.weight += 1;
+            g.listed.set(l);
+            g.weight += 1;
         }
-        let d = Arc::new(d);
-        self.listings.lock().put(node.nodeid, d.clone());
-        d
+        self.listings.lock().grew(node.nodeid, dir);
     }
 
     /// The parent dir fd in `layer` and the name of a non-root node.
@@ -603,42 +636,34 @@ pub fn cstr_of(s: &CStr) -> &OsStr {
 mod tests {
     use super::*;
 
-    fn names(weight: usize, listed: &[LayerIdx], held: &[(&str, &[LayerIdx])]) -> Arc<DirNames> {
-        let mut d = DirNames {
-            names: HashMap::new(),
-            listed: vec![0; 8],
-            weight,
-        };
+    fn names(listed: &[LayerIdx], held: &[(&str, &[LayerIdx])]) -> Arc<DirNames> {
+        let mut g = NamesInner::default();
         for &l in listed {
-            d.listed[l as usize / 64] |= 1 << (l as usize % 64);
+            g.listed.set(l);
+            g.weight += 1;
         }
         for (n, ls) in held {
             let mut h = Held::One(ls[0]);
             for &l in &ls[1..] {
                 h.add(l);
             }
-            d.names.insert(OsString::from(n), h);
+            g.names.insert(OsString::from(n), h);
         }
-        Arc::new(d)
+        Arc::new(DirNames {
+            inner: RwLock::new(g),
+        })
     }
 
     #[test]
-    fn holders_answer_per_layer() {
-        let d = names(3, &[1, 2, 130], &[("a", &[1]), ("b", &[2, 130])]);
-        let h = |n: &str| Holders {
-            held: d.names.get(OsStr::new(n)).cloned(),
-            dir: Some(d.clone()),
-        };
-        assert!(h("a").may_hold(1) && !h("a").may_hold(2) && !h("a").may_hold(130));
-        assert!(!h("b").may_hold(1) && h("b").may_hold(2) && h("b").may_hold(130));
-        assert!(!h("zz").may_hold(1) && !h("zz").may_hold(130));
-        // Layers not listed (the upper one, an unreadable one) are probed.
-        assert!(h("zz").may_hold(0) && h("zz").may_hold(3));
-        let none = Holders {
-            dir: None,
-            held: None,
-        };
-        assert!(none.may_hold(5));
+    fn held_and_bits() {
+        let mut h = Held::One(3);
+        h.add(130);
+        h.add(7);
+        assert!(h.contains(3) && h.contains(7) && h.contains(130) && !h.contains(4));
+        let mut b = Bits::default();
+        b.set(0);
+        b.set(200);
+        assert!(b.has(0) && b.has(200) && !b.has(1) && !b.has(64) && !b.has(499));
     }
 
     #[test]
@@ -648,21 +673,28 @@ mod tests {
             weight: 0,
             cap: 10,
         };
-        c.put(1, names(4, &[], &[]));
-        c.put(2, names(4, &[], &[]));
+        let dirs: Vec<Arc<DirNames>> = (0..5).map(|_| names(&[], &[])).collect();
+        let grow = |c: &mut NameCache, id: u64, n: usize| {
+            for _ in 0..n {
+                dirs[id as usize].inner.write().weight += 1;
+                c.grew(id, &dirs[id as usize]);
+            }
+        };
+        grow(&mut c, 1, 4);
+        grow(&mut c, 2, 4);
         assert_eq!(c.weight, 8);
-        // Over the bound: the least recently used dir goes.
-        c.put(3, names(4, &[], &[]));
+        // 12 layer listings over the bound of 10: the oldest dir went.
+        grow(&mut c, 3, 4);
         assert_eq!(c.weight, 8);
         assert!(c.lru.peek(&1).is_none() && c.lru.peek(&3).is_some());
-        // Replacing an entry counts only the new one.
-        c.put(3, names(2, &[], &[]));
-        assert_eq!(c.weight, 6);
         c.pop(2);
         c.pop(2);
-        assert_eq!(c.weight, 2);
+        assert_eq!(c.weight, 4);
+        // An evicted dir that grows again comes back with all its layers.
+        grow(&mut c, 1, 1);
+        assert_eq!(c.weight, 9);
         // One entry heavier than the bound is still kept.
-        c.put(4, names(50, &[], &[]));
+        grow(&mut c, 4, 50);
         assert_eq!(c.lru.len(), 1);
         assert_eq!(c.weight, 50);
     }

@@ -17,6 +17,7 @@ both_backends!(
     empty_merged_root,
     lookup_missing_is_enoent,
     deep_merge_three_lowers,
+    lookups_over_many_lowers,
 );
 
 fn top_layer_wins_for_files(b: Backend) {
@@ -206,4 +207,44 @@ fn deep_merge_three_lowers(b: Backend) {
     assert_eq!(names(l.m("a/b")), vec!["c", "mid"]);
     assert_eq!(names(l.m("a/b/c")), vec!["low", "up"]);
     assert_eq!(read_string(l.m("a/b/c/low")), "2");
+}
+
+/// Names spread over 8 lowers: lookups must see each layer as the kernel
+/// does (rovl answers from one listing of the dir's lower layers).
+fn lookups_over_many_lowers(b: Backend) {
+    let l = Layers::new(8);
+    for i in 0..8 {
+        write(l.l(i, &format!("d/only{i}")), format!("{i}"));
+        write(l.l(i, "d/every"), format!("{i}"));
+    }
+    // A whiteout in layer 2 hides layer 5's file; a file in layer 6 is
+    // hidden by nothing; a dir merges layers 1, 3 and 7 under an opaque 3.
+    write(l.l(5, "d/hidden"), "5");
+    mknod_whiteout(l.l(2, "d/hidden"));
+    write(l.l(7, "d/sub/seven"), "7");
+    write(l.l(3, "d/sub/three"), "3");
+    set_opaque(l.l(3, "d/sub"));
+    write(l.l(1, "d/sub/one"), "1");
+    let _m = mount(b, &l);
+    for i in 0..8 {
+        assert_eq!(read_string(l.m(&format!("d/only{i}"))), format!("{i}"));
+    }
+    assert_eq!(read_string(l.m("d/every")), "0");
+    assert_eq!(errno(try_lstat(l.m("d/hidden"))), Some(libc::ENOENT));
+    assert_eq!(names(l.m("d/sub")), vec!["one", "three"]);
+    assert_eq!(errno(try_lstat(l.m("d/sub/seven"))), Some(libc::ENOENT));
+    for n in ["missing", "only8", "sub/missing"] {
+        assert_eq!(errno(try_lstat(l.m(&format!("d/{n}")))), Some(libc::ENOENT));
+    }
+    // Removing a name from the middle leaves a whiteout only where needed.
+    std::fs::remove_file(l.m("d/only4")).unwrap();
+    assert!(is_whiteout(l.u("d/only4")));
+    assert_eq!(errno(try_lstat(l.m("d/only4"))), Some(libc::ENOENT));
+    let mut want: Vec<String> = (0..8)
+        .filter(|&i| i != 4)
+        .map(|i| format!("only{i}"))
+        .collect();
+    want.extend(["every".to_string(), "sub".to_string()]);
+    want.sort();
+    assert_eq!(names(l.m("d")), want);
 }
