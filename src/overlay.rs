@@ -10,7 +10,7 @@ use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -32,10 +32,10 @@ pub struct DirNames {
 
 #[derive(Default)]
 struct NamesInner {
-    names: HashMap<OsString, Held>,
+    names: HashMap<Box<OsStr>, Held>,
     /// The layers listed, a bit per layer index.
     listed: Bits,
-    /// How many layers were listed: the entry's weight in the cache.
+    /// Names added by the layers listed: the entry's weight in the cache.
     weight: usize,
 }
 
@@ -96,12 +96,12 @@ struct NameCache {
 }
 
 impl NameCache {
-    /// Records that `dir`, `id`'s listing, grew by one layer (caching it if
-    /// it is not), then evicts the least recently used entries while over
-    /// the bound.
-    fn grew(&mut self, id: u64, dir: &Arc<DirNames>) {
+    /// Records that `dir`, `id`'s listing, grew by `added` names (caching
+    /// it if it is not), then evicts the least recently used entries while
+    /// over the bound.
+    fn grew(&mut self, id: u64, dir: &Arc<DirNames>, added: usize) {
         match self.lru.peek(&id) {
-            Some(d) if Arc::ptr_eq(d, dir) => self.weight += 1,
+            Some(d) if Arc::ptr_eq(d, dir) => self.weight += added,
             _ => {
                 if let Some(old) = self.lru.put(id, dir.clone()) {
                     self.weight -= old.inner.read().weight;
@@ -192,7 +192,8 @@ impl Overlay {
             listings: Mutex::new(NameCache {
                 lru: LruCache::unbounded(),
                 weight: 0,
-                cap: (cfg.cache_entries / 16).max(64),
+                // Names, not dirs: memory stays bounded however big the dirs.
+                cap: cfg.cache_entries.saturating_mul(4).max(1024),
             }),
             work,
             fs_devs,
@@ -420,13 +421,14 @@ impl Overlay {
         let Ok(entries) = entries else {
             return;
         };
+        let added = entries.len();
         {
             let mut g = dir.inner.write();
             if g.listed.has(l) {
                 return;
             }
             for e in entries {
-                match g.names.entry(e.name) {
+                match g.names.entry(e.name.into_boxed_os_str()) {
                     Entry::Occupied(mut o) => o.get_mut().add(l),
                     Entry::Vacant(v) => {
                         v.insert(Held::One(l));
@@ -434,9 +436,9 @@ impl Overlay {
                 }
             }
             g.listed.set(l);
-            g.weight += 1;
+            g.weight += added;
         }
-        self.listings.lock().grew(node.nodeid, dir);
+        self.listings.lock().grew(node.nodeid, dir, added);
     }
 
     /// The parent dir fd in `layer` and the name of a non-root node.
@@ -647,7 +649,7 @@ mod tests {
             for &l in &ls[1..] {
                 h.add(l);
             }
-            g.names.insert(OsString::from(n), h);
+            g.names.insert(OsStr::new(n).into(), h);
         }
         Arc::new(DirNames {
             inner: RwLock::new(g),
@@ -677,7 +679,7 @@ mod tests {
         let grow = |c: &mut NameCache, id: u64, n: usize| {
             for _ in 0..n {
                 dirs[id as usize].inner.write().weight += 1;
-                c.grew(id, &dirs[id as usize]);
+                c.grew(id, &dirs[id as usize], 1);
             }
         };
         grow(&mut c, 1, 4);
