@@ -39,7 +39,9 @@ impl Overlay {
             ));
         }
         let index_path = workdir.join("index");
-        let existing = sys::open_dir_path(&index_path).ok();
+        let wfd = sys::open_dir_path(workdir)?;
+        let open_index = || sys::openat(wfd.as_fd(), c"index", libc::O_PATH | libc::O_DIRECTORY, 0);
+        let existing = open_index().ok();
         if let Some(fd) = &existing {
             if sys::getxattr(fd.as_fd(), &upper).is_ok_and(|u| u != upper_fh) {
                 return Err(io::Error::other(format!(
@@ -57,13 +59,12 @@ impl Overlay {
         let fd = match existing {
             Some(fd) => fd,
             None => {
-                let wfd = sys::open_dir_path(workdir)?;
                 match sys::mkdirat(wfd.as_fd(), c"index", 0) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                     Err(e) => return Err(e),
                 }
-                sys::open_dir_path(&index_path)?
+                open_index()?
             }
         };
         if root_origin.is_none() {

@@ -55,6 +55,17 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Re
 }
 
 /// Opens a directory by absolute path (mount time only).
+/// `dir/name` as an O_PATH dir fd; `name` is opened with O_NOFOLLOW, so a
+/// symlink planted there is not followed.
+pub fn open_subdir(dir: &std::path::Path, name: &CStr) -> io::Result<OwnedFd> {
+    openat(
+        open_dir_path(dir)?.as_fd(),
+        name,
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+    )
+}
+
 pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     let fd = check(unsafe {
