@@ -782,7 +782,7 @@ impl fuser::Filesystem for OverlayFs {
                     }
                     // A new file has no lower backing; undo the entry's count.
                     Passthrough::Stale(e) => {
-                        self.ovl.table.forget(node.nodeid, 1);
+                        self.ovl.forget(node.nodeid, 1);
                         reply.error(errno(e))
                     }
                 }

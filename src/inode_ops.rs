@@ -55,10 +55,8 @@ impl Overlay {
     ) -> io::Result<(Arc<Inode>, Stat)> {
         self.check_writable()?;
         let node = self.node(nodeid)?;
-        let writable_fh =
-            a.fh.and_then(|fh| handles.get(fh))
-                .is_some_and(|h| h.writable);
-        if a.size.is_some() && !writable_fh && node.io.lock().lower_backed() {
+        let writable_fh = a.fh.and_then(|fh| handles.get(fh)).filter(|h| h.writable);
+        if a.size.is_some() && writable_fh.is_none() && node.io.lock().lower_backed() {
             return Err(self.leave_lower_backing(&node));
         }
         // A size change needs the data; other changes, only the metadata.
@@ -81,8 +79,7 @@ impl Overlay {
             if node.is_dir() {
                 return Err(sys::err(libc::EISDIR));
             }
-            let h = a.fh.and_then(|fh| handles.get(fh)).filter(|h| h.writable);
-            match h {
+            match &writable_fh {
                 Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
                 None => {
                     let w = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;

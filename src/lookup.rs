@@ -327,10 +327,15 @@ impl Overlay {
 
     /// With index=on, the index entry name of a found non-dir: a lower hard
     /// link's, or an upper file's that is a copy of one.
-    fn index_name_for(&self, parent: &Arc<Inode>, name: &OsStr, f: &Found) -> Option<CString> {
-        let top = f.layers[0];
+    fn index_name_for(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        top: LayerIdx,
+        st: &Stat,
+    ) -> Option<CString> {
         let upper = self.layers.is_upper(top);
-        if !upper && !self.indexes(&f.st) {
+        if !upper && !self.indexes(st) {
             return None;
         }
         let dfd = self.dir_fd(parent, top).ok()?;
@@ -345,11 +350,19 @@ impl Overlay {
     /// Enters a found object into the inode table.
     pub fn instantiate(&self, parent: &Arc<Inode>, name: &OsStr, f: Found) -> (Arc<Inode>, Stat) {
         let (key, ino) = self.key_of(parent, name, &f);
-        let redirect = f.redirect.clone();
+        let Found {
+            st,
+            layers,
+            redirect,
+            lowerdata,
+            metacopy,
+            ..
+        } = f;
+        let top = layers[0];
         let node = self.table.lookup(
             key,
-            sys::mode_type(f.st.st_mode),
-            f.layers.clone(),
+            sys::mode_type(st.st_mode),
+            layers,
             ino,
             parent,
             &name.to_os_string(),
@@ -360,27 +373,27 @@ impl Overlay {
             }
         } else {
             if self.index.is_some() && !node.has_index() {
-                let index = self.index_name_for(parent, name, &f);
+                let index = self.index_name_for(parent, name, top, &st);
                 node.set_index(index);
             }
             // A lower name whose index entry is a metadata-only copy reads
             // its own lower file.
-            if !f.metacopy && !self.layers.is_upper(f.layers[0]) && self.cfg.metacopy {
+            if !metacopy && !self.layers.is_upper(top) && self.cfg.metacopy {
                 if let Some((idir, iname)) = self.index_dir_entry(&node) {
                     if sys::getxattr_at(idir.as_fd(), &iname, &self.xattr_name("metacopy")).is_ok()
                     {
-                        let lower = self.dir_fd(parent, f.layers[0]).and_then(|d| {
+                        let lower = self.dir_fd(parent, top).and_then(|d| {
                             sys::openat(d.as_fd(), &sys::cstr(name)?, libc::O_PATH, 0)
                         });
                         node.set_lowerdata(lower.ok().map(Arc::new));
                     }
                 }
             }
-            if f.metacopy {
-                node.set_lowerdata(f.lowerdata.clone());
+            if metacopy {
+                node.set_lowerdata(lowerdata);
                 node.set_redirect(redirect);
             }
         }
-        (node, f.st)
+        (node, st)
     }
 }

@@ -39,9 +39,10 @@ struct NamesInner {
     weight: usize,
 }
 
-/// A set of layer indices.
-#[derive(Clone, Default)]
-struct Bits(Vec<u64>);
+/// A set of layer indices (the upper layer and up to `MAX_LOWERS` lowers),
+/// copied by value: a lookup takes a snapshot without allocating.
+#[derive(Clone, Copy, Default)]
+struct Bits([u64; (crate::options::MAX_LOWERS + 1).div_ceil(64)]);
 
 impl Bits {
     fn has(&self, l: LayerIdx) -> bool {
@@ -49,12 +50,12 @@ impl Bits {
         self.0.get(l / 64).is_some_and(|w| w & (1 << (l % 64)) != 0)
     }
 
+    /// A layer beyond the set's range stays out of it, and is probed.
     fn set(&mut self, l: LayerIdx) {
         let l = l as usize;
-        if self.0.len() <= l / 64 {
-            self.0.resize(l / 64 + 1, 0);
+        if let Some(w) = self.0.get_mut(l / 64) {
+            *w |= 1 << (l % 64);
         }
-        self.0[l / 64] |= 1 << (l % 64);
     }
 }
 
@@ -88,7 +89,7 @@ pub struct Holders {
     listed: Bits,
 }
 
-/// Dir listings by node id, bounded by the number of layer listings held.
+/// Dir listings by node id, bounded by the number of names they hold.
 struct NameCache {
     lru: LruCache<u64, Arc<DirNames>>,
     weight: usize,
@@ -170,7 +171,7 @@ impl Overlay {
             return Err(sys::err(libc::EINVAL));
         }
         let work = match &cfg.workdir {
-            Some(w) if has_upper => Some(sys::open_dir_path(&w.join("work"))?),
+            Some(w) if has_upper => Some(sys::open_subdir(w, c"work")?),
             _ => None,
         };
         let layers = Layers { all, has_upper };
@@ -221,7 +222,7 @@ impl Overlay {
             // A read-only mount reads the index as it is: lower names of
             // an indexed hard link still show its copy.
             ovl.index = if cfg.read_only {
-                sys::open_dir_path(&w.join("index")).ok().map(Arc::new)
+                sys::open_subdir(w, c"index").ok().map(Arc::new)
             } else {
                 Some(Arc::new(ovl.open_index(w)?))
             };
@@ -381,7 +382,7 @@ impl Overlay {
         let dir = cached.unwrap_or_default();
         let (held, listed) = {
             let g = dir.inner.read();
-            (g.names.get(cstr_of(name)).cloned(), g.listed.clone())
+            (g.names.get(cstr_of(name)).cloned(), g.listed)
         };
         Holders {
             dir: Some(dir),
@@ -394,17 +395,18 @@ impl Overlay {
     /// its listing lacks the name. A layer not listed yet is listed now; one
     /// that cannot be read is probed.
     pub fn may_hold(&self, h: &mut Holders, node: &Arc<Inode>, l: LayerIdx, name: &CStr) -> bool {
-        let Some(dir) = h.dir.clone() else {
-            return true;
-        };
         if self.layers.is_upper(l) {
             return true;
         }
+        let Some(dir) = &h.dir else {
+            return true;
+        };
         if !h.listed.has(l) {
+            let dir = dir.clone();
             self.list_layer(&dir, node, l);
             let g = dir.inner.read();
             h.held = g.names.get(cstr_of(name)).cloned();
-            h.listed = g.listed.clone();
+            h.listed = g.listed;
             if !h.listed.has(l) {
                 return true;
             }
@@ -666,10 +668,13 @@ mod tests {
         b.set(0);
         b.set(200);
         assert!(b.has(0) && b.has(200) && !b.has(1) && !b.has(64) && !b.has(499));
+        // Out of range: not set, so probed.
+        b.set(600);
+        assert!(!b.has(600));
     }
 
     #[test]
-    fn name_cache_is_bounded_by_layers_listed() {
+    fn name_cache_is_bounded_by_weight() {
         let mut c = NameCache {
             lru: LruCache::unbounded(),
             weight: 0,
@@ -685,7 +690,7 @@ mod tests {
         grow(&mut c, 1, 4);
         grow(&mut c, 2, 4);
         assert_eq!(c.weight, 8);
-        // 12 layer listings over the bound of 10: the oldest dir went.
+        // A weight of 12 over the bound of 10: the oldest dir went.
         grow(&mut c, 3, 4);
         assert_eq!(c.weight, 8);
         assert!(c.lru.peek(&1).is_none() && c.lru.peek(&3).is_some());
