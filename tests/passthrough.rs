@@ -154,7 +154,7 @@ fn passthrough_all_shared_reads_and_metadata_copy_up() {
     // SAFETY: p and len come from the mmap above.
     unsafe { libc::munmap(p, len) };
     assert_eq!(got, b"data");
-    // A write through the other name of the dir entry: a new inode.
+    // A write while the readers are open: the name gets a new inode.
     std::fs::write(l.m("d/f"), "changed").unwrap();
     assert_eq!(read_string(l.m("d/f")), "changed");
     assert_eq!(read_string(l.l(1, "d/f")), "data");
