@@ -139,7 +139,7 @@ impl Overlay {
         let size = sys::fstat(input.as_fd())?.st_size as u64;
         let out = sys::openat(pfd.as_fd(), &name, libc::O_WRONLY, 0)?;
         copy_data(input.as_fd(), out.as_fd(), size)?;
-        if !self.cfg.volatile {
+        if self.cfg.syncs() {
             sys::fsync(out.as_fd(), false)?;
         }
         sys::removexattr(out.as_fd(), &self.xattr_name("metacopy"))?;
@@ -225,7 +225,7 @@ impl Overlay {
                 } else {
                     let input = sys::reopen(src.as_fd(), libc::O_RDONLY)?;
                     copy_data(input.as_fd(), out.as_fd(), st.st_size as u64)?;
-                    if !self.cfg.volatile {
+                    if self.cfg.syncs() {
                         sys::fsync(out.as_fd(), false)?;
                     }
                 }

@@ -7,7 +7,7 @@ use crate::lookup::Found;
 use crate::options::RedirectDir;
 use crate::overlay::{cstr_of, Overlay};
 use crate::sys::{self, Stat};
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -45,6 +45,11 @@ impl Overlay {
         self.check_writable()?;
         let parent = self.node(parent_id)?;
         let cname = Self::check_name(name)?;
+        Self::check_new_name(&cname)?;
+        let who = Caller {
+            uid: self.cfg.ids.uid.disk(who.uid),
+            gid: self.cfg.ids.gid.disk(who.gid),
+        };
         if self.find(&parent, &cname)?.is_some() {
             return Err(sys::err(libc::EEXIST));
         }
@@ -70,7 +75,7 @@ impl Overlay {
             }
         }
         let over_whiteout = match sys::fstatat(ufd.as_fd(), &cname) {
-            Ok(st) if sys::is_whiteout(&st) => true,
+            Ok(st) if self.is_whiteout_at(ufd.as_fd(), &cname, &st, UPPER) => true,
             Ok(_) => return Err(sys::err(libc::EEXIST)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
             Err(e) => return Err(e),
@@ -266,7 +271,7 @@ impl Overlay {
             let ufd = self.dir_fd(&parent, UPPER)?;
             let in_upper = !lower_only
                 && match sys::fstatat(ufd.as_fd(), &cname) {
-                    Ok(st) => !sys::is_whiteout(&st),
+                    Ok(st) => !self.is_whiteout_at(ufd.as_fd(), &cname, &st, UPPER),
                     Err(_) => false,
                 };
             if lower_only || self.lower_positive(&parent, &cname)? {
@@ -276,7 +281,7 @@ impl Overlay {
                 // whiteouts left inside it make it not empty; a renamed merged
                 // dir (redirect) is cleared first.
                 if merged {
-                    clear_whiteouts(ufd.as_fd(), &cname)?;
+                    self.clear_whiteouts(ufd.as_fd(), &cname)?;
                 }
                 sys::unlinkat(ufd.as_fd(), &cname, libc::AT_REMOVEDIR)?;
             } else {
@@ -325,7 +330,12 @@ impl Overlay {
     ) -> io::Result<()> {
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
-        sys::mknodat(work, &tmp, libc::S_IFCHR, 0)?;
+        if self.make_whiteout(work, &tmp)? {
+            if let Err(e) = self.mark_xwhiteouts(dir) {
+                let _ = sys::unlinkat(work, &tmp, 0);
+                return Err(e);
+            }
+        }
         let flags = if exists { libc::RENAME_EXCHANGE } else { 0 };
         if let Err(e) = sys::renameat2(work, &tmp, dir, name, flags) {
             let _ = sys::unlinkat(work, &tmp, 0);
@@ -334,7 +344,7 @@ impl Overlay {
         if exists {
             // The replaced object is now at the temporary name.
             if is_dir {
-                clear_whiteouts(work, &tmp)?;
+                self.clear_whiteouts(work, &tmp)?;
                 sys::unlinkat(work, &tmp, libc::AT_REMOVEDIR)?;
             } else {
                 sys::unlinkat(work, &tmp, 0)?;
@@ -361,6 +371,7 @@ impl Overlay {
         let newparent = self.node(newparent_id)?;
         let cname = Self::check_name(name)?;
         let cnew = Self::check_name(newname)?;
+        Self::check_new_name(&cnew)?;
         let src_f = self
             .find(&parent, &cname)?
             .ok_or_else(|| sys::err(libc::ENOENT))?;
@@ -477,11 +488,11 @@ impl Overlay {
         // The upper whiteouts of an overwritten dir go first.
         if let Some(d) = dst_clear {
             if d.top().is_some_and(|t| self.layers.is_upper(t)) {
-                clear_whiteouts(new_ufd.as_fd(), cnew)?;
+                self.clear_whiteouts(new_ufd.as_fd(), cnew)?;
             }
         }
         let new_whiteout = dst.is_none()
-            && matches!(sys::fstatat(new_ufd.as_fd(), cnew), Ok(st) if sys::is_whiteout(&st));
+            && matches!(sys::fstatat(new_ufd.as_fd(), cnew), Ok(st) if self.is_whiteout_at(new_ufd.as_fd(), cnew, &st, UPPER));
         let mut flags = 0;
         let mut cleanup_whiteout = false;
         if exchange {
@@ -533,7 +544,18 @@ impl Overlay {
                 sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
             }
         }
-        sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, flags)?;
+        match sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, flags) {
+            // Some filesystems and user namespaces refuse RENAME_WHITEOUT:
+            // the whiteout follows the rename (not atomically).
+            Err(e)
+                if flags == libc::RENAME_WHITEOUT
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) =>
+            {
+                sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, 0)?;
+                self.whiteout(old_ufd.as_fd(), cname, false, false)?;
+            }
+            r => r?,
+        }
         if let Some(r) = src_new_redirect {
             src.set_redirect(Some(r));
         }
@@ -642,19 +664,4 @@ impl Overlay {
             .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("origin")))
             .is_ok()
     }
-}
-
-/// Removes the whiteouts inside upper dir `dir/name` (it holds nothing else).
-fn clear_whiteouts(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    let d = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    for e in sys::read_dir_all(&d)? {
-        let c = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(e.name.as_os_str()))
-            .map_err(|_| sys::err(libc::EINVAL))?;
-        let st = sys::fstatat(d.as_fd(), &c)?;
-        if !sys::is_whiteout(&st) {
-            return Err(sys::err(libc::ENOTEMPTY));
-        }
-        sys::unlinkat(d.as_fd(), &c, 0)?;
-    }
-    Ok(())
 }

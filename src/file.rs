@@ -207,7 +207,7 @@ impl Overlay {
 
     pub fn fsync(&self, h: &Handle, datasync: bool) -> io::Result<()> {
         // As the kernel's `volatile`: syncs are skipped.
-        if self.cfg.volatile {
+        if !self.cfg.syncs() {
             return Ok(());
         }
         sys::fsync(self.read_fd(h)?.as_fd(), datasync)

@@ -250,11 +250,15 @@ impl fuser::Filesystem for OverlayFs {
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
-            // The kernel then caches ACLs per inode: `ls -l` stops asking
-            // for system.posix_acl_access on every call.
-            | InitFlags::FUSE_POSIX_ACL
             // The umask is ours to apply: not where a default ACL rules.
             | InitFlags::FUSE_DONT_MASK;
+        // The kernel then caches ACLs per inode: `ls -l` stops asking for
+        // system.posix_acl_access on every call.
+        let want = if self.ovl.cfg.noacl || self.ovl.cfg.noxattrs {
+            want
+        } else {
+            want | InitFlags::FUSE_POSIX_ACL
+        };
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
         // Passthrough sends file data straight to the layer file (kernel
@@ -682,7 +686,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let r = self.ovl.node(ino.0).and_then(|n| {
-            if self.ovl.cfg.volatile {
+            if !self.ovl.cfg.syncs() {
                 return Ok(());
             }
             let fd = self.ovl.path_fd(&n)?;

@@ -68,8 +68,8 @@ impl Overlay {
         let fd = self.path_fd(&node)?;
         if a.uid.is_some() || a.gid.is_some() {
             let (pfd, name) = self.upper_entry(&node)?;
-            let uid = a.uid.unwrap_or(u32::MAX);
-            let gid = a.gid.unwrap_or(u32::MAX);
+            let uid = self.cfg.ids.uid.disk(a.uid.unwrap_or(u32::MAX));
+            let gid = self.cfg.ids.gid.disk(a.gid.unwrap_or(u32::MAX));
             sys::fchownat(pfd.as_fd(), &name, uid, gid)?;
         }
         if let Some(mode) = a.mode {

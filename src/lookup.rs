@@ -7,9 +7,10 @@ use crate::layer::LayerIdx;
 use crate::options::RedirectDir;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
+use crate::whiteout::{is_wh_name, Entry};
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 fn missing(e: &io::Error) -> bool {
@@ -91,14 +92,11 @@ impl Overlay {
                     Err(e) => return Err(e),
                 },
             };
-            let st = match sys::fstatat(dfd.as_fd(), &cname) {
-                Ok(st) => st,
-                Err(e) if missing(&e) => continue,
-                Err(e) => return Err(e),
+            let st = match self.probe(dfd.as_fd(), &cname, l)? {
+                Entry::Missing => continue,
+                Entry::Whiteout => break,
+                Entry::Present(st) => st,
             };
-            if sys::is_whiteout(&st) {
-                break;
-            }
             let is_dir = sys::is_dir(st.st_mode);
             if let Some(f) = &mut found {
                 if f.metacopy {
@@ -138,11 +136,11 @@ impl Overlay {
             if last {
                 break;
             }
-            let (opaque, redirect) = self.dir_marks(dfd.as_fd(), &cname);
-            if opaque {
+            let marks = self.dir_marks(dfd.as_fd(), &cname, l);
+            if marks.opaque {
                 break;
             }
-            if let Some(r) = redirect.filter(|_| self.follow_redirects()) {
+            if let Some(r) = marks.redirect.filter(|_| self.follow_redirects()) {
                 if let Some(f) = &mut found {
                     if f.layers.len() == 1 {
                         f.redirect = Some(r.clone());
@@ -160,19 +158,6 @@ impl Overlay {
             }
         }
         Ok(found)
-    }
-
-    /// The opaque flag and redirect of a directory entry.
-    fn dir_marks(&self, dir: BorrowedFd<'_>, name: &CStr) -> (bool, Option<Redirect>) {
-        let opaque =
-            matches!(sys::getxattr_at(dir, name, &self.xattr_name("opaque")), Ok(v) if v == b"y");
-        if opaque {
-            return (true, None);
-        }
-        let redirect = sys::getxattr_at(dir, name, &self.xattr_name("redirect"))
-            .ok()
-            .and_then(|v| Redirect::parse(&v));
-        (false, redirect)
     }
 
     /// The parent dir fd and last name of `path` in layer `l`, walked one
@@ -217,10 +202,10 @@ impl Overlay {
                 Ok(fd) => fd,
                 Err(_) => continue,
             };
-            match sys::fstatat(pfd.as_fd(), name) {
-                Ok(st) => return Ok(!sys::is_whiteout(&st)),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
-                Err(e) => return Err(e),
+            match self.probe(pfd.as_fd(), name, l)? {
+                Entry::Present(_) => return Ok(true),
+                Entry::Whiteout => return Ok(false),
+                Entry::Missing => {}
             }
         }
         Ok(false)
@@ -290,6 +275,10 @@ impl Overlay {
             return Err(sys::err(libc::ENOTDIR));
         }
         let c = Self::check_name(name)?;
+        // `.wh.` markers are never looked up through the mount.
+        if is_wh_name(c.to_bytes()) {
+            return Err(sys::err(libc::ENOENT));
+        }
         let f = self
             .find(&parent, &c)?
             .ok_or_else(|| sys::err(libc::ENOENT))?;

@@ -2,6 +2,7 @@
 //!
 //! Parsing and validation never touch the disk, so bad input changes nothing.
 
+use crate::idmap::{IdMap, IdMaps};
 use std::fmt;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -77,6 +78,29 @@ pub struct MountConfig {
     pub selinux_enotsup: bool,
     /// `passthrough=off|upper|all`: FUSE passthrough, where the kernel offers it.
     pub passthrough: PassthroughMode,
+    /// fuse-overlayfs' `uidmapping=`, `gidmapping=`, `squash_to_*`.
+    pub ids: IdMaps,
+    /// fuse-overlayfs' `fsync=0`: no syncs, as `volatile` without its mark.
+    pub fsync: bool,
+    /// fuse-overlayfs' `noxattrs=1`: xattr requests answer ENOTSUP.
+    pub noxattrs: bool,
+    /// fuse-overlayfs' `noacl`: no POSIX ACL support in the kernel.
+    pub noacl: bool,
+    /// fuse-overlayfs' `static_nlink`: directories report one link.
+    pub static_nlink: bool,
+    /// `context=`: the SELinux label of the mount (passed on where SELinux is on).
+    pub context: Option<String>,
+    /// fuse-overlayfs' `timeout=`: how long the kernel caches entries and attributes.
+    pub timeout: Option<std::time::Duration>,
+    /// fuse-overlayfs' `debug`: debug logging, as `-d`.
+    pub debug: bool,
+}
+
+impl MountConfig {
+    /// Whether fsync and copy-up reach the disk (not `volatile`, not `fsync=0`).
+    pub fn syncs(&self) -> bool {
+        self.fsync && !self.volatile
+    }
 }
 
 /// A bad mount option or layer; `Display` is one line for stderr.
@@ -246,6 +270,23 @@ fn bad_value(key: &str, v: &str, expected: &str) -> OptionsError {
     ))
 }
 
+/// fuse-overlayfs' boolean options: `0` or `1` (bare means 1).
+fn flag01(key: &str, val: Option<&str>) -> Result<bool> {
+    match val {
+        None | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(v) => Err(bad_value(key, v, "0|1")),
+    }
+}
+
+fn id(key: &str, val: Option<&str>) -> Result<u32> {
+    let v = need_value(key, val)?;
+    v.parse::<u32>()
+        .ok()
+        .filter(|&i| i != u32::MAX)
+        .ok_or_else(|| bad_value(key, v, "a uid or gid"))
+}
+
 fn number(key: &str, val: Option<&str>) -> Result<usize> {
     let v = need_value(key, val)?;
     v.parse::<usize>()
@@ -291,6 +332,14 @@ pub fn parse(
         volatile: false,
         selinux_enotsup: true,
         passthrough: PassthroughMode::Upper,
+        ids: IdMaps::default(),
+        fsync: true,
+        noxattrs: false,
+        noacl: false,
+        static_nlink: false,
+        context: None,
+        timeout: None,
+        debug: false,
     };
     if mountpoint.as_os_str().is_empty() {
         return Err(OptionsError::new("mountpoint is empty"));
@@ -369,6 +418,54 @@ pub fn parse(
                     v => return Err(bad_value(key, v, "on|off|auto")),
                 }
             }
+            // fuse-overlayfs' options, with the meaning it gives them.
+            "uidmapping" | "gidmapping" => {
+                let ranges = IdMap::parse_ranges(need_value(key, val)?).map_err(|e| {
+                    OptionsError::new(format!("invalid value for mount option \"{key}\": {e}"))
+                })?;
+                match key {
+                    "uidmapping" => cfg.ids.uid.ranges = ranges,
+                    _ => cfg.ids.gid.ranges = ranges,
+                }
+            }
+            "squash_to_uid" => cfg.ids.uid.squash = Some(id(key, val)?),
+            "squash_to_gid" => cfg.ids.gid.squash = Some(id(key, val)?),
+            "squash_to_root" => {
+                no_value(key, val)?;
+                cfg.ids.uid.squash = Some(0);
+                cfg.ids.gid.squash = Some(0);
+            }
+            "fsync" => cfg.fsync = flag01(key, val)?,
+            "noxattrs" => cfg.noxattrs = flag01(key, val)?,
+            "threaded" => {
+                if !flag01(key, val)? {
+                    cfg.threads = 1;
+                }
+            }
+            "timeout" => {
+                let v = need_value(key, val)?;
+                let secs = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                    .ok_or_else(|| bad_value(key, v, "a number of seconds"))?;
+                cfg.timeout = Some(std::time::Duration::from_secs_f64(secs));
+            }
+            "context" => cfg.context = Some(need_value(key, val)?.to_string()),
+            "xattr_permissions" => match need_value(key, val)? {
+                "0" | "1" | "2" => {}
+                v => return Err(bad_value(key, v, "0|1|2")),
+            },
+            // Accepted for fuse-overlayfs' command line; rovl's own behaviour
+            // already covers them (see README, differences).
+            "writeback" | "fast_ino" => {
+                flag01(key, val)?;
+            }
+            "plugins" => {
+                return Err(OptionsError::new(
+                    "mount option \"plugins\" is not supported (rovl reads layers from directories only)",
+                ))
+            }
             _ if key.starts_with("x-") => {}
             _ => {
                 const FLAGS: &[&str] = &[
@@ -379,6 +476,18 @@ pub fn parse(
                     "default_permissions",
                     "userxattr",
                     "volatile",
+                    "noacl",
+                    "static_nlink",
+                    "ino32_t",
+                    "debug",
+                    "user",
+                    "users",
+                    "nouser",
+                    "auto",
+                    "noauto",
+                    "nofail",
+                    "_netdev",
+                    "defaults",
                 ];
                 let group = vfs_group(key);
                 if group.is_none() && !FLAGS.contains(&key) {
@@ -393,6 +502,13 @@ pub fn parse(
                     "default_permissions" => cfg.default_permissions = true,
                     "userxattr" => cfg.userxattr = true,
                     "volatile" => cfg.volatile = true,
+                    "noacl" => cfg.noacl = true,
+                    "static_nlink" => cfg.static_nlink = true,
+                    "debug" => cfg.debug = true,
+                    // fstab words mount(8) passes on; ino32_t: rovl's inode
+                    // numbers are the kernel's (see README).
+                    "ino32_t" | "user" | "users" | "nouser" | "auto" | "noauto" | "nofail"
+                    | "_netdev" | "defaults" => {}
                     _ => {
                         let group = group.unwrap_or_default();
                         cfg.vfs_flags.retain(|f| !group.contains(&f.as_str()));

@@ -14,6 +14,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -75,6 +76,9 @@ impl Held {
     }
 
     fn add(&mut self, l: LayerIdx) {
+        if self.contains(l) {
+            return;
+        }
         *self = match self {
             Held::One(x) => Held::Many(Box::new([*x, l])),
             Held::Many(v) => Held::Many(v.iter().copied().chain([l]).collect()),
@@ -125,6 +129,34 @@ impl NameCache {
     }
 }
 
+const TRUSTED: &str = "trusted.overlay.";
+const USER: &str = "user.overlay.";
+
+/// Overlay xattr names read on every lookup, built once per mount. Layer
+/// format markers (opaque, whiteout) are read under both prefixes, own
+/// first, so lower layers written either way read right.
+pub struct XattrNames {
+    pub opaque: [CString; 2],
+    pub whiteout: [CString; 2],
+    pub redirect: CString,
+}
+
+impl XattrNames {
+    fn new(userxattr: bool) -> XattrNames {
+        let (own, other) = if userxattr {
+            (USER, TRUSTED)
+        } else {
+            (TRUSTED, USER)
+        };
+        let name = |p: &str, s: &str| CString::new(format!("{p}{s}")).expect("no NUL");
+        XattrNames {
+            opaque: [name(own, "opaque"), name(other, "opaque")],
+            whiteout: [name(own, "whiteout"), name(other, "whiteout")],
+            redirect: name(own, "redirect"),
+        }
+    }
+}
+
 pub struct Overlay {
     pub layers: Layers,
     pub table: InodeTable,
@@ -144,6 +176,8 @@ pub struct Overlay {
     pub cfg: MountConfig,
     /// `trusted.overlay.` or, with `userxattr`, `user.overlay.`.
     pub xattr_prefix: &'static str,
+    /// Overlay xattr names read on every lookup, built once.
+    pub xattrs: XattrNames,
     /// Reported inode numbers of files copied up during this mount, by upper inode.
     pub copied_inos: DashMap<u64, u64>,
     tmp_counter: AtomicU64,
@@ -201,16 +235,13 @@ impl Overlay {
             xino_bits,
             index: None,
             cfg: cfg.clone(),
-            xattr_prefix: if cfg.userxattr {
-                "user.overlay."
-            } else {
-                "trusted.overlay."
-            },
+            xattr_prefix: if cfg.userxattr { USER } else { TRUSTED },
+            xattrs: XattrNames::new(cfg.userxattr),
             copied_inos: DashMap::new(),
             tmp_counter: AtomicU64::new(0),
             pid: std::process::id(),
             freed: AtomicU64::new(0),
-            ttl: Duration::from_secs(86400),
+            ttl: cfg.timeout.unwrap_or(Duration::from_secs(86400)),
             notifier: OnceLock::new(),
             passthrough: std::sync::atomic::AtomicBool::new(false),
         };
@@ -430,7 +461,12 @@ impl Overlay {
                 return;
             }
             for e in entries {
-                match g.names.entry(e.name.into_boxed_os_str()) {
+                // A `.wh.NAME` marker: this layer may hide NAME (the probe tells).
+                let name = match crate::whiteout::hidden_by(e.name.as_bytes()) {
+                    Some(n) => OsStr::from_bytes(n).into(),
+                    None => e.name.into_boxed_os_str(),
+                };
+                match g.names.entry(name) {
                     Entry::Occupied(mut o) => o.get_mut().add(l),
                     Entry::Vacant(v) => {
                         v.insert(Held::One(l));
@@ -495,7 +531,7 @@ impl Overlay {
             }
         }
         // As the kernel: merged directories report one link.
-        if node.is_dir() && node.state.read().layers.len() > 1 {
+        if node.is_dir() && (self.cfg.static_nlink || node.state.read().layers.len() > 1) {
             nlink = 1;
         }
         // A metadata-only copy uses the blocks of its lower data.
@@ -516,8 +552,8 @@ impl Overlay {
             kind: file_type(st.st_mode),
             perm: (st.st_mode & 0o7777) as u16,
             nlink,
-            uid: st.st_uid,
-            gid: st.st_gid,
+            uid: self.cfg.ids.uid.shown(st.st_uid),
+            gid: self.cfg.ids.gid.shown(st.st_gid),
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
             flags: 0,

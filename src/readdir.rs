@@ -5,10 +5,12 @@
 use crate::inode::Inode;
 use crate::overlay::{dtype_kind, Overlay};
 use crate::sys;
+use crate::whiteout::{hidden_by, is_wh_name};
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 pub struct DirEntry {
@@ -42,19 +44,32 @@ impl Overlay {
         let merged = layers.len() > 1;
         let hide_whiteouts = merged || all_merged;
         let mut seen: HashSet<OsString> = HashSet::new();
+        // Names hidden by one layer's `.wh.` markers, from the layers below.
+        let mut hidden: Vec<OsString> = Vec::new();
         for &l in &layers {
             let dfd = self.dir_fd(node, l)?;
             let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
             let upper = self.layers.is_upper(l);
+            // Only a dir marked `opaque=x` holds xattr whiteouts, as the kernel reads it.
+            let xwhiteouts = hide_whiteouts && self.has_xwhiteouts(dfd.as_fd(), l);
             for e in sys::read_dir_all(&rd)? {
+                if is_wh_name(e.name.as_bytes()) {
+                    if let Some(n) = hidden_by(e.name.as_bytes()) {
+                        hidden.push(OsStr::from_bytes(n).to_os_string());
+                    }
+                    continue;
+                }
                 if merged && !seen.insert(e.name.clone()) {
                     continue;
                 }
                 let mut d_type = e.d_type;
-                if hide_whiteouts && (d_type == libc::DT_CHR || d_type == libc::DT_UNKNOWN) {
+                let maybe_xwhiteout = xwhiteouts && d_type == libc::DT_REG;
+                if maybe_xwhiteout
+                    || (hide_whiteouts && (d_type == libc::DT_CHR || d_type == libc::DT_UNKNOWN))
+                {
                     let c = sys::cstr(&e.name)?;
                     match sys::fstatat(dfd.as_fd(), &c) {
-                        Ok(st) if sys::is_whiteout(&st) => continue,
+                        Ok(st) if self.is_whiteout_at(dfd.as_fd(), &c, &st, l) => continue,
                         Ok(st) => d_type = mode_dtype(st.st_mode),
                         Err(_) => continue,
                     }
@@ -73,6 +88,10 @@ impl Overlay {
                     ino,
                     kind: dtype_kind(d_type),
                 });
+            }
+            // A layer's markers hide names of the layers below it, not its own.
+            if merged {
+                seen.extend(hidden.drain(..));
             }
         }
         if !merged && !all_merged && layers.first().is_some_and(|&l| self.layers.is_upper(l)) {
@@ -115,21 +134,11 @@ impl Overlay {
     }
 
     /// Whether a merged directory holds nothing visible (rmdir's test).
-    /// Returns the whiteout names found in its upper layer.
-    pub fn check_empty(&self, node: &Arc<Inode>) -> io::Result<Vec<OsString>> {
-        let entries = self.read_merged(node, true)?;
-        if entries.len() > 2 {
+    pub fn check_empty(&self, node: &Arc<Inode>) -> io::Result<()> {
+        if self.read_merged(node, true)?.len() > 2 {
             return Err(sys::err(libc::ENOTEMPTY));
         }
-        let mut whiteouts = Vec::new();
-        if node.top().is_some_and(|t| self.layers.is_upper(t)) {
-            let dfd = self.dir_fd(node, crate::layer::UPPER)?;
-            let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-            for e in sys::read_dir_all(&rd)? {
-                whiteouts.push(e.name);
-            }
-        }
-        Ok(whiteouts)
+        Ok(())
     }
 }
 

@@ -23,7 +23,16 @@ impl Overlay {
         sys::cstr(name)
     }
 
+    /// fuse-overlayfs' `noxattrs=1`.
+    fn check_xattrs(&self) -> io::Result<()> {
+        if self.cfg.noxattrs {
+            return Err(sys::err(libc::EOPNOTSUPP));
+        }
+        Ok(())
+    }
+
     pub fn getxattr(&self, nodeid: u64, name: &OsStr) -> io::Result<Vec<u8>> {
+        self.check_xattrs()?;
         let r = self.getxattr_real(nodeid, name);
         // The kernel asks this only when SELinux is not active (the LSM
         // answers otherwise). ENOTSUP makes `ls -l` stop asking for the rest
@@ -53,6 +62,7 @@ impl Overlay {
     }
 
     pub fn listxattr(&self, nodeid: u64) -> io::Result<Vec<u8>> {
+        self.check_xattrs()?;
         let node = self.node(nodeid)?;
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
         let raw = if node.nodeid == crate::inode::ROOT {
@@ -80,6 +90,7 @@ impl Overlay {
     }
 
     pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+        self.check_xattrs()?;
         self.check_writable()?;
         let node = self.node(nodeid)?;
         let real = self.real_xattr_name(name)?;
@@ -89,6 +100,7 @@ impl Overlay {
     }
 
     pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> io::Result<()> {
+        self.check_xattrs()?;
         self.check_writable()?;
         let node = self.node(nodeid)?;
         let real = self.real_xattr_name(name)?;

@@ -67,6 +67,19 @@ pub fn require_kernel_overlay() -> bool {
     true
 }
 
+/// The path of an installed program, or a skip (a failure under CI=true).
+pub fn require_program(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        missing(&format!("{name} is not installed (apt-get install {name})"));
+    }
+    found
+}
+
 // ---------------------------------------------------------------------------
 // Layers
 

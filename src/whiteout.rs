@@ -1,0 +1,238 @@
+//! Whiteouts and opaque directories in every format found in layers (the
+//! kernel's `ovl_path_is_whiteout` and `ovl_is_opaquedir`):
+//! - the kernel's 0/0 character devices, and its xattr whiteouts (a
+//!   zero-size file with `overlay.whiteout`, its dir marked `opaque=x`);
+//! - the AUFS/OCI format containers/storage stores layers in when a mount
+//!   program is set: `.wh.NAME` hides NAME, `.wh..wh..opq` makes its dir opaque;
+//! - fuse-overlayfs' `user.fuseoverlayfs.opaque`.
+//!
+//! Names starting with `.wh.` are markers: never listed, looked up or created.
+
+use crate::inode::Redirect;
+use crate::layer::LayerIdx;
+use crate::overlay::Overlay;
+use crate::sys::{self, Stat};
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+/// The AUFS whiteout prefix.
+pub const WH_PREFIX: &[u8] = b".wh.";
+/// Markers that make the directory holding them opaque.
+const WH_OPAQUE: [&CStr; 2] = [c".wh..wh..opq", c".wh..opq"];
+/// Opaque xattrs written by other tools, read in every layer.
+const FOREIGN_OPAQUE: &CStr = c"user.fuseoverlayfs.opaque";
+
+/// Whether `name` is reserved for the `.wh.` format.
+pub fn is_wh_name(name: &[u8]) -> bool {
+    name.starts_with(WH_PREFIX)
+}
+
+/// The name a `.wh.` marker hides (None for opaque markers and other names).
+pub fn hidden_by(marker: &[u8]) -> Option<&[u8]> {
+    let rest = marker.strip_prefix(WH_PREFIX)?;
+    (!rest.is_empty() && !rest.starts_with(WH_PREFIX) && rest != b".opq").then_some(rest)
+}
+
+/// `.wh.NAME`, or None when it would not fit in a name.
+fn marker_for(name: &CStr) -> Option<CString> {
+    let n = name.to_bytes();
+    if n.len() + WH_PREFIX.len() > crate::overlay::NAME_MAX {
+        return None;
+    }
+    let mut v = WH_PREFIX.to_vec();
+    v.extend_from_slice(n);
+    CString::new(v).ok()
+}
+
+/// What one layer's directory holds under a name.
+pub enum Entry {
+    Missing,
+    /// A whiteout of any format: the name and everything below it is gone.
+    Whiteout,
+    Present(Stat),
+}
+
+/// What a directory entry's xattrs and markers say of the layers below it.
+#[derive(Default)]
+pub struct DirMarks {
+    pub opaque: bool,
+    pub redirect: Option<Redirect>,
+}
+
+fn missing(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
+impl Overlay {
+    /// What layer dir `dir` holds under `name`, whiteouts of every format
+    /// recognised. A missing name costs one more probe, for `.wh.NAME`.
+    pub fn probe(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> io::Result<Entry> {
+        match sys::fstatat(dir, name) {
+            Ok(st) if self.is_whiteout_at(dir, name, &st, l) => Ok(Entry::Whiteout),
+            Ok(st) => Ok(Entry::Present(st)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let marked = marker_for(name).is_some_and(|m| sys::fstatat(dir, &m).is_ok());
+                Ok(if marked {
+                    Entry::Whiteout
+                } else {
+                    Entry::Missing
+                })
+            }
+            Err(e) if missing(&e) => Ok(Entry::Missing),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A 0/0 character device, or a zero-size file with the whiteout xattr
+    /// (as the kernel's lookup, whether or not its dir is marked).
+    pub fn is_whiteout_at(&self, dir: BorrowedFd<'_>, name: &CStr, st: &Stat, l: LayerIdx) -> bool {
+        sys::is_whiteout(st)
+            || (sys::mode_type(st.st_mode) == libc::S_IFREG
+                && st.st_size == 0
+                && self
+                    .layout_names(&self.xattrs.whiteout, l)
+                    .iter()
+                    .any(|x| sys::getxattr_at(dir, name, x).is_ok()))
+    }
+
+    /// Format markers read in layer `l`: in a lower layer, those of every
+    /// layout; in the upper one, only this mount's own, since users can
+    /// set the others through the mount (the kernel ignores them too).
+    fn layout_names<'a>(&self, names: &'a [CString; 2], l: LayerIdx) -> &'a [CString] {
+        if self.layers.is_upper(l) {
+            &names[..1]
+        } else {
+            names
+        }
+    }
+
+    /// The opaque flag and redirect of a directory entry: one `listxattr`,
+    /// then values only of the names present, then the opaque markers.
+    pub fn dir_marks(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> DirMarks {
+        let mut marks = DirMarks::default();
+        let list = sys::listxattr_at(dir, name).unwrap_or_default();
+        let has = |x: &CStr| list.split(|&b| b == 0).any(|n| n == x.to_bytes());
+        let value_is_y =
+            |x: &CStr| has(x) && matches!(sys::getxattr_at(dir, name, x), Ok(v) if v == b"y");
+        let foreign = !self.layers.is_upper(l) && value_is_y(FOREIGN_OPAQUE);
+        if foreign
+            || self
+                .layout_names(&self.xattrs.opaque, l)
+                .iter()
+                .any(|x| value_is_y(x))
+        {
+            marks.opaque = true;
+            return marks;
+        }
+        let redirect = &self.xattrs.redirect;
+        if has(redirect) {
+            marks.redirect = sys::getxattr_at(dir, name, redirect)
+                .ok()
+                .and_then(|v| Redirect::parse(&v));
+        }
+        if marks.redirect.is_none() {
+            marks.opaque = self.has_opaque_marker(dir, name);
+        }
+        marks
+    }
+
+    /// Whether `dir/name` holds an AUFS opaque marker.
+    fn has_opaque_marker(&self, dir: BorrowedFd<'_>, name: &CStr) -> bool {
+        let Ok(d) = sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0) else {
+            return false;
+        };
+        WH_OPAQUE.iter().any(|m| sys::fstatat(d.as_fd(), m).is_ok())
+    }
+
+    /// Whether a layer's directory is marked as holding xattr whiteouts
+    /// (`opaque=x`): readdir then checks its empty files.
+    pub fn has_xwhiteouts(&self, dir: BorrowedFd<'_>, l: LayerIdx) -> bool {
+        self.layout_names(&self.xattrs.opaque, l)
+            .iter()
+            .any(|x| matches!(sys::getxattr(dir, x), Ok(v) if v == b"x"))
+    }
+
+    /// Makes a whiteout at `dir/name`: a 0/0 device as the kernel makes it,
+    /// or, where mknod is refused (some user namespaces and filesystems),
+    /// the kernel's xattr whiteout; its dir must then be marked `opaque=x`
+    /// ([`Overlay::mark_xwhiteouts`]). Returns whether it is an xattr whiteout.
+    pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+        match sys::mknodat(dir, name, libc::S_IFCHR, 0) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
+                log::debug!("mknod of a whiteout refused ({e}): writing an xattr whiteout");
+            }
+            r => return r.map(|()| false),
+        }
+        let fd = sys::openat(
+            dir,
+            name,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+            0o000,
+        )?;
+        let r = sys::setxattr(fd.as_fd(), &self.xattrs.whiteout[0], b"y", 0);
+        drop(fd);
+        if let Err(e) = r {
+            let _ = sys::unlinkat(dir, name, 0);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Marks an upper dir as holding xattr whiteouts, unless it is opaque.
+    pub fn mark_xwhiteouts(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        let opaque = &self.xattrs.opaque[0];
+        match sys::getxattr(dir, opaque) {
+            Ok(v) if v == b"y" || v == b"x" => Ok(()),
+            _ => sys::setxattr(dir, opaque, b"x", 0),
+        }
+    }
+
+    /// Removes the whiteouts of every format inside upper dir `dir/name`,
+    /// which holds nothing else (else ENOTEMPTY).
+    pub fn clear_whiteouts(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        let l = crate::layer::UPPER;
+        let d = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        for e in sys::read_dir_all(&d)? {
+            let c = sys::cstr(&e.name)?;
+            let st = sys::fstatat(d.as_fd(), &c)?;
+            let marker = is_wh_name(c.to_bytes()) && !sys::is_dir(st.st_mode);
+            if !marker && !self.is_whiteout_at(d.as_fd(), &c, &st, l) {
+                return Err(sys::err(libc::ENOTEMPTY));
+            }
+            sys::unlinkat(d.as_fd(), &c, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses new names in the `.wh.` format, as fuse-overlayfs does: they
+    /// would be hidden, and other tools read them as whiteouts.
+    pub fn check_new_name(name: &CStr) -> io::Result<()> {
+        if is_wh_name(name.to_bytes()) {
+            return Err(sys::err(libc::EINVAL));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_names() {
+        assert_eq!(hidden_by(b".wh.foo"), Some(&b"foo"[..]));
+        assert_eq!(hidden_by(b".wh..wh..opq"), None);
+        assert_eq!(hidden_by(b".wh..opq"), None);
+        assert_eq!(hidden_by(b".wh."), None);
+        assert_eq!(hidden_by(b"foo"), None);
+        assert!(is_wh_name(b".wh.x") && !is_wh_name(b"wh.x") && !is_wh_name(b".whx"));
+        assert_eq!(
+            marker_for(c"a").as_deref(),
+            Some(c".wh.a"),
+            "the marker of a name"
+        );
+        let long = CString::new(vec![b'a'; 252]).unwrap();
+        assert!(marker_for(&long).is_none());
+    }
+}
