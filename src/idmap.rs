@@ -30,7 +30,10 @@ impl IdMap {
         let nums = v
             .split(':')
             .filter(|f| !f.is_empty())
-            .map(|f| f.parse::<u32>().map_err(|_| format!("\"{f}\" is not an id")))
+            .map(|f| {
+                f.parse::<u32>()
+                    .map_err(|_| format!("\"{f}\" is not an id"))
+            })
             .collect::<Result<Vec<u32>, String>>()?;
         if nums.is_empty() || nums.len() % 3 != 0 {
             return Err("expected ID:MAPPED-ID:LEN triples".into());

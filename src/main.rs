@@ -102,19 +102,17 @@ fn main() -> ExitCode {
 /// Errors are one line for stderr; empty means already reported.
 type CmdResult = Result<(), String>;
 
-fn mount_cmd(common: Common, opts: &[String], mut args: Vec<OsString>) -> CmdResult {
+fn mount_cmd(mut common: Common, opts: &[String], mut args: Vec<OsString>) -> CmdResult {
+    let opts = options::split_options(&opts.join(","));
+    // fuse-overlayfs' `-o debug` is `-d`, and needs the logger first.
+    common.debug |= opts.iter().any(|o| o == "debug");
     init_logger(common.debug);
     let mountpoint = PathBuf::from(args.pop().expect("clap requires MERGED"));
     let source = args.pop().map(|s| s.to_string_lossy().into_owned());
     let cwd =
         std::env::current_dir().map_err(|e| format!("rovl: cannot get current directory: {e}"))?;
-    let cfg = options::parse(
-        &options::split_options(&opts.join(",")),
-        &mountpoint,
-        source.as_deref(),
-        &cwd,
-    )
-    .map_err(|e| e.to_string())?;
+    let cfg =
+        options::parse(&opts, &mountpoint, source.as_deref(), &cwd).map_err(|e| e.to_string())?;
     options::validate(&cfg).map_err(|e| e.to_string())?;
     log::debug!("mount config: {cfg:?}");
 
@@ -179,10 +177,24 @@ fn serve(cfg: &MountConfig, reporter: Reporter) -> Result<(), Reported> {
             return Err(Reported);
         }
     }
+    let mut cfg = cfg.clone();
+    // Inside a user namespace trusted.* cannot be written: the kernel's
+    // userxattr layout then, as rootless engines need it.
+    if !cfg.userxattr && !rovl::workdir::trusted_xattrs_usable(workdir.as_ref()) {
+        log::warn!(
+            "trusted.* xattrs are not permitted here (user namespace or unprivileged): \
+             using user.overlay.* (the kernel's userxattr option)"
+        );
+        options::use_userxattr(&mut cfg);
+    }
+    let cfg = &cfg;
 
     let session = match rovl::session::mount(cfg) {
         Ok(s) => s,
         Err(e) => {
+            if let Some(w) = workdir {
+                w.abandon();
+            }
             reporter.failed(&format!(
                 "rovl: cannot mount {}: {e}",
                 cfg.mountpoint.display()
@@ -238,7 +250,7 @@ fn signal_loop(set: libc::sigset_t, mut unmounter: rovl::session::Unmounter, mou
         if let Err(e) = unmounter.unmount() {
             // Busy: detach now, serve remaining users until they close.
             log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display());
-            if let Err(e) = umount2(mountpoint, libc::MNT_DETACH) {
+            if let Err(e) = unmounter.detach() {
                 log::error!("lazy unmount {}: {e}", mountpoint.display());
             }
         }

@@ -565,6 +565,17 @@ pub fn parse(
     Ok(cfg)
 }
 
+/// Switches a mount to the kernel's `userxattr` layout, where `trusted.*`
+/// cannot be written, with the implications the option has.
+pub fn use_userxattr(cfg: &mut MountConfig) {
+    cfg.userxattr = true;
+    if cfg.redirect_dir != RedirectDir::NoFollow || cfg.metacopy {
+        log::info!("userxattr: redirect_dir=nofollow and metacopy=off, as the kernel has them");
+    }
+    cfg.redirect_dir = RedirectDir::NoFollow;
+    cfg.metacopy = false;
+}
+
 fn redirect_name(r: RedirectDir) -> &'static str {
     match r {
         RedirectDir::On => "on",

@@ -5,27 +5,34 @@ use crate::fs::OverlayFs;
 use crate::options::MountConfig;
 use crate::sys;
 use fuser::SessionACL;
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// A mounted overlay. Serve it with [`Mounted::run`]; dropped unrun, it unmounts.
 pub struct Mounted {
     session: Option<fuser::Session<OverlayFs>>,
     mountpoint: PathBuf,
+    /// Mounted by `fusermount3`: only it can unmount.
+    helper: bool,
 }
 
 /// Unmounts from another thread (a signal handler loop, say).
 #[derive(Clone, Debug)]
 pub struct Unmounter {
     mountpoint: PathBuf,
+    helper: bool,
 }
 
 impl Unmounter {
-    /// `umount2(mountpoint, 0)`; the session's `run` then returns.
+    /// Unmounts; the session's `run` then returns. Busy: `EBUSY`.
     pub fn unmount(&mut self) -> io::Result<()> {
-        umount(&self.mountpoint, 0)
+        unmount(&self.mountpoint, false, self.helper)
+    }
+
+    /// Detaches now; the session serves open files until they close.
+    pub fn detach(&mut self) -> io::Result<()> {
+        unmount(&self.mountpoint, true, self.helper)
     }
 }
 
@@ -33,6 +40,7 @@ impl Mounted {
     pub fn unmounter(&self) -> Unmounter {
         Unmounter {
             mountpoint: self.mountpoint.clone(),
+            helper: self.helper,
         }
     }
 
@@ -48,18 +56,39 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if self.session.is_some() {
-            let _ = umount(&self.mountpoint, libc::MNT_DETACH);
+            let _ = unmount(&self.mountpoint, true, self.helper);
         }
     }
 }
 
-fn umount(p: &Path, flags: i32) -> io::Result<()> {
-    let c = sys::cstr(p.as_os_str())?;
-    if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
-        return Err(io::Error::last_os_error());
+/// umount2, or `fusermount3 -u` for a mount the helper made.
+fn unmount(p: &Path, lazy: bool, helper: bool) -> io::Result<()> {
+    if !helper {
+        let c = sys::cstr(p.as_os_str())?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(());
     }
-    Ok(())
+    let mut cmd = std::process::Command::new(FUSERMOUNT);
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd.arg("--").arg(p).output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr);
+    if msg.contains("busy") {
+        return Err(sys::err(libc::EBUSY));
+    }
+    Err(io::Error::other(msg.trim().to_string()))
 }
+
+/// The setuid mount helper of FUSE 3.
+const FUSERMOUNT: &str = "fusermount3";
 
 /// mount(2) flags for the generic options.
 fn mount_flags(cfg: &MountConfig, read_only: bool) -> libc::c_ulong {
@@ -92,41 +121,12 @@ pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
     let fs = OverlayFs::new(cfg)?;
     let ovl = fs.ovl.clone();
     let read_only = ovl.read_only();
-
-    let dev = CString::new("/dev/fuse").expect("no NUL");
-    let raw = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fuse = unsafe { OwnedFd::from_raw_fd(raw) };
-    // Kernel overlayfs lets every user in and checks permissions itself:
-    // allow_other plus default_permissions does the same over FUSE.
-    let data = format!(
-        "fd={},rootmode=40000,user_id={},group_id={},default_permissions,allow_other",
-        fuse.as_raw_fd(),
-        unsafe { libc::getuid() },
-        unsafe { libc::getgid() },
-    );
-    let src = sys::cstr(std::ffi::OsStr::new(&cfg.source))?;
-    let target = sys::cstr(cfg.mountpoint.as_os_str())?;
-    let fstype = CString::new("fuse.rovl").expect("no NUL");
-    let cdata = CString::new(data).expect("no NUL");
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            mount_flags(cfg, read_only),
-            cdata.as_ptr().cast(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let (fuse, helper) = mount_dev_fuse(cfg, read_only)?;
     ovl.init_upper_uuid();
     let mut mounted = Mounted {
         session: None,
         mountpoint: cfg.mountpoint.clone(),
+        helper,
     };
     let threads = if cfg.threads > 0 {
         cfg.threads
@@ -145,6 +145,118 @@ pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
     mounted.session = Some(session);
     raise_readahead(&cfg.mountpoint);
     Ok(mounted)
+}
+
+/// Mounts `/dev/fuse` with mount(2) where we may (root, or mapped root
+/// owning the mount namespace); else through `fusermount3`, as libfuse
+/// does for unprivileged users. Returns the fd and whether the helper mounted.
+fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bool)> {
+    let src = sys::cstr(std::ffi::OsStr::new(&cfg.source))?;
+    let target = sys::cstr(cfg.mountpoint.as_os_str())?;
+    // SAFETY: getuid and getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let context = selinux_context(cfg);
+    let direct = sys::mount_fuse(
+        &src,
+        &target,
+        c"fuse.rovl",
+        mount_flags(cfg, read_only),
+        // Kernel overlayfs lets every user in and checks permissions
+        // itself: allow_other plus default_permissions does the same.
+        |fd| {
+            format!(
+                "fd={fd},rootmode=40000,user_id={uid},group_id={gid},default_permissions,allow_other{context}"
+            )
+        },
+    );
+    let e = match direct {
+        Ok(fd) => return Ok((fd, false)),
+        Err(e) => e,
+    };
+    match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => {}
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "/dev/fuse is not available ({e}): load the fuse module (modprobe fuse), \
+                     or give the container --device /dev/fuse"
+                ),
+            ))
+        }
+        _ => return Err(e),
+    }
+    // Not permitted to mount: the setuid helper mounts for us.
+    log::info!("mount(2) not permitted ({e}): mounting through {FUSERMOUNT}");
+    let mut opts = vec![
+        format!("fsname={}", escape_opt(&cfg.source)),
+        "subtype=rovl".to_string(),
+        "default_permissions".to_string(),
+    ];
+    if allow_other_permitted() {
+        opts.push("allow_other".into());
+    } else {
+        log::info!("/etc/fuse.conf lacks user_allow_other: the mount is its owner's alone");
+    }
+    if read_only {
+        opts.push("ro".into());
+    }
+    opts.extend(cfg.vfs_flags.iter().cloned());
+    opts.extend(context.strip_prefix(',').map(str::to_string));
+    match sys::fusermount(FUSERMOUNT, &opts.join(","), &cfg.mountpoint) {
+        Ok(fd) => Ok((fd, true)),
+        Err(h) if h.kind() == io::ErrorKind::NotFound => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: mounting needs root, or {FUSERMOUNT} for unprivileged users \
+                 (apt-get install fuse3)"
+            ),
+        )),
+        Err(h) if e.raw_os_error() == Some(libc::EACCES) => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "cannot open /dev/fuse ({e}) and {FUSERMOUNT} failed ({h}): \
+                 distributions ship /dev/fuse with mode 0666 (chmod 0666 /dev/fuse), or run as root"
+            ),
+        )),
+        Err(h) => Err(io::Error::new(h.kind(), format!("{FUSERMOUNT}: {h}"))),
+    }
+}
+
+/// `,context=...` for the mount data where SELinux is on; elsewhere the
+/// kernel would refuse the option, so it is dropped with a log line.
+fn selinux_context(cfg: &MountConfig) -> String {
+    match &cfg.context {
+        Some(c) if Path::new("/sys/fs/selinux/enforce").exists() => format!(",context={c}"),
+        Some(c) => {
+            log::info!("SELinux is not enabled: context={c} has no effect");
+            String::new()
+        }
+        None => String::new(),
+    }
+}
+
+/// Whether `fusermount3` lets this user pass `allow_other`.
+fn allow_other_permitted() -> bool {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        return true;
+    }
+    std::fs::read_to_string("/etc/fuse.conf")
+        .map(|c| c.lines().any(|l| l.trim() == "user_allow_other"))
+        .unwrap_or(false)
+}
+
+/// Escapes `,` and `\` for the helper's option parser.
+fn escape_opt(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, ',' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// FUSE mounts start with 128 KiB of readahead, and every read of a lower

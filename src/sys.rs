@@ -593,3 +593,116 @@ pub fn stat_times(st: &Stat) -> [libc::timespec; 2] {
         },
     ]
 }
+
+/// Mounts through the setuid `fusermount3` (the `_FUSE_COMMFD` handshake,
+/// as libfuse does): it mounts `/dev/fuse` at `mountpoint` with `opts` and
+/// hands back the fd over a socket pair.
+pub fn fusermount(helper: &str, opts: &str, mountpoint: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = UnixStream::pair()?;
+    let their_fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(helper);
+    cmd.arg("-o")
+        .arg(opts)
+        .arg("--")
+        .arg(mountpoint)
+        .env("_FUSE_COMMFD", their_fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec only fcntl runs, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(their_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(their_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(theirs);
+    let received = recv_fd(ours.as_fd());
+    drop(ours);
+    let out = child.wait_with_output()?;
+    match received {
+        Ok(fd) if out.status.success() => Ok(fd),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let line = stderr.lines().next().unwrap_or("").trim();
+            Err(io::Error::other(if line.is_empty() {
+                format!("{helper} failed ({})", out.status)
+            } else {
+                line.to_string()
+            }))
+        }
+    }
+}
+
+/// Receives one fd sent with SCM_RIGHTS.
+fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one cmsghdr with one int, aligned as the kernel wants it.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; every pointer in it points at live buffers
+    // above, with their lengths.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    let n = loop {
+        // SAFETY: `msg` describes valid buffers (see above).
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        break n;
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: CMSG_FIRSTHDR reads the control buffer the kernel filled in.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    if cmsg.is_null() {
+        return Err(io::Error::other("no fd received from the mount helper"));
+    }
+    // SAFETY: `cmsg` points into `cbuf`; an SCM_RIGHTS message carries ints.
+    unsafe {
+        if (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return Err(io::Error::other("unexpected message from the mount helper"));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Opens `/dev/fuse` and mounts it at `target` with mount(2).
+pub fn mount_fuse(
+    source: &CStr,
+    target: &CStr,
+    fstype: &CStr,
+    flags: libc::c_ulong,
+    data: impl FnOnce(RawFd) -> String,
+) -> io::Result<OwnedFd> {
+    let fd = check(unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let fuse = unsafe { OwnedFd::from_raw_fd(fd) };
+    let cdata = CString::new(data(fd)).map_err(|_| err(libc::EINVAL))?;
+    // SAFETY: every pointer is a valid C string for the duration of the call.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            cdata.as_ptr().cast(),
+        )
+    })?;
+    Ok(fuse)
+}

@@ -23,6 +23,8 @@ pub struct WorkDir {
     base: OwnedFd,
     /// Holds the upperdir lock.
     _upper: OwnedFd,
+    /// `W/work` did not exist before: a failed mount removes it again.
+    created: bool,
 }
 
 impl WorkDir {
@@ -34,6 +36,14 @@ impl WorkDir {
     /// The workdir W itself (the kernel also keeps `W/index` here).
     pub fn base_fd(&self) -> BorrowedFd<'_> {
         self.base.as_fd()
+    }
+
+    /// Undoes what preparing made, for a mount that failed: a `W/work`
+    /// that was not there before goes again.
+    pub fn abandon(self) {
+        if self.created {
+            let _ = remove_entry(self.base.as_fd(), c"work");
+        }
     }
 
     /// Creates `W/work/incompat/volatile` as the kernel does for `volatile`
@@ -301,6 +311,9 @@ pub fn prepare(workdir: &Path, upperdir: &Path) -> io::Result<WorkDir> {
     lock(upper.as_fd(), "upperdir", upperdir)?;
 
     check_incompat(base.as_fd(), workdir)?;
+    let created = lstat_at(base.as_fd(), c"work")
+        .map_err(|e| with_path(e, "cannot stat", &workdir.join(WORK_NAME)))?
+        .is_none();
     remove_entry(base.as_fd(), c"work")
         .map_err(|e| with_path(e, "cannot clean up workdir", &workdir.join(WORK_NAME)))?;
     mkdir_if_missing(base.as_fd(), c"work")
@@ -312,7 +325,28 @@ pub fn prepare(workdir: &Path, upperdir: &Path) -> io::Result<WorkDir> {
         work,
         base,
         _upper: upper,
+        created,
     })
+}
+
+/// Whether `trusted.*` xattrs can be used, as the kernel tests at mount
+/// (`ovl_make_workdir`): set and removed on `W/work`. Without an upper
+/// layer, whether this process is outside any user namespace.
+pub fn trusted_xattrs_usable(work: Option<&WorkDir>) -> bool {
+    let Some(w) = work else {
+        return std::fs::read_to_string("/proc/self/uid_map")
+            .map(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+            .unwrap_or(true);
+    };
+    let name = c"trusted.overlay.rovl-probe";
+    match crate::sys::setxattr(w.work.as_fd(), name, b"1", 0) {
+        Ok(()) => {
+            let _ = crate::sys::removexattr(w.work.as_fd(), name);
+            true
+        }
+        // An upper fs without xattrs at all fails either way.
+        Err(e) => !matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)),
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ fn ci() -> bool {
 }
 
 /// Reports a missing prerequisite: a failure under CI=true, a skip otherwise.
-fn missing(reason: &str) -> bool {
+pub fn missing(reason: &str) -> bool {
     if ci() {
         panic!("prerequisite missing (CI=true): {reason}");
     }
@@ -78,6 +78,79 @@ pub fn require_program(name: &str) -> Option<PathBuf> {
         missing(&format!("{name} is not installed (apt-get install {name})"));
     }
     found
+}
+
+// ---------------------------------------------------------------------------
+// Test users
+
+/// A user made for one test, with subordinate ids, removed with its
+/// processes (rootless podman leaves a pause process behind) on drop.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl TestUser {
+    pub fn new() -> Option<TestUser> {
+        // Unique per test binary and call.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("rovlt{}x{n}", std::process::id());
+        let ok = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/bin/sh", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            missing(&format!(
+                "useradd {name} failed: rootless tests need a user"
+            ));
+            return None;
+        }
+        let out = Command::new("id").args(["-u", &name]).output().unwrap();
+        let uid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let user = TestUser { name, uid };
+        let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+        assert!(
+            subuid
+                .lines()
+                .any(|l| l.starts_with(&format!("{}:", user.name))),
+            "useradd gave {} no /etc/subuid range",
+            user.name
+        );
+        Some(user)
+    }
+
+    /// Ends every process of this user: all were started by this test.
+    pub fn kill_processes(&self) {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let owner = std::fs::metadata(e.path()).map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.uid()
+            });
+            if owner.is_ok_and(|u| u == self.uid) {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        self.kill_processes();
+        for _ in 0..50 {
+            let st = Command::new("userdel").arg(&self.name).status();
+            if st.is_ok_and(|s| s.success()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            self.kill_processes();
+        }
+        eprintln!("could not remove test user {}", self.name);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -192,7 +265,7 @@ pub fn mountinfo() -> Vec<MountInfo> {
     rovl::mountinfo::read().unwrap_or_default()
 }
 
-fn mount_points() -> Vec<PathBuf> {
+pub fn mount_points() -> Vec<PathBuf> {
     mountinfo().into_iter().map(|m| m.mount_point).collect()
 }
 

@@ -1,0 +1,223 @@
+//! podman with rovl as containers/storage's `mount_program`, rootful and
+//! rootless, against fuse-overlayfs and the kernel driver: a build of five
+//! layers that delete, rename and replace, a container that changes files,
+//! a commit, a run of the committed image, `--uidmap` and `--userns=keep-id`.
+//! The scenario is `tests/podman/scenario.sh`; it prints the trees the
+//! containers see, compared here.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SCENARIO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/podman/scenario.sh");
+
+/// podman, runc, busybox and fuse-overlayfs, or a skip.
+fn require_podman() -> Option<PathBuf> {
+    for p in ["podman", "runc", "busybox"] {
+        require_program(p)?;
+    }
+    require_program("fuse-overlayfs")
+}
+
+/// A dir any user can read, removed with what is mounted under it.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix("rovl-podman-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch { dir }
+    }
+
+    fn sub(&self, name: &str, owner: Option<u32>) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if let Some(uid) = owner {
+            std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+        }
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // containers/storage bind-mounts its store on itself; a failed
+        // scenario may leave a container's mount too.
+        let mut under: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(self.dir.path()))
+            .collect();
+        under.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for m in under {
+            let _ = umount2(&m, libc::MNT_DETACH);
+        }
+    }
+}
+
+/// Runs the scenario with `driver` ("native" or a mount program) in a
+/// fresh dir; rootless as `user`, in a private mount namespace with a 0666
+/// `/dev/fuse` as distributions ship it.
+fn scenario(scratch: &Scratch, tag: &str, driver: &Path, user: Option<&TestUser>) -> String {
+    let dir = scratch.sub(tag, user.map(|u| u.uid));
+    let script = dir.join("scenario.sh");
+    std::fs::copy(SCENARIO, &script).unwrap();
+    let out = match user {
+        None => Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .arg(driver)
+            .current_dir(&dir)
+            .output()
+            .unwrap(),
+        Some(u) => {
+            let fuse = dir.join("fuse-node");
+            let inner = format!(
+                "set -e; mknod -m 666 {fuse} c 10 229; mount --bind {fuse} /dev/fuse; \
+                 exec runuser -u {user} -- env HOME={dir} bash {script} {dir} {driver} rootless",
+                fuse = fuse.display(),
+                user = u.name,
+                dir = dir.display(),
+                script = script.display(),
+                driver = driver.display(),
+            );
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "bash", "-c", &inner])
+                .current_dir(&dir)
+                .output()
+                .unwrap()
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tag}: scenario failed ({}):\n{}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The rovl binary where a test user can run it.
+fn rovl_copy(scratch: &Scratch) -> PathBuf {
+    let bin = scratch.sub("bin", None).join("rovl");
+    std::fs::copy(rovl_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// The section `name` of a scenario's output.
+fn section<'a>(out: &'a str, name: &str) -> &'a str {
+    let start = out
+        .find(&format!("== {name}\n"))
+        .unwrap_or_else(|| panic!("no section {name} in:\n{out}"));
+    let rest = &out[start + name.len() + 4..];
+    &rest[..rest.find("\n== ").map_or(rest.len(), |e| e + 1)]
+}
+
+/// What every driver must show, whatever the reference says.
+fn assert_expected(out: &str) {
+    assert!(
+        !out.contains("/.wh.") && !out.contains("/.wh..wh..opq"),
+        "{out}"
+    );
+    let build = section(out, "build");
+    for present in [
+        "/opt/data/g f",
+        "/opt/moved/f3 f",
+        "/etc/skel/y f",
+        "/usr/share/doc/pkg1/z f",
+        "/usr/share/doc/pkg2/new f",
+        "/hello f",
+    ] {
+        assert!(build.contains(present), "build lacks {present}:\n{build}");
+    }
+    for gone in [
+        "/opt/data/f1 ",
+        "/opt/moved/f2 ",
+        "/one ",
+        "/etc/skel/sub",
+        "/usr/share/doc/pkg1/a",
+        "/usr/share/doc/pkg2/b",
+        "/hl ",
+    ] {
+        assert!(!build.contains(gone), "build still has {gone}:\n{build}");
+    }
+    let commit = section(out, "commit");
+    assert!(commit.contains("/newdir/z f"), "{commit}");
+    for gone in ["/hello ", "/opt/moved"] {
+        assert!(!commit.contains(gone), "commit still has {gone}:\n{commit}");
+    }
+}
+
+#[test]
+fn rootful() {
+    if !require_root_fuse() || !require_kernel_overlay() {
+        return;
+    }
+    let Some(fuse_overlayfs) = require_podman() else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let rovl = rovl_copy(&scratch);
+    let ours = scenario(&scratch, "rovl", &rovl, None);
+    assert_expected(&ours);
+    let kernel = scenario(&scratch, "kernel", Path::new("native"), None);
+    let reference = scenario(&scratch, "fuse-overlayfs", &fuse_overlayfs, None);
+    for s in ["build", "commit"] {
+        assert_eq!(
+            section(&ours, s),
+            section(&kernel, s),
+            "{s}: rovl vs the kernel driver"
+        );
+        assert_eq!(
+            section(&ours, s),
+            section(&reference, s),
+            "{s}: rovl vs fuse-overlayfs"
+        );
+    }
+    // Rootful --uidmap: podman 4.3 hands a mount program idmapped lower
+    // mounts and uidmapping= both, so lower files show the overflow id
+    // (README, differences). The container still runs as its root.
+    assert!(
+        section(&ours, "uidmap").starts_with("uid=0(root)"),
+        "{ours}"
+    );
+}
+
+#[test]
+fn rootless() {
+    if !require_root_fuse() {
+        return;
+    }
+    let Some(fuse_overlayfs) = require_podman() else {
+        return;
+    };
+    if require_program("newuidmap").is_none() {
+        return;
+    }
+    let scratch = Scratch::new();
+    let Some(user) = TestUser::new() else {
+        return;
+    };
+    let rovl = rovl_copy(&scratch);
+    let ours = scenario(&scratch, "rovl", &rovl, Some(&user));
+    assert_expected(&ours);
+    // keep-id: the container runs as the user, and writes as it.
+    let keep = section(&ours, "keep-id");
+    assert!(keep.starts_with(&format!("{}\nk\n", user.uid)), "{keep}");
+    assert!(
+        keep.contains(&format!("/tmp/k f ccc87e72 {0}:{0}", user.uid)),
+        "{keep}"
+    );
+    let reference = scenario(&scratch, "fuse-overlayfs", &fuse_overlayfs, Some(&user));
+    assert_eq!(ours, reference, "rovl vs fuse-overlayfs, rootless");
+}
