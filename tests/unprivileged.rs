@@ -49,7 +49,11 @@ fn run_as(user: &TestUser, root: &Path, userns: bool, script: &str) -> (bool, St
             shell_quote(script)
         )
     } else {
-        format!("runuser -u {} -- bash -c {}", user.name, shell_quote(script))
+        format!(
+            "runuser -u {} -- bash -c {}",
+            user.name,
+            shell_quote(script)
+        )
     };
     let outer = format!(
         "set -e; mknod -m 666 {f} c 10 229; mount --bind {f} /dev/fuse; cd {r}; {inner_cmd}",
@@ -107,8 +111,14 @@ tail -n 1 err
     assert_eq!(lines[3], "0", "no trusted.* xattrs written: {out}");
     assert_eq!(lines[4], "0", "unmounted through fusermount3: {out}");
     assert_eq!(lines[5], "w2 clean", "{out}\n{err}");
-    assert!(lines[6].starts_with("rovl: cannot mount"), "one clear line: {out}");
-    assert_eq!(std::fs::read_to_string(t.path().join("u/n")).unwrap(), "new\n");
+    assert!(
+        lines[6].starts_with("rovl: cannot mount"),
+        "one clear line: {out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("u/n")).unwrap(),
+        "new\n"
+    );
     drop(user);
 }
 
@@ -146,7 +156,14 @@ cat rovl.err
     let read = |n: &str| std::fs::read_to_string(t.path().join(n)).unwrap();
     assert_eq!(read("m.tree"), read("km.tree"), "merged trees");
     assert_eq!(read("u.upper"), read("ku.upper"), "upper layers");
-    assert!(read("u.upper").contains("user.overlay.opaque=\"y\""), "{}", read("u.upper"));
-    assert!(out.contains("userxattr"), "one log line on the switch: {out}");
+    assert!(
+        read("u.upper").contains("user.overlay.opaque=\"y\""),
+        "{}",
+        read("u.upper")
+    );
+    assert!(
+        out.contains("userxattr"),
+        "one log line on the switch: {out}"
+    );
     drop(user);
 }
