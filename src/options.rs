@@ -143,20 +143,26 @@ fn vfs_group(flag: &str) -> Option<&'static [&'static str]> {
     VFS_FLAG_GROUPS.iter().copied().find(|g| g.contains(&flag))
 }
 
-/// Splits a `-o` string on commas not escaped by `\`.
-/// Escapes are kept: values are unescaped by the option that reads them
-/// (as the kernel does). Empty options are dropped.
+/// Splits a `-o` string on commas not escaped by `\` nor inside a quoted
+/// label (podman's `context="…:c1,c2"`). Escapes and quotes are kept:
+/// values are unescaped by the option that reads them (as the kernel
+/// does). Empty options (podman sends `,,`) are dropped.
 pub fn split_options(s: &str) -> Vec<String> {
-    split_escaped(s, ',')
+    split_escaped(s, ',', true)
         .into_iter()
         .filter(|o| !o.is_empty())
         .collect()
 }
 
-/// Splits on `sep` where it is not escaped by `\`, keeping the escapes.
-fn split_escaped(s: &str, sep: char) -> Vec<String> {
+/// SELinux label options, whose quoted values may hold commas.
+const LABEL_OPTS: &[&str] = &["context=", "fscontext=", "defcontext=", "rootcontext="];
+
+/// Splits on `sep` where it is not escaped by `\` (nor, with `quotes`,
+/// inside the double quotes of a label option's value), keeping the escapes.
+fn split_escaped(s: &str, sep: char, quotes: bool) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
+    let mut quoted = false;
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
@@ -164,7 +170,10 @@ fn split_escaped(s: &str, sep: char) -> Vec<String> {
             if let Some(n) = chars.next() {
                 cur.push(n);
             }
-        } else if c == sep {
+        } else if quotes && c == '"' && (quoted || LABEL_OPTS.contains(&cur.as_str())) {
+            quoted = !quoted;
+            cur.push(c);
+        } else if c == sep && !quoted {
             out.push(std::mem::take(&mut cur));
         } else {
             cur.push(c);
@@ -217,7 +226,7 @@ fn split_lowerdir(v: &str) -> Result<Vec<String>> {
             "lowerdir \"{v}\" starts with ':' (cannot append a layer)"
         )));
     }
-    let raw = split_escaped(v, ':');
+    let raw = split_escaped(v, ':', false);
     if raw.last().is_some_and(|s| s.is_empty()) {
         return Err(OptionsError::new(format!(
             "unescaped trailing colon in lowerdir \"{v}\""
@@ -777,6 +786,10 @@ mod tests {
             vec!["a", r"b\,c", r"d=e\\", "f"]
         );
         assert_eq!(split_options(""), Vec::<String>::new());
+        assert_eq!(
+            split_options(r#"a,,context="u:r:t:s0:c1,c2",b,"#),
+            vec!["a", r#"context="u:r:t:s0:c1,c2""#, "b"]
+        );
         assert_eq!(split_options(r"x\"), vec![r"x\"]);
     }
 
@@ -998,6 +1011,41 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.redirect_dir, RedirectDir::NoFollow);
+    }
+
+    #[test]
+    fn fuse_overlayfs_options() {
+        // What podman passes with --userns=keep-id, empty options included.
+        let c = p("lowerdir=l/A:l/B,upperdir=X/diff,workdir=X/work,,volatile,\
+                   uidmapping=:0:1:1001:1001:0:1:1002:1002:64535,\
+                   gidmapping=:0:1:1001:1001:0:1:1002:1002:64535,context=\"u:r:t:s0:c1,c2\",")
+        .unwrap();
+        assert!(c.volatile && !c.syncs());
+        assert_eq!(c.ids.uid.shown(1001), 0);
+        assert_eq!(c.ids.gid.disk(1), 0);
+        assert_eq!(c.context.as_deref(), Some("\"u:r:t:s0:c1,c2\""));
+        let c = p(
+            "lowerdir=a:b,squash_to_uid=7,squash_to_gid=8,fsync=0,noxattrs=1,noacl,\
+                   static_nlink,timeout=2.5,threaded=0,writeback=1,fast_ino=1,ino32_t,\
+                   xattr_permissions=2,debug,user,noauto",
+        )
+        .unwrap();
+        assert_eq!((c.ids.uid.shown(0), c.ids.gid.shown(0)), (7, 8));
+        assert!(!c.fsync && c.noxattrs && c.noacl && c.static_nlink && c.debug);
+        assert_eq!(c.threads, 1);
+        assert_eq!(c.timeout, Some(std::time::Duration::from_millis(2500)));
+        let c = p("lowerdir=a:b,squash_to_root").unwrap();
+        assert_eq!(c.ids.uid.shown(1234), 0);
+        for bad in [
+            "uidmapping=0:1",
+            "squash_to_uid=x",
+            "fsync=2",
+            "xattr_permissions=3",
+            "timeout=-1",
+            "plugins=x",
+        ] {
+            assert!(p(&format!("lowerdir=a:b,{bad}")).is_err(), "{bad}");
+        }
     }
 
     fn mkdirs(root: &Path, names: &[&str]) {
