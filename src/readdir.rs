@@ -54,7 +54,7 @@ impl Overlay {
             let xwhiteouts = hide_whiteouts && self.has_xwhiteouts(dfd.as_fd(), l);
             for e in sys::read_dir_all(&rd)? {
                 if is_wh_name(e.name.as_bytes()) {
-                    if let Some(n) = hidden_by(e.name.as_bytes()) {
+                    if let Some(n) = hidden_by(e.name.as_bytes()).filter(|_| merged) {
                         hidden.push(OsStr::from_bytes(n).to_os_string());
                     }
                     continue;
@@ -90,9 +90,7 @@ impl Overlay {
                 });
             }
             // A layer's markers hide names of the layers below it, not its own.
-            if merged {
-                seen.extend(hidden.drain(..));
-            }
+            seen.extend(hidden.drain(..));
         }
         if !merged && !all_merged && layers.first().is_some_and(|&l| self.layers.is_upper(l)) {
             self.drop_stale_impure(node, &out);
