@@ -63,7 +63,11 @@ impl Overlay {
             }
             return Ok(());
         }
-        let st = sys::fstatat(lower_dir.as_fd(), &cname)?;
+        let mut st = sys::fstatat(lower_dir.as_fd(), &cname)?;
+        // The upper copy stores layer ids, whatever mount the lower is on.
+        let idmapped = self.layers.get(lower).idmapped;
+        st.st_uid = self.cfg.ids.uid.copied(st.st_uid, idmapped);
+        st.st_gid = self.cfg.ids.gid.copied(st.st_gid, idmapped);
         let indexed = index.is_some() && self.indexes(&st);
         let meta = !data && self.cfg.metacopy && sys::mode_type(st.st_mode) == libc::S_IFREG;
         // The parent's times are restored afterwards, as the kernel does.

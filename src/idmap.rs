@@ -68,6 +68,25 @@ impl IdMap {
             .map_or(OVERFLOW_ID, |r| r.shown + (disk - r.disk))
     }
 
+    /// The id shown for an id read from a layer: one on an idmapped mount
+    /// already shows the mount's ids, and is only squashed.
+    pub fn shown_from(&self, id: u32, idmapped: bool) -> u32 {
+        match (self.squash, idmapped) {
+            (Some(s), _) => s,
+            (None, true) => id,
+            (None, false) => self.shown(id),
+        }
+    }
+
+    /// The id to store in the upper layer for an id read from a layer.
+    pub fn copied(&self, id: u32, idmapped: bool) -> u32 {
+        if idmapped {
+            self.disk(id)
+        } else {
+            id
+        }
+    }
+
     /// The layer id for an id of the mounter's namespace (a caller's, or
     /// a chown's). `u32::MAX` ("unchanged" in chown) passes through.
     pub fn disk(&self, shown: u32) -> u32 {
@@ -137,5 +156,24 @@ mod tests {
         assert_eq!(m.shown(1234), 0);
         assert_eq!(m.disk(1234), 1234);
         assert!(IdMaps::default().is_identity());
+    }
+
+    #[test]
+    fn idmapped_layers_are_not_mapped_twice() {
+        let m = IdMap {
+            ranges: IdMap::parse_ranges("0:100000:65536").unwrap(),
+            squash: None,
+        };
+        // A layer on an idmapped mount already shows 100000 for its 0.
+        assert_eq!(m.shown_from(100000, true), 100000);
+        assert_eq!(m.shown_from(0, false), 100000);
+        // Its copy stores the layer's own id, as a plain lower's does.
+        assert_eq!(m.copied(100000, true), 0);
+        assert_eq!(m.copied(0, false), 0);
+        let sq = IdMap {
+            ranges: vec![],
+            squash: Some(7),
+        };
+        assert_eq!(sq.shown_from(100000, true), 7);
     }
 }

@@ -19,6 +19,9 @@ pub struct Layer {
     /// The layer root on its attached mount: `open_by_handle_at` refuses
     /// the private clone.
     pub handle_root: OwnedFd,
+    /// On an idmapped mount: its ids are already shown as the mount's
+    /// (containers/storage idmaps lowers and may pass `uidmapping=` too).
+    pub idmapped: bool,
 }
 
 impl Layer {
@@ -40,13 +43,13 @@ impl Layer {
         };
         let st = sys::fstat(root.as_fd())?;
         let uuid = fs_uuid(root.as_fd()).unwrap_or([0; 16]);
+        let attached = sys::open_dir_path(path)?;
+        let idmapped = sys::mount_id(attached.as_fd()).is_ok_and(crate::mountinfo::is_idmapped);
         // open_by_handle_at takes no O_PATH fd.
-        let handle_root = sys::reopen(
-            sys::open_dir_path(path)?.as_fd(),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-        )?;
+        let handle_root = sys::reopen(attached.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         Ok(Layer {
             handle_root,
+            idmapped,
             root: Arc::new(root),
             dev: st.st_dev,
             path: path.to_path_buf(),

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 /// One line of mountinfo, as far as anyone here needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {
+    /// The mount id (statx's `STATX_MNT_ID`).
+    pub id: u64,
     /// `major:minor` of the mounted filesystem.
     pub dev: String,
     pub mount_point: PathBuf,
@@ -52,6 +54,7 @@ pub fn parse(text: &str) -> Vec<MountInfo> {
                 return None;
             }
             Some(MountInfo {
+                id: pre[0].parse().ok()?,
                 dev: pre[2].to_string(),
                 mount_point: PathBuf::from(OsString::from_vec(unescape(pre[4]))),
                 options: pre[5].to_string(),
@@ -73,6 +76,14 @@ pub fn top_at(p: &Path) -> io::Result<Option<MountInfo>> {
     Ok(read()?.into_iter().rev().find(|m| m.mount_point == p))
 }
 
+/// Whether the mount with id `id` is idmapped (its ids are shown shifted).
+pub fn is_idmapped(id: u64) -> bool {
+    read().is_ok_and(|all| {
+        all.iter()
+            .any(|m| m.id == id && m.options.split(',').any(|o| o == "idmapped"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +101,7 @@ mod tests {
                     bad line\n";
         let v = parse(text);
         assert_eq!(v.len(), 1);
+        assert_eq!(v[0].id, 36);
         assert_eq!(v[0].dev, "0:42");
         assert_eq!(v[0].mount_point, Path::new("/mnt/a b"));
         assert_eq!(v[0].options, "rw,relatime");

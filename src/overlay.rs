@@ -541,6 +541,7 @@ impl Overlay {
                 blocks = lst.st_blocks as u64;
             }
         }
+        let idmapped = node.top().is_some_and(|t| self.layers.get(t).idmapped);
         fuser::FileAttr {
             ino: fuser::INodeNo(node.ino()),
             size: st.st_size as u64,
@@ -552,8 +553,8 @@ impl Overlay {
             kind: file_type(st.st_mode),
             perm: (st.st_mode & 0o7777) as u16,
             nlink,
-            uid: self.cfg.ids.uid.shown(st.st_uid),
-            gid: self.cfg.ids.gid.shown(st.st_gid),
+            uid: self.cfg.ids.uid.shown_from(st.st_uid, idmapped),
+            gid: self.cfg.ids.gid.shown_from(st.st_gid, idmapped),
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
             flags: 0,

@@ -124,6 +124,25 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// The id of the mount `fd` is on (`statx` with `STATX_MNT_ID`).
+pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: statx only writes into `stx`; the path is an empty C string.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    check(unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    })?;
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(err(libc::ENOSYS));
+    }
+    Ok(stx.stx_mnt_id)
+}
+
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     let mut st = MaybeUninit::<Stat>::uninit();
     check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;

@@ -171,24 +171,20 @@ fn rootful() {
     let ours = scenario(&scratch, "rovl", &rovl, None);
     assert_expected(&ours);
     let kernel = scenario(&scratch, "kernel", Path::new("native"), None);
+    assert_eq!(ours, kernel, "rovl vs the kernel driver");
+    // Under --uidmap podman 4.3 gives a mount program idmapped lowers and
+    // uidmapping= both; fuse-overlayfs 1.10 maps their ids twice (lower
+    // files show 65534), rovl as the kernel: compared without that step.
     let reference = scenario(&scratch, "fuse-overlayfs", &fuse_overlayfs, None);
     for s in ["build", "commit"] {
-        assert_eq!(
-            section(&ours, s),
-            section(&kernel, s),
-            "{s}: rovl vs the kernel driver"
-        );
         assert_eq!(
             section(&ours, s),
             section(&reference, s),
             "{s}: rovl vs fuse-overlayfs"
         );
     }
-    // Rootful --uidmap: podman 4.3 hands a mount program idmapped lower
-    // mounts and uidmapping= both, so lower files show the overflow id
-    // (README, differences). The container still runs as its root.
     assert!(
-        section(&ours, "uidmap").starts_with("uid=0(root)"),
+        section(&ours, "uidmap").contains("\n/bin/busybox f a03e135f 0:0\n"),
         "{ours}"
     );
 }
