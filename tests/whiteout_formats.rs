@@ -254,3 +254,59 @@ fn aufs_format_matches_fuse_overlayfs() {
         [" dir", "d dir", "d/b d/b", "e dir", "e/new new", "f2 f2"]
     );
 }
+
+/// Where the upper fs refuses a 0/0 `mknod` (and `RENAME_WHITEOUT`), rovl
+/// writes the kernel's xattr whiteouts, and the kernel reads them. The
+/// upper fs here is another rovl mount, which refuses both.
+#[test]
+fn xattr_whiteouts_where_mknod_is_refused() {
+    if !require_root_fuse() || !require_kernel_overlay() {
+        return;
+    }
+    let inner = Layers::new(1);
+    let _im = RovlMount::start(&inner.opts(), &inner.merged).expect("inner mount");
+    for d in ["up", "work"] {
+        mkdir(inner.m(d));
+    }
+    assert_eq!(
+        errno(try_mknod(inner.m("probe"), libc::S_IFCHR, 0)),
+        Some(libc::EPERM),
+        "the inner mount must refuse whiteouts for this test to mean anything"
+    );
+    let outer = Layers::new(1);
+    for f in ["f", "g", "d/a", "d/b"] {
+        write(outer.l(0, f), f);
+    }
+    let up = inner.m("up");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        outer.lower(0).display(),
+        up.display(),
+        inner.m("work").display()
+    );
+    let om = RovlMount::start(&opts, &outer.merged).expect("outer mount");
+    std::fs::remove_file(outer.m("f")).unwrap();
+    std::fs::remove_file(outer.m("d/a")).unwrap();
+    std::fs::rename(outer.m("d/b"), outer.m("d/c")).unwrap();
+    let seen = listing(&outer.merged);
+    assert_eq!(seen, [" dir", "d dir", "d/c d/b", "g g"]);
+    drop(om);
+    // On the upper fs: zero-size files with the whiteout xattr, their
+    // dirs marked opaque=x.
+    for w in ["f", "d/a", "d/b"] {
+        let st = lstat(up.join(w));
+        assert_eq!((file_type_bits(&st), st.st_size), (libc::S_IFREG, 0), "{w}");
+        assert!(getxattr(up.join(w), "trusted.overlay.whiteout").is_some(), "{w}");
+    }
+    for d in [up.clone(), up.join("d")] {
+        assert_eq!(getxattr(&d, "trusted.overlay.opaque").as_deref(), Some(&b"x"[..]));
+    }
+    // rovl and the kernel read them back alike.
+    let om = RovlMount::start(&opts, &outer.merged).expect("outer remount");
+    assert_eq!(listing(&outer.merged), seen);
+    drop(om);
+    let ro = format!("lowerdir={}:{}", up.display(), outer.lower(0).display());
+    let km = KernelMount::start(&ro, &outer.merged).expect("kernel mount");
+    assert_eq!(listing(&outer.merged), seen, "the kernel's view");
+    km.unmount();
+}
