@@ -365,3 +365,31 @@ fn cli_without_arguments_fails() {
     assert!(r.exited);
     assert!(!r.status.success());
 }
+
+/// Without `/dev/fuse` (a private mount namespace with an empty `/dev`),
+/// one line names the fix, and the workdir is as it was.
+#[test]
+fn no_dev_fuse() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = layers();
+    let script = format!(
+        "mount -t tmpfs tmpfs /dev && exec {} mount -f -o {} {}",
+        rovl_bin().display(),
+        l.opts(),
+        l.merged.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("rovl: cannot mount") && last.contains("modprobe fuse"),
+        "{err}"
+    );
+    assert!(!l.work.join("work").exists(), "W/work left behind");
+}
