@@ -135,6 +135,10 @@ impl Overlay {
         };
         if let NewObj::Link { src } = &obj {
             self.nlink_end(src, nlink_fd.take());
+        } else if self.override_name().is_some() && !matches!(obj, NewObj::Symlink { .. }) {
+            // The owner and mode the caller asked for, as fuse-overlayfs keeps them.
+            let fd = sys::openat(ufd.as_fd(), &cname, libc::O_PATH, 0)?;
+            self.set_override(fd.as_fd(), Some(who.uid), Some(gid), Some(mode))?;
         }
         let st = sys::fstatat(ufd.as_fd(), &cname)?;
         let found = Found {

@@ -66,14 +66,26 @@ impl Overlay {
             self.copy_up(&node)?;
         }
         let fd = self.path_fd(&node)?;
-        if a.uid.is_some() || a.gid.is_some() {
-            let (pfd, name) = self.upper_entry(&node)?;
-            let uid = self.cfg.ids.uid.disk(a.uid.unwrap_or(u32::MAX));
-            let gid = self.cfg.ids.gid.disk(a.gid.unwrap_or(u32::MAX));
-            sys::fchownat(pfd.as_fd(), &name, uid, gid)?;
-        }
-        if let Some(mode) = a.mode {
-            sys::fchmod_any(fd.as_fd(), mode & 0o7777)?;
+        let uid = a.uid.map(|u| self.cfg.ids.uid.disk(u));
+        let gid = a.gid.map(|g| self.cfg.ids.gid.disk(g));
+        if self.override_name().is_some() {
+            // Kept in the override xattr; the file keeps its own.
+            if uid.is_some() || gid.is_some() || a.mode.is_some() {
+                self.set_override(fd.as_fd(), uid, gid, a.mode)?;
+            }
+        } else {
+            if uid.is_some() || gid.is_some() {
+                let (pfd, name) = self.upper_entry(&node)?;
+                sys::fchownat(
+                    pfd.as_fd(),
+                    &name,
+                    uid.unwrap_or(u32::MAX),
+                    gid.unwrap_or(u32::MAX),
+                )?;
+            }
+            if let Some(mode) = a.mode {
+                sys::fchmod_any(fd.as_fd(), mode & 0o7777)?;
+            }
         }
         if let Some(size) = a.size {
             if node.is_dir() {

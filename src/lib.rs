@@ -16,6 +16,7 @@ pub mod lookup;
 pub mod mountinfo;
 pub mod options;
 pub mod overlay;
+pub mod override_stat;
 pub mod readdir;
 pub mod session;
 pub mod sys;

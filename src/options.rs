@@ -94,6 +94,9 @@ pub struct MountConfig {
     pub timeout: Option<std::time::Duration>,
     /// fuse-overlayfs' `debug`: debug logging, as `-d`.
     pub debug: bool,
+    /// fuse-overlayfs' `xattr_permissions=1|2`: owners and modes kept in
+    /// `security.` or `user.containers.override_stat` (0: off).
+    pub xattr_permissions: u8,
 }
 
 impl MountConfig {
@@ -349,6 +352,7 @@ pub fn parse(
         context: None,
         timeout: None,
         debug: false,
+        xattr_permissions: 0,
     };
     if mountpoint.as_os_str().is_empty() {
         return Err(OptionsError::new("mountpoint is empty"));
@@ -461,10 +465,14 @@ pub fn parse(
                 cfg.timeout = Some(std::time::Duration::from_secs_f64(secs));
             }
             "context" => cfg.context = Some(need_value(key, val)?.to_string()),
-            "xattr_permissions" => match need_value(key, val)? {
-                "0" | "1" | "2" => {}
-                v => return Err(bad_value(key, v, "0|1|2")),
-            },
+            "xattr_permissions" => {
+                cfg.xattr_permissions = match need_value(key, val)? {
+                    "0" => 0,
+                    "1" => 1,
+                    "2" => 2,
+                    v => return Err(bad_value(key, v, "0|1|2")),
+                }
+            }
             // Accepted for fuse-overlayfs' command line; rovl's own behaviour
             // already covers them (see README, differences).
             "writeback" | "fast_ino" => {

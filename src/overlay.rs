@@ -521,6 +521,14 @@ impl Overlay {
 
     /// The attributes the kernel overlay would report for `node`.
     pub fn attr(&self, node: &Arc<Inode>, st: &Stat) -> fuser::FileAttr {
+        let mut own;
+        let st = if self.override_name().is_some() {
+            own = *st;
+            self.overridden(node, &mut own);
+            &own
+        } else {
+            st
+        };
         let mut nlink = st.st_nlink as u32;
         // An indexed hard link counts the names users see (its nlink xattr).
         if self.index.is_some() && node.has_index() {

@@ -296,10 +296,16 @@ fn xattr_whiteouts_where_mknod_is_refused() {
     for w in ["f", "d/a", "d/b"] {
         let st = lstat(up.join(w));
         assert_eq!((file_type_bits(&st), st.st_size), (libc::S_IFREG, 0), "{w}");
-        assert!(getxattr(up.join(w), "trusted.overlay.whiteout").is_some(), "{w}");
+        assert!(
+            getxattr(up.join(w), "trusted.overlay.whiteout").is_some(),
+            "{w}"
+        );
     }
     for d in [up.clone(), up.join("d")] {
-        assert_eq!(getxattr(&d, "trusted.overlay.opaque").as_deref(), Some(&b"x"[..]));
+        assert_eq!(
+            getxattr(&d, "trusted.overlay.opaque").as_deref(),
+            Some(&b"x"[..])
+        );
     }
     // rovl and the kernel read them back alike.
     let om = RovlMount::start(&opts, &outer.merged).expect("outer remount");
