@@ -41,6 +41,17 @@ fn setup(user: &TestUser) -> (tempfile::TempDir, PathBuf) {
 /// Runs `script` as `user` in a private mount namespace with a 0666
 /// `/dev/fuse`; `userns` adds a user namespace in which the user is root.
 fn run_as(user: &TestUser, root: &Path, userns: bool, script: &str) -> (bool, String, String) {
+    run_as_after(user, root, userns, "true", script)
+}
+
+/// `run_as`, with `setup` run as root in the namespace first.
+fn run_as_after(
+    user: &TestUser,
+    root: &Path,
+    userns: bool,
+    setup: &str,
+    script: &str,
+) -> (bool, String, String) {
     let fuse = root.join("fuse-node");
     let inner_cmd = if userns {
         format!(
@@ -56,7 +67,7 @@ fn run_as(user: &TestUser, root: &Path, userns: bool, script: &str) -> (bool, St
         )
     };
     let outer = format!(
-        "set -e; mknod -m 666 {f} c 10 229; mount --bind {f} /dev/fuse; cd {r}; {inner_cmd}",
+        "set -e; mknod -m 666 {f} c 10 229; mount --bind {f} /dev/fuse; {setup}; cd {r}; {inner_cmd}",
         f = fuse.display(),
         r = root.display(),
     );
@@ -165,5 +176,43 @@ cat rovl.err
         out.contains("userxattr"),
         "one log line on the switch: {out}"
     );
+    drop(user);
+}
+
+/// An fstab line with `user,noauto`: the user mounts and unmounts it with
+/// mount(8) and umount(8), which run `mount.fuse3` and rovl as the user.
+/// fstab and `/usr/local/bin` are replaced inside the test's namespace only.
+#[test]
+fn fstab_user_mount() {
+    if !require_root_fuse() || require_program("mount.fuse3").is_none() {
+        return;
+    }
+    let Some(user) = TestUser::new() else {
+        return;
+    };
+    let (t, bin) = setup(&user);
+    let r = t.path();
+    let bindir = r.join("bindir");
+    std::fs::create_dir(&bindir).unwrap();
+    std::fs::copy(&bin, bindir.join("rovl")).unwrap();
+    let mut fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
+    fstab.push_str(&format!(
+        "\nrovl {r}/m fuse.rovl lowerdir={r}/l,upperdir={r}/u,workdir={r}/w,user,noauto 0 0\n",
+        r = r.display()
+    ));
+    std::fs::write(r.join("fstab"), fstab).unwrap();
+    let setup_cmd = format!(
+        "mount --bind {r}/fstab /etc/fstab; mount --bind {b} /usr/local/bin",
+        r = r.display(),
+        b = bindir.display()
+    );
+    let script = format!(
+        "set -e; cd /; mount {r}/m; grep \" {r}/m \" /proc/self/mounts | cut -d\" \" -f1,3; \
+         cat {r}/m/f; echo; umount {r}/m; grep -c \" {r}/m \" /proc/self/mounts || true",
+        r = r.display()
+    );
+    let (ok, out, err) = run_as_after(&user, r, false, &setup_cmd, &script);
+    assert!(ok, "script failed:\n{out}\n{err}");
+    assert_eq!(out, "rovl fuse.rovl\nf\n0\n", "{err}");
     drop(user);
 }
