@@ -181,7 +181,10 @@ impl Overlay {
         let mut file = None;
         match obj {
             NewObj::File { flags } => {
-                let fl = (flags & !(libc::O_TRUNC | libc::O_APPEND)) | libc::O_CREAT | libc::O_EXCL;
+                // As open's: O_DIRECT and O_APPEND are the kernel's to honour.
+                let fl = (flags & !(libc::O_TRUNC | libc::O_APPEND | libc::O_DIRECT))
+                    | libc::O_CREAT
+                    | libc::O_EXCL;
                 file = Some(sys::openat(dir, name, fl, perm)?);
             }
             NewObj::Dir => sys::mkdirat(dir, name, perm)?,

@@ -117,6 +117,20 @@ impl Overlay {
         Ok(self.new_handle(&node, fd, flags, handles))
     }
 
+    /// An `O_PATH` fd of the node's real object, or, when its names are
+    /// gone (unlinked, or renamed over, while open), of one of its open
+    /// files: fd operations on an open file reach it, as in the kernel.
+    /// Also says whether the names were gone.
+    pub fn object_fd(&self, node: &Arc<Inode>, handles: &Handles) -> io::Result<(OwnedFd, bool)> {
+        match self.path_fd(node) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let h = handles.any_of(node.nodeid).ok_or(e)?;
+                Ok((sys::reopen(h.fd().as_fd(), libc::O_PATH)?, true))
+            }
+            r => r.map(|fd| (fd, false)),
+        }
+    }
+
     /// With `passthrough=all`, read-only opens of a lower file read it in
     /// the kernel, and the kernel gives an inode one backing file. A change
     /// of the data then needs a new inode: this node leaves its names, and

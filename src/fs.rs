@@ -200,8 +200,11 @@ impl OverlayFs {
             .ovl
             .node(parent.0)
             .and_then(|p| {
-                self.ovl
-                    .getxattr(p.nodeid, OsStr::new("system.posix_acl_default"))
+                self.ovl.getxattr(
+                    p.nodeid,
+                    OsStr::new("system.posix_acl_default"),
+                    &self.files,
+                )
             })
             .is_ok();
         if has_default_acl {
@@ -725,19 +728,22 @@ impl fuser::Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.ovl.setxattr(ino.0, name, value, flags));
+        empty(
+            reply,
+            self.ovl.setxattr(ino.0, name, value, flags, &self.files),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.ovl.getxattr(ino.0, name));
+        xattr_reply(reply, size, self.ovl.getxattr(ino.0, name, &self.files));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.ovl.listxattr(ino.0));
+        xattr_reply(reply, size, self.ovl.listxattr(ino.0, &self.files));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.ovl.removexattr(ino.0, name));
+        empty(reply, self.ovl.removexattr(ino.0, name, &self.files));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {

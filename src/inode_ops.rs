@@ -65,7 +65,8 @@ impl Overlay {
         } else {
             self.copy_up(&node)?;
         }
-        let fd = self.path_fd(&node)?;
+        // An open file whose names are gone is reached through its handle.
+        let (fd, gone) = self.object_fd(&node, handles)?;
         let uid = a.uid.map(|u| self.cfg.ids.uid.disk(u));
         let gid = a.gid.map(|g| self.cfg.ids.gid.disk(g));
         if self.override_name().is_some() {
@@ -75,13 +76,13 @@ impl Overlay {
             }
         } else {
             if uid.is_some() || gid.is_some() {
-                let (pfd, name) = self.upper_entry(&node)?;
-                sys::fchownat(
-                    pfd.as_fd(),
-                    &name,
-                    uid.unwrap_or(u32::MAX),
-                    gid.unwrap_or(u32::MAX),
-                )?;
+                let (uid, gid) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+                if gone {
+                    sys::fchown_any(fd.as_fd(), uid, gid)?;
+                } else {
+                    let (pfd, name) = self.upper_entry(&node)?;
+                    sys::fchownat(pfd.as_fd(), &name, uid, gid)?;
+                }
             }
             if let Some(mode) = a.mode {
                 sys::fchmod_any(fd.as_fd(), mode & 0o7777)?;
@@ -101,7 +102,7 @@ impl Overlay {
         }
         if a.atime.is_some() || a.mtime.is_some() {
             let times = [to_timespec(a.atime), to_timespec(a.mtime)];
-            if node.nodeid == crate::inode::ROOT {
+            if node.nodeid == crate::inode::ROOT || gone {
                 sys::futimens_any(fd.as_fd(), &times)?;
             } else {
                 let (pfd, name) = self.upper_entry(&node)?;

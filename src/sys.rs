@@ -235,6 +235,13 @@ pub fn fchmod_any(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
 }
 
+/// chown of the object behind `fd` (an unlinked file too), through its
+/// /proc magic link.
+pub fn fchown_any(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    let p = proc_path(fd);
+    check(unsafe { libc::chown(p.as_ptr(), uid, gid) }).map(drop)
+}
+
 pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
     check(unsafe {
         libc::utimensat(

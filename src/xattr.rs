@@ -2,6 +2,7 @@
 //! are hidden; a name in the overlay namespace set through the mount is
 //! stored escaped (`trusted.overlay.overlay.X`), as kernels since 6.7 do.
 
+use crate::file::Handles;
 use crate::overlay::Overlay;
 use crate::sys;
 use std::ffi::{CString, OsStr};
@@ -31,9 +32,9 @@ impl Overlay {
         Ok(())
     }
 
-    pub fn getxattr(&self, nodeid: u64, name: &OsStr) -> io::Result<Vec<u8>> {
+    pub fn getxattr(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> io::Result<Vec<u8>> {
         self.check_xattrs()?;
-        let r = self.getxattr_real(nodeid, name);
+        let r = self.getxattr_real(nodeid, name, handles);
         // The kernel asks this only when SELinux is not active (the LSM
         // answers otherwise). ENOTSUP makes `ls -l` stop asking for the rest
         // of the listing: one round trip per file saved.
@@ -49,7 +50,7 @@ impl Overlay {
         }
     }
 
-    fn getxattr_real(&self, nodeid: u64, name: &OsStr) -> io::Result<Vec<u8>> {
+    fn getxattr_real(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> io::Result<Vec<u8>> {
         let node = self.node(nodeid)?;
         let real = self.real_xattr_name(name)?;
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
@@ -57,19 +58,33 @@ impl Overlay {
             return sys::getxattr(self.layers.get(top).root.as_fd(), &real);
         }
         // `ls -l` asks this of every file: one system call, no open.
-        let (pfd, cname) = self.entry_in(&node, top)?;
-        sys::getxattr_at(pfd.as_fd(), &cname, &real)
+        let r = self
+            .entry_in(&node, top)
+            .and_then(|(pfd, cname)| sys::getxattr_at(pfd.as_fd(), &cname, &real));
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                sys::getxattr(self.object_fd(&node, handles)?.0.as_fd(), &real)
+            }
+            r => r,
+        }
     }
 
-    pub fn listxattr(&self, nodeid: u64) -> io::Result<Vec<u8>> {
+    pub fn listxattr(&self, nodeid: u64, handles: &Handles) -> io::Result<Vec<u8>> {
         self.check_xattrs()?;
         let node = self.node(nodeid)?;
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
         let raw = if node.nodeid == crate::inode::ROOT {
             sys::listxattr(self.layers.get(top).root.as_fd())?
         } else {
-            let (pfd, cname) = self.entry_in(&node, top)?;
-            sys::listxattr_at(pfd.as_fd(), &cname)?
+            let r = self
+                .entry_in(&node, top)
+                .and_then(|(pfd, cname)| sys::listxattr_at(pfd.as_fd(), &cname));
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    sys::listxattr(self.object_fd(&node, handles)?.0.as_fd())?
+                }
+                r => r?,
+            }
         };
         let p = self.xattr_prefix.as_bytes();
         let mut esc = p.to_vec();
@@ -89,26 +104,33 @@ impl Overlay {
         Ok(out)
     }
 
-    pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+    pub fn setxattr(
+        &self,
+        nodeid: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        handles: &Handles,
+    ) -> io::Result<()> {
         self.check_xattrs()?;
         self.check_writable()?;
         let node = self.node(nodeid)?;
         let real = self.real_xattr_name(name)?;
         self.copy_up(&node)?;
-        let fd = self.path_fd(&node)?;
+        let (fd, _) = self.object_fd(&node, handles)?;
         sys::setxattr(fd.as_fd(), &real, value, flags)
     }
 
-    pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> io::Result<()> {
+    pub fn removexattr(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> io::Result<()> {
         self.check_xattrs()?;
         self.check_writable()?;
         let node = self.node(nodeid)?;
         let real = self.real_xattr_name(name)?;
         // Like the kernel: no copy-up just to learn the xattr is absent.
-        let fd = self.path_fd(&node)?;
+        let (fd, _) = self.object_fd(&node, handles)?;
         sys::getxattr(fd.as_fd(), &real)?;
         self.copy_up(&node)?;
-        let fd = self.path_fd(&node)?;
+        let (fd, _) = self.object_fd(&node, handles)?;
         sys::removexattr(fd.as_fd(), &real)
     }
 }

@@ -1,0 +1,103 @@
+//! Answers that must not depend on timing or on the mode: fd operations on
+//! open files whose names are gone, O_DIRECT creates without passthrough.
+//! Each scenario runs on kernel overlayfs and on rovl.
+
+mod common;
+
+use common::*;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+
+both_backends!(
+    fd_ops_after_unlink,
+    fd_ops_after_rename_over,
+    o_direct_create
+);
+
+fn open_rw(p: &std::path::Path, flags: i32) -> i32 {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string; the fd is closed by the caller.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+    assert!(fd >= 0, "open {p:?}: {}", std::io::Error::last_os_error());
+    fd
+}
+
+fn ok(what: &str, rc: libc::c_int) {
+    assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
+}
+
+/// Every fd operation the kernel allows on an open file with no name.
+fn fd_ops(fd: i32) {
+    // SAFETY: plain system calls on an fd this test owns, with valid buffers.
+    unsafe {
+        ok("write", libc::write(fd, b"data".as_ptr().cast(), 4) as i32);
+        ok("ftruncate", libc::ftruncate(fd, 2));
+        ok("fchmod", libc::fchmod(fd, 0o640));
+        ok("fchown", libc::fchown(fd, 7, 8));
+        let times = [libc::timespec {
+            tv_sec: 1_000_000,
+            tv_nsec: 0,
+        }; 2];
+        ok("futimens", libc::futimens(fd, times.as_ptr()));
+        ok(
+            "fsetxattr",
+            libc::fsetxattr(fd, c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0),
+        );
+        let mut buf = [0u8; 8];
+        let n = libc::fgetxattr(fd, c"user.k".as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        assert_eq!(n, 1, "fgetxattr: {}", std::io::Error::last_os_error());
+        let mut st: libc::stat = std::mem::zeroed();
+        ok("fstat", libc::fstat(fd, &mut st));
+        assert_eq!((st.st_size, st.st_mode & 0o7777), (2, 0o640));
+        assert_eq!((st.st_uid, st.st_gid, st.st_mtime), (7, 8, 1_000_000));
+        libc::close(fd);
+    }
+}
+
+fn fd_ops_after_unlink(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "lower"), "lower");
+    let _m = mount(b, &l);
+    let fd = open_rw(&l.m("t"), libc::O_CREAT | libc::O_RDWR);
+    std::fs::remove_file(l.m("t")).unwrap();
+    fd_ops(fd);
+    // A lower file, copied up by the open.
+    let fd = open_rw(&l.m("lower"), libc::O_RDWR);
+    std::fs::remove_file(l.m("lower")).unwrap();
+    fd_ops(fd);
+}
+
+fn fd_ops_after_rename_over(b: Backend) {
+    let l = Layers::new(1);
+    let _m = mount(b, &l);
+    write(l.m("a"), "a");
+    write(l.m("b"), "b");
+    let fd = open_rw(&l.m("a"), libc::O_RDWR);
+    std::fs::rename(l.m("b"), l.m("a")).unwrap();
+    fd_ops(fd);
+    assert_eq!(read_string(l.m("a")), "b");
+}
+
+fn o_direct_create(b: Backend) {
+    let l = Layers::new(1);
+    let _m = match b {
+        Backend::Kernel => mount(b, &l),
+        Backend::Rovl => mount_opts(b, &l, "passthrough=off"),
+    };
+    let fd = open_rw(&l.m("new"), libc::O_CREAT | libc::O_WRONLY | libc::O_DIRECT);
+    let layout = std::alloc::Layout::from_size_align(16384, 4096).unwrap();
+    // SAFETY: an aligned buffer for O_DIRECT, freed below.
+    unsafe {
+        let buf = std::alloc::alloc_zeroed(layout);
+        let n = libc::write(fd, buf.cast(), 16384);
+        assert_eq!(
+            n,
+            16384,
+            "O_DIRECT write: {}",
+            std::io::Error::last_os_error()
+        );
+        std::alloc::dealloc(buf, layout);
+        libc::close(fd);
+    }
+    assert_eq!(lstat(l.m("new")).st_size, 16384);
+}
