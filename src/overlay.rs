@@ -263,9 +263,10 @@ impl Overlay {
 
     /// As the kernel (uuid=auto): a new overlay, whose upper root is not yet
     /// impure, gets a persistent random UUID in the upper root's xattr.
-    pub fn init_upper_uuid(&self) {
+    /// Returns whether it wrote one (a mount that then fails takes it back).
+    pub fn init_upper_uuid(&self) -> bool {
         if self.read_only() {
-            return;
+            return false;
         }
         let root = self.upper_root();
         let uuid = self.xattr_name("uuid");
@@ -277,9 +278,15 @@ impl Overlay {
                 // RFC 4122 version 4, as uuid_gen() makes them.
                 b[6] = (b[6] & 0x0f) | 0x40;
                 b[8] = (b[8] & 0x3f) | 0x80;
-                let _ = sys::setxattr(root, &uuid, &b, 0);
+                return sys::setxattr(root, &uuid, &b, 0).is_ok();
             }
         }
+        false
+    }
+
+    /// Takes back a uuid `init_upper_uuid` wrote, for a mount that failed.
+    pub fn drop_upper_uuid(&self) {
+        let _ = sys::removexattr(self.upper_root(), &self.xattr_name("uuid"));
     }
 
     /// An inode number of the filesystem `dev` in the overlay's one number

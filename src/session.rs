@@ -121,8 +121,14 @@ pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
     let fs = OverlayFs::new(cfg)?;
     let ovl = fs.ovl.clone();
     let read_only = ovl.read_only();
-    let (fuse, helper) = mount_dev_fuse(cfg, read_only)?;
-    ovl.init_upper_uuid();
+    // Written before the mount is visible, as the kernel does: nothing
+    // changes in the layers once it is.
+    let new_uuid = ovl.init_upper_uuid();
+    let (fuse, helper) = mount_dev_fuse(cfg, read_only).inspect_err(|_| {
+        if new_uuid {
+            ovl.drop_upper_uuid();
+        }
+    })?;
     let mut mounted = Mounted {
         session: None,
         mountpoint: cfg.mountpoint.clone(),
