@@ -176,8 +176,14 @@ impl Overlay {
     /// Whether a node's data is still below it: its copy (upper or index)
     /// keeps the metacopy mark until another name's write copies the data.
     pub fn refresh_lowerdata(&self, node: &Arc<Inode>) {
-        if node.has_lowerdata() && !self.is_metacopy(node) {
-            node.set_lowerdata(None);
+        if node.has_lowerdata() {
+            if !self.is_metacopy(node) {
+                node.set_lowerdata(None);
+            }
+        } else if let Some(own) = self.own_lower_data(node) {
+            // Another name's metadata copy became the index entry since
+            // this one was looked up.
+            node.set_lowerdata(Some(own));
         }
     }
 

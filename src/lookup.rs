@@ -336,6 +336,21 @@ impl Overlay {
         }
     }
 
+    /// A lower name of an indexed hard link whose index entry is a
+    /// metadata-only copy reads its own lower file: the entry has no data.
+    pub fn own_lower_data(&self, node: &Arc<Inode>) -> Option<Arc<OwnedFd>> {
+        let top = node.top()?;
+        if self.layers.is_upper(top) || !self.cfg.metacopy || !node.has_index() {
+            return None;
+        }
+        let (idir, iname) = self.index_dir_entry(node)?;
+        sys::getxattr_at(idir.as_fd(), &iname, &self.xattr_name("metacopy")).ok()?;
+        let (parent, name) = node.alias()?;
+        let dir = self.dir_fd(&parent, top).ok()?;
+        let fd = sys::openat(dir.as_fd(), &sys::cstr(&name).ok()?, libc::O_PATH, 0).ok()?;
+        Some(Arc::new(fd))
+    }
+
     /// Enters a found object into the inode table.
     pub fn instantiate(&self, parent: &Arc<Inode>, name: &OsStr, f: Found) -> (Arc<Inode>, Stat) {
         let (key, ino) = self.key_of(parent, name, &f);
@@ -365,17 +380,9 @@ impl Overlay {
                 let index = self.index_name_for(parent, name, top, &st);
                 node.set_index(index);
             }
-            // A lower name whose index entry is a metadata-only copy reads
-            // its own lower file.
-            if !metacopy && !self.layers.is_upper(top) && self.cfg.metacopy {
-                if let Some((idir, iname)) = self.index_dir_entry(&node) {
-                    if sys::getxattr_at(idir.as_fd(), &iname, &self.xattr_name("metacopy")).is_ok()
-                    {
-                        let lower = self.dir_fd(parent, top).and_then(|d| {
-                            sys::openat(d.as_fd(), &sys::cstr(name)?, libc::O_PATH, 0)
-                        });
-                        node.set_lowerdata(lower.ok().map(Arc::new));
-                    }
+            if !metacopy {
+                if let Some(own) = self.own_lower_data(&node) {
+                    node.set_lowerdata(Some(own));
                 }
             }
             if metacopy {

@@ -11,7 +11,8 @@ use std::os::unix::ffi::OsStrExt;
 both_backends!(
     fd_ops_after_unlink,
     fd_ops_after_rename_over,
-    o_direct_create
+    o_direct_create,
+    index_metacopy_lower_hard_link,
 );
 
 fn open_rw(p: &std::path::Path, flags: i32) -> i32 {
@@ -100,4 +101,31 @@ fn o_direct_create(b: Backend) {
         libc::close(fd);
     }
     assert_eq!(lstat(l.m("new")).st_size, 16384);
+}
+
+/// `index=on,metacopy=on`: a name of a lower hard link looked up before
+/// another name's chmod made the index entry a metadata-only copy still
+/// reads the data, and keeps it across a rewrite and a remount.
+fn index_metacopy_lower_hard_link(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a"), "important data\n");
+    std::fs::hard_link(l.l(0, "a"), l.l(0, "b")).unwrap();
+    let opts = "index=on,metacopy=on";
+    let m = mount_opts(b, &l, opts);
+    assert_eq!(lstat(l.m("a")).st_size, 15);
+    chmod(l.m("b"), 0o600);
+    assert_eq!(read_string(l.m("a")), "important data\n");
+    assert_eq!(lstat(l.m("a")).st_mode & 0o7777, 0o600);
+    // Rewritten in place through the other name.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(l.m("a"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"IMPORTANT"))
+        .unwrap();
+    assert_eq!(read_string(l.m("b")), "IMPORTANT data\n");
+    m.unmount();
+    let _m = mount_opts(b, &l, opts);
+    assert_eq!(read_string(l.m("a")), "IMPORTANT data\n");
+    assert_eq!(read_string(l.m("b")), "IMPORTANT data\n");
+    assert_eq!(read_string(l.l(0, "a")), "important data\n");
 }
