@@ -34,6 +34,14 @@ pub struct Found {
     pub metacopy: bool,
 }
 
+/// An absolute path walked in one layer.
+pub struct Walked {
+    /// The parent dir fd and last name, if the path's dirs are there.
+    pub at: Option<(Arc<OwnedFd>, CString)>,
+    /// No layer below this one takes part.
+    pub stop: bool,
+}
+
 /// Where the next layers are searched.
 enum Target {
     /// This name in the parent's directory of each layer.
@@ -60,6 +68,8 @@ impl Overlay {
         while k < layers.len() {
             let l = layers[k];
             k += 1;
+            // An opaque dir on an absolute redirect's way: this layer is the last.
+            let mut stop_here = false;
             // As the kernel: with redirect_dir=on an upper dir's redirect is
             // read even in a parent without lower layers (an absolute one
             // reaches every lower layer); otherwise only where layers remain.
@@ -86,13 +96,22 @@ impl Overlay {
                     Err(e) if missing(&e) => continue,
                     Err(e) => return Err(e),
                 },
-                Target::Path(p) => match self.walk_path(l, p) {
-                    Ok(x) => x,
-                    Err(e) if missing(&e) => continue,
-                    Err(e) => return Err(e),
-                },
+                Target::Path(p) => {
+                    let w = match self.walk_path(l, p) {
+                        Ok(w) => w,
+                        Err(e) if missing(&e) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    stop_here = w.stop;
+                    match w.at {
+                        Some(at) => at,
+                        None if w.stop => break,
+                        None => continue,
+                    }
+                }
             };
             let st = match self.probe(dfd.as_fd(), &cname, l)? {
+                Entry::Missing if stop_here => break,
                 Entry::Missing => continue,
                 Entry::Whiteout => break,
                 Entry::Present(st) => st,
@@ -156,17 +175,34 @@ impl Overlay {
                     }
                 }
             }
+            if stop_here {
+                break;
+            }
         }
         Ok(found)
     }
 
-    /// The parent dir fd and last name of `path` in layer `l`, walked one
-    /// component at a time without following symlinks.
-    pub fn walk_path(&self, l: LayerIdx, path: &[OsString]) -> io::Result<(Arc<OwnedFd>, CString)> {
+    /// Where an absolute redirect leads in layer `l`, walked a component at
+    /// a time as the kernel's `ovl_lookup_layer` walks it: a whiteout or a
+    /// non-directory on the way ends the merge in this layer, and so does
+    /// an opaque directory, after this layer is searched.
+    pub fn walk_path(&self, l: LayerIdx, path: &[OsString]) -> io::Result<Walked> {
         let (last, dirs) = path.split_last().ok_or_else(|| sys::err(libc::ENOENT))?;
         let mut fd = self.layers.get(l).root.clone();
+        let mut stop = false;
         for c in dirs {
             let cn = sys::cstr(c)?;
+            match self.probe(fd.as_fd(), &cn, l)? {
+                Entry::Missing => return Ok(Walked { at: None, stop }),
+                Entry::Present(st) if sys::is_dir(st.st_mode) => {}
+                Entry::Whiteout | Entry::Present(_) => {
+                    return Ok(Walked {
+                        at: None,
+                        stop: true,
+                    })
+                }
+            }
+            stop |= self.dir_marks(fd.as_fd(), &cn, l).opaque;
             fd = Arc::new(sys::openat(
                 fd.as_fd(),
                 &cn,
@@ -174,7 +210,10 @@ impl Overlay {
                 0,
             )?);
         }
-        Ok((fd, sys::cstr(last)?))
+        Ok(Walked {
+            at: Some((fd, sys::cstr(last)?)),
+            stop,
+        })
     }
 
     /// Whether a directory entry carries the opaque xattr.

@@ -362,7 +362,10 @@ impl Overlay {
             node.redirect()
         };
         let (pfd, c) = match redirect {
-            Some(Redirect::Abs(p)) => self.walk_path(layer, &p)?,
+            Some(Redirect::Abs(p)) => self
+                .walk_path(layer, &p)?
+                .at
+                .ok_or_else(|| sys::err(libc::ENOENT))?,
             Some(Redirect::Rel(n)) => (self.dir_fd(&parent, layer)?, sys::cstr(&n)?),
             None => (self.dir_fd(&parent, layer)?, sys::cstr(&name)?),
         };

@@ -12,6 +12,8 @@
 //! ROVL_DIFF_SEED (run only this seed), ROVL_DIFF_SELFTEST=1 (mount a second
 //! kernel overlay over B instead of rovl: must report zero differences),
 //! ROVL_DIFF_VERBOSE=1 (print every op with the kernel's outcome),
+//! ROVL_DIFF_KEEP=DIR (copy each seed's layers, kernel's as `a`, the
+//! second's as `b`, to DIR/seedN after the run),
 //! ROVL_DIFF_SKIP=Link,Rename (leave these op kinds out),
 //! ROVL_DIFF_HANG_SECS (default 120: an op that long is reported as a hang),
 //! ROVL_DIFF_PROGRAM=/usr/bin/fuse-overlayfs (compare another FUSE overlay,
@@ -798,6 +800,18 @@ fn run_seed(
         return;
     }
     let (la, lb) = (&run.la, &run.lb);
+    if let Some(keep) = std::env::var_os("ROVL_DIFF_KEEP") {
+        // For a look at the layers after the run: kernel's as a, rovl's as b.
+        let dst = std::path::Path::new(&keep).join(format!("seed{seed}"));
+        let _ = std::fs::create_dir_all(&dst);
+        for (src, name) in [(la.root(), "a"), (lb.root(), "b")] {
+            let _ = std::process::Command::new("cp")
+                .args(["-a"])
+                .arg(&src)
+                .arg(dst.join(name))
+                .status();
+        }
+    }
     if let Some(f) = inject {
         f(lb);
     }

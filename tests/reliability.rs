@@ -13,6 +13,7 @@ both_backends!(
     fd_ops_after_rename_over,
     o_direct_create,
     index_metacopy_lower_hard_link,
+    absolute_redirect_stops_at_opaque_dir,
 );
 
 fn open_rw(p: &std::path::Path, flags: i32) -> i32 {
@@ -128,4 +129,26 @@ fn index_metacopy_lower_hard_link(b: Backend) {
     assert_eq!(read_string(l.m("a")), "IMPORTANT data\n");
     assert_eq!(read_string(l.m("b")), "IMPORTANT data\n");
     assert_eq!(read_string(l.l(0, "a")), "important data\n");
+}
+
+/// An absolute redirect is walked a component at a time in each lower
+/// layer: an opaque dir, a whiteout or a non-dir on the way ends the merge
+/// (the differential test's seed 44 with all three features).
+fn absolute_redirect_stops_at_opaque_dir(b: Backend) {
+    let l = Layers::new(4);
+    // l0: a/a merges; l1: `a` opaque; l2: `x` a file; l3: what lies below.
+    write(l.l(0, "a/a/top"), "top");
+    mkdir(l.l(1, "a"));
+    set_opaque(l.l(1, "a"));
+    write(l.l(2, "x"), "file");
+    for f in ["a/a/hidden", "x/a/hidden"] {
+        write(l.l(3, f), "hidden");
+    }
+    for (d, target) in [("p/d", "/a/a"), ("p/e", "/x/a")] {
+        mkdir(l.u(d));
+        setxattr(l.u(d), "trusted.overlay.redirect", target.as_bytes());
+    }
+    let _m = mount_opts(b, &l, "redirect_dir=on");
+    assert_eq!(names(l.m("p/d")), ["top"]);
+    assert!(names(l.m("p/e")).is_empty());
 }
