@@ -196,16 +196,16 @@ impl Overlay {
 
     /// A copied-up node's top layer is the upper one, and its key the upper inode.
     fn node_now_upper(&self, node: &Arc<Inode>, ust: &Stat) {
-        {
-            let mut s = node.state.write();
+        let is_dir = node.is_dir();
+        let key = Key::Real(self.layers.get(UPPER).dev, ust.st_ino);
+        // Layers and key change together: a reader checks one against the other.
+        self.table.rekey_with(node, key, |s| {
             let mut layers: Vec<LayerIdx> = vec![UPPER];
-            if node.is_dir() {
+            if is_dir {
                 layers.extend(s.layers.as_slice().iter().copied());
             }
             s.layers = crate::inode::LayerList::from_vec(layers);
-        }
-        self.table
-            .rekey(node, Key::Real(self.layers.get(UPPER).dev, ust.st_ino));
+        });
     }
 
     /// Builds the copy at `work/tmp`. Returns whether an origin was recorded.

@@ -111,9 +111,20 @@ impl Overlay {
             let fd = sys::reopen(lower.as_fd(), flags & !STRIP & !libc::O_NOFOLLOW)?;
             return Ok(self.new_handle(&node, fd, flags, handles));
         }
-        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let (top, key) = node.top_and_key();
+        let top = top.ok_or_else(|| sys::err(libc::ENOENT))?;
         let (pfd, name) = self.entry_in(&node, top)?;
-        let fd = sys::openat(pfd.as_fd(), &name, flags & !STRIP, 0)?;
+        let fd = match sys::openat(pfd.as_fd(), &name, flags & !STRIP, 0) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Another object may hold the name now (a whiteout opens as ENXIO).
+                if let Ok(st) = sys::fstatat(pfd.as_fd(), &name) {
+                    self.check_same(&node, &key, &st)?;
+                }
+                return Err(e);
+            }
+        };
+        self.check_same(&node, &key, &sys::fstat(fd.as_fd())?)?;
         Ok(self.new_handle(&node, fd, flags, handles))
     }
 
@@ -123,7 +134,7 @@ impl Overlay {
     /// Also says whether the names were gone.
     pub fn object_fd(&self, node: &Arc<Inode>, handles: &Handles) -> io::Result<(OwnedFd, bool)> {
         match self.path_fd(node) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {
                 let h = handles.any_of(node.nodeid).ok_or(e)?;
                 Ok((sys::reopen(h.fd().as_fd(), libc::O_PATH)?, true))
             }

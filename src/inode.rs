@@ -278,6 +278,13 @@ impl Inode {
         self.state.read().top()
     }
 
+    /// The top layer and the key, read together: what the node stands
+    /// for, consistent even while a copy-up moves it to the upper layer.
+    pub fn top_and_key(&self) -> (Option<LayerIdx>, Key) {
+        let s = self.state.read();
+        (s.top(), s.key.clone())
+    }
+
     pub fn redirect(&self) -> Option<Redirect> {
         self.state.read().extra.as_ref()?.redirect.clone()
     }
@@ -560,8 +567,15 @@ impl InodeTable {
 
     /// Moves a node to a new key (after copy-up changes its top layer).
     pub fn rekey(&self, node: &Arc<Inode>, new: Key) {
+        self.rekey_with(node, new, |_| {});
+    }
+
+    /// `rekey`, with `f` changing the node's state under the same lock, so
+    /// no reader sees the new layers with the old key.
+    pub fn rekey_with(&self, node: &Arc<Inode>, new: Key, f: impl FnOnce(&mut State)) {
         let old = {
             let mut st = node.state.write();
+            f(&mut st);
             std::mem::replace(&mut st.key, new.clone())
         };
         self.keys.remove_if(&old, |_, id| *id == node.nodeid);

@@ -1,7 +1,7 @@
 //! The overlay instance (the kernel's `struct ovl_fs`) and the helpers every
 //! operation shares: resolving a node to real fds, and building attributes.
 
-use crate::inode::{Inode, InodeTable, Redirect, ROOT};
+use crate::inode::{Inode, InodeTable, Key, Redirect, ROOT};
 use crate::layer::{Layer, LayerIdx, Layers, UPPER};
 use crate::options::MountConfig;
 use crate::sys::{self, Stat};
@@ -501,7 +501,8 @@ impl Overlay {
                 return Ok(e);
             }
         }
-        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
+        // Its names went away since the kernel looked it up: see `check_same`.
+        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ESTALE))?;
         Ok((self.dir_fd(&parent, layer)?, sys::cstr(&name)?))
     }
 
@@ -521,12 +522,36 @@ impl Overlay {
 
     /// Real stat of the node's top layer object.
     pub fn real_stat(&self, node: &Arc<Inode>) -> io::Result<Stat> {
-        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let (top, key) = node.top_and_key();
+        let top = top.ok_or_else(|| sys::err(libc::ENOENT))?;
         if node.nodeid == ROOT {
             return sys::fstat(self.layers.get(top).root.as_fd());
         }
         let (pfd, name) = self.entry_in(node, top)?;
-        sys::fstatat(pfd.as_fd(), &name)
+        let st = sys::fstatat(pfd.as_fd(), &name)?;
+        self.check_same(node, &key, &st)?;
+        Ok(st)
+    }
+
+    /// Whether `st`, found by the node's name, is still the object the node
+    /// stands for. A concurrent rename or unlink can put another object, or
+    /// a whiteout, under the name between two requests: the answer is then
+    /// ESTALE, and the kernel looks the name up again (path calls retry
+    /// once), as it does for any filesystem whose objects moved.
+    pub fn check_same(&self, node: &Arc<Inode>, key: &Key, st: &Stat) -> io::Result<()> {
+        let Key::Real(dev, ino) = key else {
+            return Ok(());
+        };
+        // Dirs are held by cached fds; an indexed or metadata-only file
+        // reads another object by design.
+        if node.is_dir() || node.has_index() || node.has_lowerdata() {
+            return Ok(());
+        }
+        if st.st_ino == *ino && st.st_dev == *dev {
+            Ok(())
+        } else {
+            Err(sys::err(libc::ESTALE))
+        }
     }
 
     /// The attributes the kernel overlay would report for `node`.

@@ -62,7 +62,7 @@ impl Overlay {
             .entry_in(&node, top)
             .and_then(|(pfd, cname)| sys::getxattr_at(pfd.as_fd(), &cname, &real));
         match r {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {
                 sys::getxattr(self.object_fd(&node, handles)?.0.as_fd(), &real)
             }
             r => r,
@@ -80,7 +80,7 @@ impl Overlay {
                 .entry_in(&node, top)
                 .and_then(|(pfd, cname)| sys::listxattr_at(pfd.as_fd(), &cname));
             match r {
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {
                     sys::listxattr(self.object_fd(&node, handles)?.0.as_fd())?
                 }
                 r => r?,
