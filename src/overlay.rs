@@ -539,6 +539,11 @@ impl Overlay {
     /// ESTALE, and the kernel looks the name up again (path calls retry
     /// once), as it does for any filesystem whose objects moved.
     pub fn check_same(&self, node: &Arc<Inode>, key: &Key, st: &Stat) -> io::Result<()> {
+        // A node's type never changes (a freed inode number may come back
+        // as a whiteout).
+        if sys::mode_type(st.st_mode) != node.kind {
+            return Err(sys::err(libc::ESTALE));
+        }
         let Key::Real(dev, ino) = key else {
             return Ok(());
         };

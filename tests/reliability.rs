@@ -14,6 +14,8 @@ both_backends!(
     o_direct_create,
     index_metacopy_lower_hard_link,
     absolute_redirect_stops_at_opaque_dir,
+    readers_of_a_replaced_file,
+    readers_of_a_removed_and_recreated_lower_file,
 );
 
 fn open_rw(p: &std::path::Path, flags: i32) -> i32 {
@@ -151,4 +153,81 @@ fn absolute_redirect_stops_at_opaque_dir(b: Backend) {
     let _m = mount_opts(b, &l, "redirect_dir=on");
     assert_eq!(names(l.m("p/d")), ["top"]);
     assert!(names(l.m("p/e")).is_empty());
+}
+
+/// Reads `path` until `done` while another thread changes it; returns the
+/// errnos seen and the number of reads.
+fn read_while(
+    path: &std::path::Path,
+    done: &std::sync::atomic::AtomicBool,
+) -> (std::collections::BTreeMap<i32, usize>, usize) {
+    let mut errs = std::collections::BTreeMap::new();
+    let mut reads = 0;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        reads += 1;
+        if let Err(e) = std::fs::read(path) {
+            *errs.entry(e.raw_os_error().unwrap_or(0)).or_insert(0) += 1;
+        }
+    }
+    (errs, reads)
+}
+
+/// What readers may see: nothing but, rarely, ESTALE, which the kernel
+/// passes on when the name changed again during its one retry.
+fn assert_readers(errs: &std::collections::BTreeMap<i32, usize>, reads: usize, allowed: &[i32]) {
+    let stale = errs.get(&libc::ESTALE).copied().unwrap_or(0);
+    let other: Vec<_> = errs
+        .iter()
+        .filter(|(e, _)| **e != libc::ESTALE && !allowed.contains(e))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "errnos seen by readers: {errs:?} in {reads} reads"
+    );
+    assert!(
+        stale * 20 < reads.max(1),
+        "ESTALE {stale} times in {reads} reads"
+    );
+}
+
+/// The atomic-replace idiom (write a temp file, rename it over the
+/// target) never makes a reader of the target fail.
+fn readers_of_a_replaced_file(b: Backend) {
+    let l = Layers::new(1);
+    write(l.u("d/f"), "old");
+    let _m = mount(b, &l);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (errs, reads) = std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..1500 {
+                write(l.m("d/tmp"), format!("new {i}"));
+                std::fs::rename(l.m("d/tmp"), l.m("d/f")).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        read_while(&l.m("d/f"), &done)
+    });
+    assert!(reads > 0);
+    assert_readers(&errs, reads, &[]);
+}
+
+/// A lower file removed and made again: readers see it or ENOENT, never
+/// the whiteout (ENXIO) or a changed type (EIO).
+fn readers_of_a_removed_and_recreated_lower_file(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/g"), "low");
+    let _m = mount(b, &l);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (errs, reads) = std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..1500 {
+                std::fs::remove_file(l.m("d/g")).unwrap();
+                write(l.m("d/g"), format!("x {i}"));
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        read_while(&l.m("d/g"), &done)
+    });
+    assert!(reads > 0);
+    assert_readers(&errs, reads, &[libc::ENOENT]);
 }
