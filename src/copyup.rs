@@ -139,9 +139,17 @@ impl Overlay {
             return Err(sys::err(libc::EIO));
         };
         let (pfd, name) = self.entry_in(node, UPPER)?;
+        // Names of one hard link are separate nodes sharing the copy: one
+        // copies the data, under this lock, and the others see it done
+        // (copying again would undo writes made since).
+        let _one = self.metacopy_lock.lock();
+        let out = sys::openat(pfd.as_fd(), &name, libc::O_WRONLY, 0)?;
+        if sys::getxattr(out.as_fd(), &self.xattr_name("metacopy")).is_err() {
+            node.set_lowerdata(None);
+            return Ok(());
+        }
         let input = sys::reopen(lower.as_fd(), libc::O_RDONLY)?;
         let size = sys::fstat(input.as_fd())?.st_size as u64;
-        let out = sys::openat(pfd.as_fd(), &name, libc::O_WRONLY, 0)?;
         copy_data(input.as_fd(), out.as_fd(), size)?;
         if self.cfg.syncs() {
             sys::fsync(out.as_fd(), false)?;

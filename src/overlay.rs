@@ -189,6 +189,8 @@ pub struct Overlay {
     pub notifier: OnceLock<fuser::Notifier>,
     /// The kernel accepted FUSE passthrough: file data bypasses the daemon.
     pub passthrough: std::sync::atomic::AtomicBool,
+    /// Serializes the data copy of metadata-only copies (see `copyup`).
+    pub metacopy_lock: Mutex<()>,
 }
 
 impl Overlay {
@@ -244,6 +246,7 @@ impl Overlay {
             ttl: cfg.timeout.unwrap_or(Duration::from_secs(86400)),
             notifier: OnceLock::new(),
             passthrough: std::sync::atomic::AtomicBool::new(false),
+            metacopy_lock: Mutex::new(()),
         };
         // As the kernel: the root reports its top layer root's number.
         if let (Some(root), Some(st)) = (ovl.table.get(ROOT), root_st) {
