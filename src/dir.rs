@@ -476,17 +476,6 @@ impl Overlay {
         let dst_clear = dst.filter(|d| !exchange && self.merge_or_lower(d));
         if let Some(d) = dst_clear {
             self.check_empty(d)?;
-        } else if let Some(d) = dst.filter(|d| !exchange && d.is_dir()) {
-            // A pure upper dir is replaced as it is, whiteouts and all: one
-            // that is not empty fails before anything (an impure mark, a
-            // copy-up) is written, as on the kernel.
-            let rd = sys::reopen(
-                self.dir_fd(d, UPPER)?.as_fd(),
-                libc::O_RDONLY | libc::O_DIRECTORY,
-            )?;
-            if !sys::read_dir_all(&rd)?.is_empty() {
-                return Err(sys::err(libc::ENOTEMPTY));
-            }
         }
         self.copy_up(src)?;
         self.copy_up(newparent)?;
