@@ -70,6 +70,9 @@ struct MountArgs {
 struct UmountArgs {
     #[command(flatten)]
     common: Common,
+    /// Detach now, and finish unmounting once the mount is no longer busy.
+    #[arg(short = 'l', long)]
+    lazy: bool,
     mountpoint: PathBuf,
 }
 
@@ -84,7 +87,7 @@ fn main() -> ExitCode {
         Some(Cmd::Mount(m)) => mount_cmd(m.common, &m.options, m.args),
         Some(Cmd::Umount(u)) => {
             init_logger(u.common.debug);
-            umount_cmd(&u.mountpoint)
+            umount_cmd(&u.mountpoint, u.lazy)
         }
         None => mount_cmd(cli.common, &cli.options, cli.args),
     };
@@ -271,10 +274,15 @@ fn umount2(p: &Path, flags: libc::c_int) -> io::Result<()> {
     }
 }
 
-fn umount_cmd(mountpoint: &Path) -> CmdResult {
+fn umount_cmd(mountpoint: &Path, lazy: bool) -> CmdResult {
     let cwd =
         std::env::current_dir().map_err(|e| format!("rovl: cannot get current directory: {e}"))?;
-    let abs = cwd.join(mountpoint);
+    let mut abs = cwd.join(mountpoint);
+    // A symlink to the mountpoint names the mount, as util-linux takes it.
+    if std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink()) {
+        abs = std::fs::canonicalize(&abs)
+            .map_err(|e| format!("rovl: {}: {e}", mountpoint.display()))?;
+    }
     // Resolve all but the last component: stat on a dead FUSE mount fails.
     let target = match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => std::fs::canonicalize(parent)
@@ -285,18 +293,24 @@ fn umount_cmd(mountpoint: &Path) -> CmdResult {
     };
     match rovl::mountinfo::top_at(&target).map(|m| m.map(|m| m.fstype)) {
         Ok(None) => return Err(format!("rovl: {}: not mounted", mountpoint.display())),
-        Ok(Some(t)) if t != "fuse" && !t.starts_with("fuse.") => {
+        Ok(Some(t)) if t != "fuse.rovl" => {
             return Err(format!(
-                "rovl: {}: not a rovl mount (filesystem type {t})",
+                "rovl: {}: not a rovl mount (filesystem type {t}); use umount or fusermount3 -u",
                 mountpoint.display()
             ))
         }
         Ok(Some(_)) => {}
         Err(e) => log::warn!("cannot read /proc/self/mountinfo: {e}"),
     }
-    match umount2(&target, 0) {
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    match umount2(&target, flags) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&target),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&target, lazy),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(format!(
+            "rovl: cannot unmount {}: busy (files open or a process's cwd inside; \
+             see fuser -vm {0}, or detach now with rovl umount -l)",
+            mountpoint.display()
+        )),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             Err(format!("rovl: {}: not mounted", mountpoint.display()))
         }
@@ -308,18 +322,18 @@ fn umount_cmd(mountpoint: &Path) -> CmdResult {
 }
 
 /// Unprivileged users unmount through the setuid helper.
-fn fusermount_unmount(target: &Path) -> CmdResult {
-    let out = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg("--")
-        .arg(target)
-        .output()
-        .map_err(|e| {
-            format!(
-                "rovl: cannot unmount {}: permission denied (fusermount3: {e})",
-                target.display()
-            )
-        })?;
+fn fusermount_unmount(target: &Path, lazy: bool) -> CmdResult {
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd.arg("--").arg(target).output().map_err(|e| {
+        format!(
+            "rovl: cannot unmount {}: permission denied (fusermount3: {e})",
+            target.display()
+        )
+    })?;
     if out.status.success() {
         return Ok(());
     }
@@ -434,9 +448,9 @@ mod tests {
     #[test]
     fn umount_not_mounted() {
         let t = tempfile::tempdir().unwrap();
-        let e = umount_cmd(t.path()).unwrap_err();
+        let e = umount_cmd(t.path(), false).unwrap_err();
         assert!(e.contains("not mounted"), "{e}");
-        let e = umount_cmd(&t.path().join("missing/dir")).unwrap_err();
+        let e = umount_cmd(&t.path().join("missing/dir"), false).unwrap_err();
         assert!(e.starts_with("rovl: "), "{e}");
     }
 }
