@@ -282,7 +282,7 @@ fn hex_name(fh: &[u8]) -> Option<CString> {
 
 /// Bytes from lower-case or upper-case hex; None if it is not hex.
 fn unhex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.chunks(2)

@@ -392,7 +392,7 @@ impl Overlay {
             // After the kernel drops its caches, hand freed memory back to
             // the system, so the daemon's size follows the kernel's cache.
             let freed = self.freed.fetch_add(1, Ordering::Relaxed) + 1;
-            if freed % 16384 == 0 {
+            if freed.is_multiple_of(16384) {
                 self.table.shrink();
                 unsafe { libc::malloc_trim(0) };
             }
