@@ -261,9 +261,9 @@ impl Rng {
 /// Layers a name of index `i` lives in, bottom first (so the flat copy ends
 /// with the top version): one of two by parity, both for every `shadow`-th.
 fn two_layers(i: usize, shadow: usize) -> &'static [usize] {
-    if i % shadow == 0 {
+    if i.is_multiple_of(shadow) {
         &[1, 0]
-    } else if i % 2 == 0 {
+    } else if i.is_multiple_of(2) {
         &[0]
     } else {
         &[1]
