@@ -128,17 +128,31 @@ impl Overlay {
         Ok(self.new_handle(&node, fd, flags, handles))
     }
 
-    /// An `O_PATH` fd of the node's real object, or, when its names are
-    /// gone (unlinked, or renamed over, while open), of one of its open
-    /// files: fd operations on an open file reach it, as in the kernel.
-    /// Also says whether the names were gone.
+    /// For a request on `node` whose name failed it with `e`: when the
+    /// name no longer leads to the node's object (unlinked, or renamed over,
+    /// while open), one of its open files, as fd operations reach it in the
+    /// kernel; else `e`.
+    pub fn open_file_fd(
+        &self,
+        node: &Arc<Inode>,
+        handles: &Handles,
+        e: io::Error,
+    ) -> io::Result<Arc<OwnedFd>> {
+        if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) {
+            return Err(e);
+        }
+        handles.any_of(node.nodeid).map(|h| h.fd()).ok_or(e)
+    }
+
+    /// An `O_PATH` fd of the node's real object, or of an open file of it
+    /// when its name is gone (`open_file_fd`); says which.
     pub fn object_fd(&self, node: &Arc<Inode>, handles: &Handles) -> io::Result<(OwnedFd, bool)> {
         match self.path_fd(node) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {
-                let h = handles.any_of(node.nodeid).ok_or(e)?;
-                Ok((sys::reopen(h.fd().as_fd(), libc::O_PATH)?, true))
+            Ok(fd) => Ok((fd, false)),
+            Err(e) => {
+                let fd = self.open_file_fd(node, handles, e)?;
+                Ok((sys::reopen(fd.as_fd(), libc::O_PATH)?, true))
             }
-            r => r.map(|fd| (fd, false)),
         }
     }
 

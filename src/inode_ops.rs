@@ -37,13 +37,11 @@ impl Overlay {
         }
         match self.real_stat(&node) {
             Ok(st) => Ok((node, st)),
-            // Unlinked while open: the open file still answers.
-            Err(e) if node.alias().is_none() && node.nodeid != crate::inode::ROOT => {
-                let h = handles.any_of(node.nodeid).ok_or(e)?;
-                let st = sys::fstat(h.fd().as_fd())?;
+            // Unlinked or renamed over while open: the open file answers.
+            Err(e) => {
+                let st = sys::fstat(self.open_file_fd(&node, handles, e)?.as_fd())?;
                 Ok((node, st))
             }
-            Err(e) => Err(e),
         }
     }
 

@@ -29,7 +29,7 @@ impl Layer {
     /// mount, so mounts inside it (the overlay's own mountpoint among them)
     /// are never crossed; the upper layer must share its mount with the
     /// workdir for renames, so it is opened as it is.
-    pub fn open(path: &Path, lower: bool) -> io::Result<Layer> {
+    pub fn open(path: &Path, lower: bool, idmapped_mounts: &[u64]) -> io::Result<Layer> {
         let root = if lower {
             match sys::open_tree_clone(path) {
                 Ok(fd) => fd,
@@ -44,7 +44,8 @@ impl Layer {
         let st = sys::fstat(root.as_fd())?;
         let uuid = fs_uuid(root.as_fd()).unwrap_or([0; 16]);
         let attached = sys::open_dir_path(path)?;
-        let idmapped = sys::mount_id(attached.as_fd()).is_ok_and(crate::mountinfo::is_idmapped);
+        let idmapped =
+            sys::mount_id(attached.as_fd()).is_ok_and(|id| idmapped_mounts.contains(&id));
         // open_by_handle_at takes no O_PATH fd.
         let handle_root = sys::reopen(attached.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         Ok(Layer {

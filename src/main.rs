@@ -323,23 +323,13 @@ fn umount_cmd(mountpoint: &Path, lazy: bool) -> CmdResult {
 
 /// Unprivileged users unmount through the setuid helper.
 fn fusermount_unmount(target: &Path, lazy: bool) -> CmdResult {
-    let mut cmd = std::process::Command::new("fusermount3");
-    cmd.arg("-u");
-    if lazy {
-        cmd.arg("-z");
-    }
-    let out = cmd.arg("--").arg(target).output().map_err(|e| {
-        format!(
+    rovl::session::helper_unmount(target, lazy).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!(
             "rovl: cannot unmount {}: permission denied (fusermount3: {e})",
             target.display()
-        )
-    })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr.lines().next().unwrap_or("failed").trim();
-    Err(format!("rovl: cannot unmount {}: {line}", target.display()))
+        ),
+        _ => format!("rovl: cannot unmount {}: {e}", target.display()),
+    })
 }
 
 #[cfg(test)]

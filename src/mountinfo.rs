@@ -76,12 +76,14 @@ pub fn top_at(p: &Path) -> io::Result<Option<MountInfo>> {
     Ok(read()?.into_iter().rev().find(|m| m.mount_point == p))
 }
 
-/// Whether the mount with id `id` is idmapped (its ids are shown shifted).
-pub fn is_idmapped(id: u64) -> bool {
-    read().is_ok_and(|all| {
-        all.iter()
-            .any(|m| m.id == id && m.options.split(',').any(|o| o == "idmapped"))
-    })
+/// The ids of this process's idmapped mounts (their ids are shown shifted).
+pub fn idmapped_ids() -> Vec<u64> {
+    read()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.options.split(',').any(|o| o == "idmapped"))
+        .map(|m| m.id)
+        .collect()
 }
 
 #[cfg(test)]

@@ -196,12 +196,14 @@ pub struct Overlay {
 impl Overlay {
     pub fn new(cfg: &MountConfig) -> io::Result<Overlay> {
         let mut all = Vec::new();
+        // Read once: a layer on an idmapped mount already shows mapped ids.
+        let idmapped = crate::mountinfo::idmapped_ids();
         let has_upper = cfg.upperdir.is_some();
         if let Some(u) = &cfg.upperdir {
-            all.push(Layer::open(u, false)?);
+            all.push(Layer::open(u, false, &idmapped)?);
         }
         for l in &cfg.lowerdirs {
-            all.push(Layer::open(l, true)?);
+            all.push(Layer::open(l, true, &idmapped)?);
         }
         if all.len() > u16::MAX as usize {
             return Err(sys::err(libc::EINVAL));
@@ -592,7 +594,9 @@ impl Overlay {
                 blocks = lst.st_blocks as u64;
             }
         }
-        let idmapped = node.top().is_some_and(|t| self.layers.get(t).idmapped);
+        // Only an id mapping asks which layer the ids come from.
+        let idmapped =
+            !self.cfg.ids.is_identity() && node.top().is_some_and(|t| self.layers.get(t).idmapped);
         fuser::FileAttr {
             ino: fuser::INodeNo(node.ino()),
             size: st.st_size as u64,

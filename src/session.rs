@@ -71,6 +71,12 @@ fn unmount(p: &Path, lazy: bool, helper: bool) -> io::Result<()> {
         }
         return Ok(());
     }
+    helper_unmount(p, lazy)
+}
+
+/// `fusermount3 -u [-z]`: how users without CAP_SYS_ADMIN unmount. Its
+/// first line of complaint becomes the error; EBUSY when busy.
+pub fn helper_unmount(p: &Path, lazy: bool) -> io::Result<()> {
     let mut cmd = std::process::Command::new(FUSERMOUNT);
     cmd.arg("-u");
     if lazy {
@@ -84,7 +90,8 @@ fn unmount(p: &Path, lazy: bool, helper: bool) -> io::Result<()> {
     if msg.contains("busy") {
         return Err(sys::err(libc::EBUSY));
     }
-    Err(io::Error::other(msg.trim().to_string()))
+    let line = msg.lines().next().unwrap_or("failed").trim();
+    Err(io::Error::other(line.to_string()))
 }
 
 /// The setuid mount helper of FUSE 3.

@@ -61,12 +61,7 @@ impl Overlay {
         let r = self
             .entry_in(&node, top)
             .and_then(|(pfd, cname)| sys::getxattr_at(pfd.as_fd(), &cname, &real));
-        match r {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {
-                sys::getxattr(self.object_fd(&node, handles)?.0.as_fd(), &real)
-            }
-            r => r,
-        }
+        r.or_else(|e| sys::getxattr(self.open_file_fd(&node, handles, e)?.as_fd(), &real))
     }
 
     pub fn listxattr(&self, nodeid: u64, handles: &Handles) -> io::Result<Vec<u8>> {
@@ -79,12 +74,7 @@ impl Overlay {
             let r = self
                 .entry_in(&node, top)
                 .and_then(|(pfd, cname)| sys::listxattr_at(pfd.as_fd(), &cname));
-            match r {
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {
-                    sys::listxattr(self.object_fd(&node, handles)?.0.as_fd())?
-                }
-                r => r?,
-            }
+            r.or_else(|e| sys::listxattr(self.open_file_fd(&node, handles, e)?.as_fd()))?
         };
         let p = self.xattr_prefix.as_bytes();
         let mut esc = p.to_vec();

@@ -190,25 +190,40 @@ fn assert_readers(errs: &std::collections::BTreeMap<i32, usize>, reads: usize, a
     );
 }
 
+/// Reads `path` while `change(i)` runs 1,500 times in another thread,
+/// then checks what the reads saw (`assert_readers`).
+fn readers_while(path: &std::path::Path, change: impl Fn(usize) + Sync, allowed: &[i32]) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Set when the writer ends, panicking too, so the reader always stops.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let done = AtomicBool::new(false);
+    let (errs, reads) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let _done = Done(&done);
+            (0..1500).for_each(&change);
+        });
+        read_while(path, &done)
+    });
+    assert!(reads > 0);
+    assert_readers(&errs, reads, allowed);
+}
+
 /// The atomic-replace idiom (write a temp file, rename it over the
 /// target) never makes a reader of the target fail.
 fn readers_of_a_replaced_file(b: Backend) {
     let l = Layers::new(1);
     write(l.u("d/f"), "old");
     let _m = mount(b, &l);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (errs, reads) = std::thread::scope(|s| {
-        s.spawn(|| {
-            for i in 0..1500 {
-                write(l.m("d/tmp"), format!("new {i}"));
-                std::fs::rename(l.m("d/tmp"), l.m("d/f")).unwrap();
-            }
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-        read_while(&l.m("d/f"), &done)
-    });
-    assert!(reads > 0);
-    assert_readers(&errs, reads, &[]);
+    let change = |i| {
+        write(l.m("d/tmp"), format!("new {i}"));
+        std::fs::rename(l.m("d/tmp"), l.m("d/f")).unwrap();
+    };
+    readers_while(&l.m("d/f"), change, &[]);
 }
 
 /// A lower file removed and made again: readers see it or ENOENT, never
@@ -217,17 +232,9 @@ fn readers_of_a_removed_and_recreated_lower_file(b: Backend) {
     let l = Layers::new(1);
     write(l.l(0, "d/g"), "low");
     let _m = mount(b, &l);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (errs, reads) = std::thread::scope(|s| {
-        s.spawn(|| {
-            for i in 0..1500 {
-                std::fs::remove_file(l.m("d/g")).unwrap();
-                write(l.m("d/g"), format!("x {i}"));
-            }
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-        read_while(&l.m("d/g"), &done)
-    });
-    assert!(reads > 0);
-    assert_readers(&errs, reads, &[libc::ENOENT]);
+    let change = |i| {
+        std::fs::remove_file(l.m("d/g")).unwrap();
+        write(l.m("d/g"), format!("x {i}"));
+    };
+    readers_while(&l.m("d/g"), change, &[libc::ENOENT]);
 }
