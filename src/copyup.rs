@@ -373,6 +373,9 @@ impl Overlay {
         let already = matches!(sys::getxattr(fd, &name), Ok(v) if v == b"y");
         if already || sys::setxattr(fd, &name, b"y", 0).is_ok() {
             dir.state.write().impure = true;
+            // As the kernel: the next readdir of a newly impure dir reads it
+            // again (and drops a mark that no entry needs).
+            self.inval_dir(dir.nodeid);
         }
     }
 

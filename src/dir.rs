@@ -429,6 +429,18 @@ impl Overlay {
         node.is_dir() && node.layers().iter().any(|&l| !self.layers.is_upper(l))
     }
 
+    /// The kernel's "not pure upper" dir: one with lower layers, or an
+    /// upper dir with an origin (it was merged once and may keep
+    /// whiteouts).
+    fn may_hold_whiteouts(&self, node: &Arc<Inode>) -> bool {
+        node.is_dir()
+            && (self.merge_or_lower(node)
+                || self
+                    .path_fd(node)
+                    .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("origin")))
+                    .is_ok())
+    }
+
     /// The kernel's `ovl_rename`, step by step, so that even a rename that
     /// fails in the upper fs leaves the same marks behind.
     #[allow(clippy::too_many_arguments)]
@@ -471,9 +483,9 @@ impl Overlay {
         if !redirects && (src_redirect || dst_redirect) {
             return Err(sys::err(libc::EXDEV));
         }
-        // As the kernel: an overwritten merged or lower dir must be empty,
-        // checked before anything is copied up.
-        let dst_clear = dst.filter(|d| !exchange && self.merge_or_lower(d));
+        // As the kernel: an overwritten dir that may hold whiteouts must be
+        // empty, checked before anything is copied up.
+        let dst_clear = dst.filter(|d| !exchange && self.may_hold_whiteouts(d));
         if let Some(d) = dst_clear {
             self.check_empty(d)?;
         }
