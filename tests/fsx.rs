@@ -92,7 +92,10 @@ fn os_err() -> std::io::Error {
 impl Fsx {
     fn fail(&self, what: String) -> ! {
         let tail: Vec<&String> = self.log.iter().rev().take(12).collect();
-        panic!("fsx {:?}: {what}\nlast operations (newest first): {tail:#?}", self.path);
+        panic!(
+            "fsx {:?}: {what}\nlast operations (newest first): {tail:#?}",
+            self.path
+        );
     }
 
     fn check_size(&self) {
@@ -335,7 +338,10 @@ fn run(b: Backend, opts: &str, lower: bool) {
     }
     fsx.check_all("at the end");
     if !fsx.unsupported.is_empty() {
-        eprintln!("fsx {b:?} {opts}: refused (EOPNOTSUPP): {:?}", fsx.unsupported);
+        eprintln!(
+            "fsx {b:?} {opts}: refused (EOPNOTSUPP): {:?}",
+            fsx.unsupported
+        );
     }
     drop(fsx.file);
     m.unmount();

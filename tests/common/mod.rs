@@ -613,11 +613,16 @@ pub struct TmpfsMount {
 
 impl TmpfsMount {
     pub fn start(p: &Path) -> io::Result<TmpfsMount> {
+        Self::start_sized(p, "16m")
+    }
+
+    /// A tmpfs of `size` (tmpfs syntax: `4m`), e.g. to run out of space.
+    pub fn start_sized(p: &Path, size: &str) -> io::Result<TmpfsMount> {
         fs::create_dir_all(p)?;
         let mountpoint = fs::canonicalize(p)?;
         let src = CString::new("tmpfs").unwrap();
         let target = cstr(&mountpoint);
-        let data = CString::new("size=16m").unwrap();
+        let data = CString::new(format!("size={size}")).unwrap();
         // SAFETY: valid NUL-terminated strings.
         let r = unsafe {
             libc::mount(
