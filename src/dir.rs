@@ -273,6 +273,7 @@ impl Overlay {
         }
         // (An indexed name was just linked up.)
         let lower_only = lower_only && nlink.is_none();
+        let held = node.as_ref().and_then(|n| self.holdable(n));
         let res = (|| -> io::Result<()> {
             self.copy_up(&parent)?;
             let ufd = self.dir_fd(&parent, UPPER)?;
@@ -304,15 +305,29 @@ impl Overlay {
         }
         res?;
         if let Some(n) = node {
-            self.detach(&n, parent.nodeid, name);
+            self.detach(&n, parent.nodeid, name, held);
         }
         Ok(())
     }
 
-    /// Forgets one name of a node; a node with no names left loses its key.
-    fn detach(&self, node: &Arc<Inode>, parent: u64, name: &OsStr) {
+    /// The object of a non-directory about to lose a name, to hold if that
+    /// was its last (see `Inode::held`); not for nodes that read another
+    /// object by design (indexed, metadata-only).
+    fn holdable(&self, node: &Arc<Inode>) -> Option<OwnedFd> {
+        if node.is_dir() || node.has_index() || node.has_lowerdata() {
+            return None;
+        }
+        self.path_fd(node).ok()
+    }
+
+    /// Forgets one name of a node; a node with no names left loses its key
+    /// and keeps its object in `held`.
+    fn detach(&self, node: &Arc<Inode>, parent: u64, name: &OsStr, held: Option<OwnedFd>) {
         node.remove_alias(parent, &name.to_os_string());
         if node.state.read().aliases.is_empty() {
+            if let Some(fd) = held {
+                node.set_held(fd);
+            }
             // The upper inode may be freed and reused by a new file, which
             // must not inherit this one's number.
             if let crate::inode::Key::Real(dev, ino) = node.state.read().key {
@@ -563,6 +578,7 @@ impl Overlay {
                 sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
             }
         }
+        let dst_held = dst.filter(|_| !exchange).and_then(|d| self.holdable(d));
         match sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, flags) {
             // Some filesystems and user namespaces refuse RENAME_WHITEOUT:
             // the whiteout follows the rename (not atomically).
@@ -591,7 +607,7 @@ impl Overlay {
                 d.remove_alias(newparent.nodeid, &n2);
                 d.add_alias(parent, &n1);
             }
-            Some(d) => self.detach(d, newparent.nodeid, &n2),
+            Some(d) => self.detach(d, newparent.nodeid, &n2, dst_held),
             None => {}
         }
         src.add_alias(newparent, &n2);

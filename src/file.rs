@@ -2,7 +2,7 @@
 //! Opening for write copies up first; a read-only handle opened before a
 //! copy-up switches to the upper file, as the kernel's does.
 
-use crate::inode::Inode;
+use crate::inode::{Inode, ROOT};
 use crate::layer::UPPER;
 use crate::overlay::Overlay;
 use crate::sys;
@@ -113,7 +113,14 @@ impl Overlay {
         }
         let (top, key) = node.top_and_key();
         let top = top.ok_or_else(|| sys::err(libc::ENOENT))?;
-        let (pfd, name) = self.entry_in(&node, top)?;
+        let (pfd, name) = match self.entry_in(&node, top) {
+            Ok(e) => e,
+            Err(e) => {
+                let held = node.held().ok_or(e)?;
+                let fd = sys::reopen(held.as_fd(), flags & !STRIP & !libc::O_NOFOLLOW)?;
+                return Ok(self.new_handle(&node, fd, flags, handles));
+            }
+        };
         let fd = match sys::openat(pfd.as_fd(), &name, flags & !STRIP, 0) {
             Ok(fd) => fd,
             Err(e) => {
@@ -148,7 +155,8 @@ impl Overlay {
     /// when its name is gone (`open_file_fd`); says which.
     pub fn object_fd(&self, node: &Arc<Inode>, handles: &Handles) -> io::Result<(OwnedFd, bool)> {
         match self.path_fd(node) {
-            Ok(fd) => Ok((fd, false)),
+            // A held object (see `Inode::held`) has no name to use either.
+            Ok(fd) => Ok((fd, node.nodeid != ROOT && node.alias().is_none())),
             Err(e) => {
                 let fd = self.open_file_fd(node, handles, e)?;
                 Ok((sys::reopen(fd.as_fd(), libc::O_PATH)?, true))

@@ -219,6 +219,11 @@ struct Extra {
     /// A metadata-only copy's data: the lower file (O_PATH) reads go to
     /// until a write copies the data up (metacopy=on).
     lowerdata: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The object (O_PATH) of a non-directory whose last name went away
+    /// (unlinked or renamed over) while the kernel still holds the node:
+    /// requests reach it through this fd until FORGET, as the kernel's
+    /// overlay keeps using its dentry.
+    held: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl State {
@@ -228,11 +233,9 @@ impl State {
 
     /// Drops the box once nothing is left in it.
     fn trim(&mut self) {
-        if self
-            .extra
-            .as_ref()
-            .is_some_and(|e| e.redirect.is_none() && e.index.is_none() && e.lowerdata.is_none())
-        {
+        if self.extra.as_ref().is_some_and(|e| {
+            e.redirect.is_none() && e.index.is_none() && e.lowerdata.is_none() && e.held.is_none()
+        }) {
             self.extra = None;
         }
     }
@@ -323,6 +326,15 @@ impl Inode {
             .extra
             .as_ref()
             .is_some_and(|e| e.lowerdata.is_some())
+    }
+
+    /// See `Extra::held`.
+    pub fn held(&self) -> Option<Arc<std::os::fd::OwnedFd>> {
+        self.state.read().extra.as_ref()?.held.clone()
+    }
+
+    pub fn set_held(&self, fd: std::os::fd::OwnedFd) {
+        self.state.write().extra_mut().held = Some(Arc::new(fd));
     }
 
     pub fn set_lowerdata(&self, fd: Option<Arc<std::os::fd::OwnedFd>>) {

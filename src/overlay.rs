@@ -521,8 +521,10 @@ impl Overlay {
         if node.nodeid == ROOT {
             return sys::openat(self.layers.get(layer).root.as_fd(), c".", libc::O_PATH, 0);
         }
-        let (pfd, name) = self.entry_in(node, layer)?;
-        sys::openat(pfd.as_fd(), &name, libc::O_PATH, 0)
+        match self.entry_in(node, layer) {
+            Ok((pfd, name)) => sys::openat(pfd.as_fd(), &name, libc::O_PATH, 0),
+            Err(e) => Ok(node.held().ok_or(e)?.try_clone()?),
+        }
     }
 
     /// Real stat of the node's top layer object.
@@ -532,7 +534,10 @@ impl Overlay {
         if node.nodeid == ROOT {
             return sys::fstat(self.layers.get(top).root.as_fd());
         }
-        let (pfd, name) = self.entry_in(node, top)?;
+        let (pfd, name) = match self.entry_in(node, top) {
+            Ok(e) => e,
+            Err(e) => return sys::fstat(node.held().ok_or(e)?.as_fd()),
+        };
         let st = sys::fstatat(pfd.as_fd(), &name)?;
         self.check_same(node, &key, &st)?;
         Ok(st)

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 
 both_backends!(
     fd_ops_after_unlink,
@@ -16,7 +17,42 @@ both_backends!(
     absolute_redirect_stops_at_opaque_dir,
     readers_of_a_replaced_file,
     readers_of_a_removed_and_recreated_lower_file,
+    a_node_keeps_its_object_after_its_name_goes,
 );
+
+/// A file reached after its last name went (reopened through
+/// /proc/self/fd of an O_PATH fd taken before): the kernel opens the old
+/// object, whether it was unlinked or renamed over, upper or lower.
+fn a_node_keeps_its_object_after_its_name_goes(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "lower"), "lower data");
+    write(l.l(0, "lower2"), "lower2 data");
+    let _m = mount(b, &l);
+    write(l.m("upper"), "upper data");
+    write(l.m("new"), "new data");
+    let hold = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(l.m(name))
+            .unwrap_or_else(|e| panic!("open {name} O_PATH: {e}"))
+    };
+    let (a, bb, c) = (hold("lower"), hold("upper"), hold("lower2"));
+    std::fs::remove_file(l.m("lower")).unwrap();
+    std::fs::rename(l.m("new"), l.m("upper")).unwrap();
+    write(l.m("lower2.tmp"), "replacement");
+    std::fs::rename(l.m("lower2.tmp"), l.m("lower2")).unwrap();
+    let via = |f: &std::fs::File| {
+        let p = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f));
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reopen {p}: {e}"))
+    };
+    assert_eq!(via(&a), "lower data", "{b:?}: an unlinked lower file");
+    assert_eq!(via(&bb), "upper data", "{b:?}: an upper file renamed over");
+    assert_eq!(via(&c), "lower2 data", "{b:?}: a lower file renamed over");
+    assert_eq!(read_string(l.m("upper")), "new data");
+    assert_eq!(read_string(l.m("lower2")), "replacement");
+    assert!(!exists(l.m("lower")));
+}
 
 fn open_rw(p: &std::path::Path, flags: i32) -> i32 {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
