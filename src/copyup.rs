@@ -412,7 +412,17 @@ pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::R
     let end = size as i64;
     let mut pos: i64 = 0;
     let mut skip_holes = true;
+    let mut since_check = 0;
     while pos < end {
+        // An interrupted caller (Ctrl-C) stops the copy, as the kernel's
+        // does; the caller of copy_data drops the partial copy.
+        since_check += 1;
+        if since_check == 16 {
+            since_check = 0;
+            if crate::caller::signal_pending() {
+                return Err(sys::err(libc::EINTR));
+            }
+        }
         if skip_holes {
             match sys::lseek(input, pos, libc::SEEK_DATA) {
                 Ok(d) if d > pos => {

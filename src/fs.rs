@@ -1,6 +1,7 @@
 //! The `fuser::Filesystem` impl: a thin dispatcher. Each request is handed
 //! to the module that owns it, and every error becomes an errno reply.
 
+use crate::caller;
 use crate::dir::{Caller, NewObj};
 use crate::file::Handles;
 use crate::inode::Inode;
@@ -299,7 +300,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -315,6 +316,7 @@ impl fuser::Filesystem for OverlayFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _caller = caller::Scope::enter(req.pid());
         let a = SetAttr {
             mode,
             uid,
@@ -448,7 +450,8 @@ impl fuser::Filesystem for OverlayFs {
         self.reply_entry(reply, r);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _caller = caller::Scope::enter(req.pid());
         match self.ovl.open(ino.0, flags.0, &self.files) {
             Ok(fh) => match self.passthrough(fh, |fd| reply.open_backing(fd)) {
                 Passthrough::Backing(b) => {

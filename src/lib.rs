@@ -3,6 +3,7 @@
 //! The layout follows the kernel's `fs/overlayfs`: one concern per module.
 //! `fs` is the thin `fuser::Filesystem` dispatcher over the others.
 
+pub mod caller;
 pub mod copyup;
 pub mod dir;
 pub mod file;

@@ -373,8 +373,61 @@ both_backends!(
     enospc,
     hostile_names_and_paths,
     hostile_xattrs_and_nodes,
-    huge_sparse_copy_up
+    huge_sparse_copy_up,
+    ctrl_c_during_a_large_copy_up,
 );
+
+/// Ctrl-C (SIGINT, default action) of a process whose open is copying up
+/// a 1 GiB file: the kernel stops the copy; so does rovl (it polls the
+/// caller, fuser having no FUSE_INTERRUPT). Nothing is left in the upper
+/// or in W/work.
+fn ctrl_c_during_a_large_copy_up(b: Backend) {
+    let l = Layers::new(1);
+    let chunk = pattern(1 << 20, 5);
+    let f = std::fs::File::create(l.l(0, "big")).unwrap();
+    for i in 0..1024u64 {
+        f.write_all_at(&chunk, i << 20).unwrap();
+    }
+    drop(f);
+    let m = mount(b, &l);
+    let mut child = sh(&format!("exec 3>>'{}'; echo copied", l.m("big").display()))
+        .spawn()
+        .expect("start the writer");
+    if b == Backend::Rovl {
+        // rovl builds the copy in W/work: signal once it is under way.
+        let start = Instant::now();
+        while work_entries(&l).is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the copy-up never started"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    } else {
+        // The kernel's copy is an O_TMPFILE, not visible there.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(&child, libc::SIGINT);
+    let (st, finished) = wait_bounded(&mut child, Duration::from_secs(60));
+    assert!(finished, "the writer did not end");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        st.signal(),
+        Some(libc::SIGINT),
+        "{b:?}: the copy-up finished first ({st})"
+    );
+    assert!(
+        !exists(l.u("big")),
+        "{b:?}: a copy of the interrupted file is in the upper"
+    );
+    assert_eq!(
+        work_entries(&l),
+        Vec::<String>::new(),
+        "{b:?}: W/work keeps the partial copy"
+    );
+    assert_eq!(std::fs::metadata(l.m("big")).unwrap().len(), 1 << 30);
+    m.unmount();
+}
 
 // ---------------------------------------------------------------------------
 // Layers changed under a live mount (undefined in the kernel too; rovl
