@@ -194,6 +194,16 @@ fn serve(cfg: &MountConfig, reporter: Reporter) -> Result<(), Reported> {
 
     let session = match rovl::session::mount(cfg) {
         Ok(s) => s,
+        // Unmounted (by umount or a signal) between mount(2) and the
+        // kernel's INIT: the mount's life ended as any unmount ends it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+            log::info!(
+                "{} was unmounted before it was ready",
+                cfg.mountpoint.display()
+            );
+            reporter.ready();
+            return Ok(());
+        }
         Err(e) => {
             if let Some(w) = workdir {
                 w.abandon();

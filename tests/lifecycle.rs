@@ -381,3 +381,19 @@ fn snapshot_merged(l: &Layers) -> Vec<(String, Option<String>)> {
         })
         .collect()
 }
+
+/// An unmount that lands between mount(2) and the kernel's INIT (a quick
+/// `umount` after `rovl mount -f`) ends the daemon as any unmount does:
+/// exit 0, not "cannot mount".
+#[test]
+fn unmounted_before_ready_is_a_clean_exit() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    for round in 0..20 {
+        let m = RovlMount::start(&l.opts(), &l.merged).expect("mount");
+        let st = m.unmount();
+        assert!(st.success(), "round {round}: rovl exited with {st}");
+    }
+}

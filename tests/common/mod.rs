@@ -535,10 +535,15 @@ impl RovlMount {
 
     /// Unmounts and waits for the daemon (killed by PID if it does not exit).
     pub fn unmount(mut self) -> ExitStatus {
-        match self.finish() {
+        let st = match self.finish() {
             Some(st) => st,
             None => wait_bounded(&mut self.child, EXIT_TIMEOUT).0,
+        };
+        if !st.success() {
+            // Shown with the failing test's output.
+            eprintln!("rovl exited with {st}; its stderr:\n{}", self.stderr_text());
         }
+        st
     }
 
     /// Waits (bounded) for the daemon to exit by itself, e.g. after
