@@ -19,6 +19,7 @@ pub mod options;
 pub mod overlay;
 pub mod override_stat;
 pub mod readdir;
+pub mod registry;
 pub mod session;
 pub mod sys;
 pub mod whiteout;

@@ -446,11 +446,12 @@ fn start_watchdog(pid: u32, reaping: Arc<Mutex<bool>>) {
     });
 }
 
-fn wait_for_mount(p: &Path, fuse: bool) -> bool {
-    match mount_at(p) {
-        Some(m) => !fuse || m.fstype.starts_with("fuse"),
-        None => false,
-    }
+/// Whether a FUSE mount is up at `p`. When a mount was there before (a
+/// dead one, which the new daemon replaces; mount ids are reused), only
+/// once the mountpoint answers.
+fn fuse_mount_up(p: &Path, was_mounted: bool) -> bool {
+    mount_at(p).is_some_and(|m| m.fstype.starts_with("fuse"))
+        && (!was_mounted || fs::metadata(p).is_ok())
 }
 
 impl RovlMount {
@@ -468,6 +469,7 @@ impl RovlMount {
     /// (used to check the harness itself with fuse-overlayfs).
     pub fn start_program(program: &Path, args: &[&str], mnt: &Path) -> io::Result<RovlMount> {
         let mountpoint = canonical_no_follow_last(mnt);
+        let was_mounted = is_mounted(&mountpoint);
         let stderr = stderr_file();
         let child = Command::new(program)
             .env_remove("RUST_LOG")
@@ -488,7 +490,7 @@ impl RovlMount {
         };
         let start = Instant::now();
         loop {
-            if wait_for_mount(&m.mountpoint, true) {
+            if fuse_mount_up(&m.mountpoint, was_mounted) {
                 return Ok(m);
             }
             if let Ok(Some(st)) = m.child.try_wait() {

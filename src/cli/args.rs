@@ -1,0 +1,174 @@
+//! The command line: three ways to mount (`rovl mount -o OPTS MERGED`,
+//! fuse-overlayfs' `rovl -o OPTS MERGED`, mount.fuse3's `rovl SOURCE MERGED
+//! -o OPTS`) and the other subcommands, with help a newcomer can follow.
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::LazyLock;
+
+/// The mount options, one line each, under `--help`.
+const OPTIONS_HELP: &str = "\
+Mount options (-o, comma separated; details: the README's Options table):
+  lowerdir=L1[:L2...]    read-only layers, leftmost on top (required)
+  upperdir=U,workdir=W   the writable layer and its scratch dir (same fs)
+  ro                     read-only even with an upper layer
+  redirect_dir=on|off|follow|nofollow   rename merged dirs (default on)
+  index=on|off           keep lower hard links linked on copy-up
+  metacopy=on|off        copy metadata only until the data is written
+  xino=on|off|auto       unique inode numbers across filesystems
+  userxattr              user.overlay.* xattrs (rootless)
+  volatile               no fsync of the upper layer
+  passthrough=off|all    FUSE passthrough of lower files (default off)
+  uidmapping=, gidmapping=, squash_to_root, xattr_permissions=1|2
+                         fuse-overlayfs' options for container engines
+  allow_other, allow_root, default_permissions, nodev, nosuid, noexec
+Example:
+  rovl mount -o lowerdir=./low,upperdir=./upper,workdir=./work ./merged";
+
+/// `--version`: the FUSE protocol this build speaks and the running kernel.
+static LONG_VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{}\nfuser 0.18 (FUSE protocol 7.40, no libfuse)\nkernel {}",
+        env!("CARGO_PKG_VERSION"),
+        kernel_release()
+    )
+});
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn long_version() -> &'static str {
+    LONG_VERSION.as_str()
+}
+
+const SUBCOMMANDS: [&str; 6] = ["mount", "umount", "list", "version", "completions", "man"];
+
+/// What to say before clap parses: bare `rovl`, or a first word close to
+/// a subcommand (which the `SOURCE MERGED` form would take as a source).
+pub fn early_check(argv: &[OsString]) -> Option<String> {
+    let Some(first) = argv.get(1) else {
+        return Some(format!(
+            "{}\n\n{}",
+            short_usage(),
+            "rovl --help shows more."
+        ));
+    };
+    let first = first.to_str()?;
+    if first.starts_with('-') || SUBCOMMANDS.contains(&first) || first.contains('/') {
+        return None;
+    }
+    let near = SUBCOMMANDS
+        .iter()
+        .filter(|s| {
+            strsim::damerau_levenshtein(first, s) <= 2 || (first.len() >= 2 && s.starts_with(first))
+        })
+        .min_by_key(|s| strsim::damerau_levenshtein(first, s))?;
+    Some(format!(
+        "rovl: unknown command '{first}': did you mean 'rovl {near}'?\n{}",
+        short_usage()
+    ))
+}
+
+pub fn short_usage() -> String {
+    "usage: rovl mount -o lowerdir=L1[:L2...][,upperdir=U,workdir=W] MERGED\n       \
+     rovl umount [-l] MERGED\n       \
+     rovl list [--json]"
+        .to_string()
+}
+
+/// The man page, generated from these definitions.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+    Ok(out)
+}
+
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "rovl", &mut out);
+    out
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Common {
+    /// Stay in the foreground instead of forking a daemon.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Debug logging (RUST_LOG=debug unless set); implies --foreground.
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rovl",
+    version,
+    long_version = LONG_VERSION.as_str(),
+    about = "Userspace overlay filesystem (kernel overlayfs compatible) over FUSE",
+    after_help = OPTIONS_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+    #[command(flatten)]
+    pub common: Common,
+    /// Mount options, comma separated (may be repeated).
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// `[SOURCE] MERGED`: optional source name and the mountpoint.
+    #[arg(value_name = "[SOURCE] MERGED", num_args = 1..=2, required = true)]
+    pub args: Vec<OsString>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Mount an overlay at MERGED.
+    #[command(after_help = OPTIONS_HELP)]
+    Mount(MountArgs),
+    /// Unmount the overlay at MERGED.
+    Umount(UmountArgs),
+    /// List rovl mounts: mountpoint, layers, options, daemon pid, uptime.
+    List(ListArgs),
+    /// Print the version, with the FUSE protocol and kernel.
+    Version,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    Man,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Mount options, comma separated (may be repeated):
+    /// lowerdir=L1[:L2...],upperdir=U,workdir=W,...
+    #[arg(short = 'o', value_name = "OPTS", required = true)]
+    pub options: Vec<String>,
+    /// `[SOURCE] MERGED`: optional source name and the mountpoint.
+    #[arg(value_name = "[SOURCE] MERGED", num_args = 1..=2, required = true)]
+    pub args: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Detach now, and finish unmounting once the mount is no longer busy.
+    #[arg(short = 'l', long)]
+    pub lazy: bool,
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// One JSON array, for tools.
+    #[arg(long)]
+    pub json: bool,
+}

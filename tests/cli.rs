@@ -1,0 +1,143 @@
+//! The command line as a newcomer meets it: a typo gets a suggestion and
+//! mounts nothing, bare `rovl` and a missing `-o` show the usage, `rovl
+//! list` shows what is mounted (and a dead daemon), a dead mount is
+//! cleared by the next mount, and the man page and completions print.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn a_typo_suggests_and_mounts_nothing() {
+    let l = Layers::new(1);
+    let opts = format!("lowerdir={}", l.lowers[0].display());
+    let m = l.merged.to_str().unwrap();
+    for (word, want) in [("mnt", "mount"), ("umout", "umount"), ("lst", "list")] {
+        let r = run_rovl(&[word, "-o", &opts, m]);
+        assert_eq!(r.status.code(), Some(2), "{word}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("did you mean 'rovl {want}'?")),
+            "{word}: {}",
+            r.stderr
+        );
+        assert!(!is_mounted(&l.merged), "{word} mounted");
+    }
+}
+
+#[test]
+fn bare_rovl_and_a_missing_o_show_the_usage() {
+    let r = run_rovl::<&str>(&[]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(
+        r.stderr.starts_with("usage: rovl mount -o lowerdir="),
+        "{}",
+        r.stderr
+    );
+    let r = run_rovl(&["./merged"]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        r.stderr.contains("no mount options (-o) given") && r.stderr.contains("usage: rovl mount"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn version_man_page_and_completions() {
+    let r = run_rovl(&["--version"]);
+    assert!(
+        r.status.success() && r.stdout.contains("FUSE protocol 7."),
+        "{}",
+        r.stdout
+    );
+    let r = run_rovl(&["man"]);
+    assert!(
+        r.status.success() && r.stdout.starts_with(".ie"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains(".TH rovl 1"), "{}", r.stdout);
+    for shell in ["bash", "zsh", "fish"] {
+        let r = run_rovl(&["completions", shell]);
+        assert!(r.status.success() && r.stdout.contains("umount"), "{shell}");
+    }
+}
+
+fn list_json() -> Vec<serde_json::Value> {
+    let r = run_rovl(&["list", "--json"]);
+    assert!(r.status.success(), "{}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+fn entry_for(mnt: &std::path::Path) -> Option<serde_json::Value> {
+    list_json()
+        .into_iter()
+        .find(|e| e["mountpoint"] == mnt.to_str().unwrap())
+}
+
+#[test]
+fn list_shows_layers_options_and_pid() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(2);
+    let m = RovlMount::start(&format!("{},redirect_dir=on", l.opts()), &l.merged).expect("mount");
+    let e = entry_for(&m.mountpoint).expect("the mount is listed");
+    assert_eq!(e["state"], "running");
+    let rec = &e["record"];
+    assert_eq!(rec["pid"], m.child.id());
+    assert_eq!(
+        rec["lowerdir"],
+        serde_json::json!([l.lowers[0].to_str().unwrap(), l.lowers[1].to_str().unwrap()])
+    );
+    assert_eq!(rec["upperdir"], l.upper.to_str().unwrap());
+    assert_eq!(rec["options"], "redirect_dir=on");
+    let text = run_rovl(&["list"]).stdout;
+    assert!(
+        text.contains(m.mountpoint.to_str().unwrap())
+            && text.contains(&format!("pid {}", m.child.id())),
+        "{text}"
+    );
+    let mnt = m.mountpoint.clone();
+    assert!(m.unmount().success());
+    assert!(entry_for(&mnt).is_none(), "still listed after unmount");
+}
+
+#[test]
+fn a_dead_mount_is_listed_and_cleared_by_the_next_mount() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    write(l.l(0, "f"), "lower");
+    let m = RovlMount::start(&l.opts(), &l.merged).expect("mount");
+    signal(&m.child, libc::SIGKILL);
+    let mnt = m.mountpoint.clone();
+    // The kernel aborts the connection once the daemon is gone.
+    let start = std::time::Instant::now();
+    while errno(std::fs::metadata(&mnt)) != Some(libc::ENOTCONN) {
+        assert!(start.elapsed().as_secs() < 30, "the mount never went dead");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let e = entry_for(&mnt).expect("the dead mount is listed");
+    assert_eq!(e["state"], "dead");
+    let text = run_rovl(&["list"]).stdout;
+    assert!(
+        text.contains(&format!("rovl umount {}", mnt.display())),
+        "{text}"
+    );
+    // Mounting again clears it.
+    let m2 = RovlMount::start(&l.opts(), &l.merged).expect("mount over a dead mount");
+    assert!(
+        m2.stderr_text().contains("detached a dead rovl mount"),
+        "{}",
+        m2.stderr_text()
+    );
+    assert_eq!(read_string(l.m("f")), "lower");
+    assert!(m2.unmount().success());
+    let (st, _) = m.wait_exit();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(libc::SIGKILL)
+    );
+}
