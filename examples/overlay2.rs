@@ -3,7 +3,7 @@
 //! Run as root after building the binary:
 //!
 //! ```text
-//! cargo build && sudo cargo run --example overlay2
+//! cargo build && cargo run --example overlay2   (as root; else sudo -E)
 //! ```
 //!
 //! The store looks like `/var/lib/docker/overlay2`: one directory per layer

@@ -3,7 +3,7 @@
 //! Run as root after building the binary:
 //!
 //! ```text
-//! cargo build && sudo cargo run --example walkthrough
+//! cargo build && cargo run --example walkthrough   (as root; else sudo -E)
 //! ```
 //!
 //! It makes `low/11.txt`, `upper/22.txt`, `work/` and `merged/` in a temp dir,

@@ -141,3 +141,32 @@ fn a_dead_mount_is_listed_and_cleared_by_the_next_mount() {
         Some(libc::SIGKILL)
     );
 }
+
+#[test]
+fn help_lists_the_mount_options_with_an_example() {
+    let r = run_rovl(&["mount", "--help"]);
+    assert!(r.status.success());
+    for want in [
+        "lowerdir=L1[:L2...]",
+        "upperdir=U,workdir=W",
+        "redirect_dir=",
+        "Example:",
+    ] {
+        assert!(
+            r.stdout.contains(want),
+            "{want} missing from:\n{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn release_binaries_carry_no_debug_info() {
+    let toml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let release = toml
+        .split("[profile.release]")
+        .nth(1)
+        .and_then(|s| s.split("\n[").next())
+        .expect("a [profile.release] section");
+    assert!(release.contains("strip = \"debuginfo\""), "{release}");
+}

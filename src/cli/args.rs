@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 
 /// The mount options, one line each, under `--help`.
 const OPTIONS_HELP: &str = "\
-Mount options (-o, comma separated; details: the README's Options table):
+Mount options (-o, comma separated; details: docs/options.md):
   lowerdir=L1[:L2...]    read-only layers, leftmost on top (required)
   upperdir=U,workdir=W   the writable layer and its scratch dir (same fs)
   ro                     read-only even with an upper layer
