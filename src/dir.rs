@@ -273,7 +273,12 @@ impl Overlay {
         }
         // (An indexed name was just linked up.)
         let lower_only = lower_only && nlink.is_none();
-        let held = node.as_ref().and_then(|n| self.holdable(n));
+        // An unlinked upper file's space must come back at once, as on the
+        // kernel's overlay: only lower objects (kept anyway) are held.
+        let held = node
+            .as_ref()
+            .filter(|n| n.top().is_some_and(|t| !self.layers.is_upper(t)))
+            .and_then(|n| self.holdable(n));
         let res = (|| -> io::Result<()> {
             self.copy_up(&parent)?;
             let ufd = self.dir_fd(&parent, UPPER)?;
