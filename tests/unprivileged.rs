@@ -133,6 +133,47 @@ tail -n 1 err
     drop(user);
 }
 
+/// A user who cannot open `/dev/fuse` (0600, as on some machines) gets one
+/// line that names it and says what to do, and nothing changes on disk.
+#[test]
+fn no_access_to_dev_fuse_says_what_to_do() {
+    if !require_root_fuse() || require_program("fusermount3").is_none() {
+        return;
+    }
+    let Some(user) = TestUser::new() else {
+        return;
+    };
+    let (t, _bin) = setup(&user);
+    let node = t.path().join("fuse-node");
+    let script = r#"
+R=$PWD
+./rovl mount -o lowerdir=$R/l,upperdir=$R/u,workdir=$R/w $R/m 2>err && echo mounted
+cat err
+test -e w/work && echo "w/work left" || echo "w clean"
+"#;
+    let (_, out, err) = run_as_after(
+        &user,
+        t.path(),
+        false,
+        &format!("chmod 600 {}", node.display()),
+        script,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line of error, then the check: {out}\n{err}"
+    );
+    assert!(
+        lines[0].starts_with("rovl: cannot mount")
+            && lines[0].contains("/dev/fuse")
+            && lines[0].contains("0666"),
+        "{out}"
+    );
+    assert_eq!(lines[1], "w clean", "{out}");
+    drop(user);
+}
+
 /// The same operations on rovl and on the kernel (`userxattr`) as mapped
 /// root: the merged trees and the upper layers' shapes and overlay xattrs
 /// agree, and rovl picked the userxattr layout by itself.

@@ -95,11 +95,8 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
     let mut cfg = cfg.clone();
     // Inside a user namespace trusted.* cannot be written: the kernel's
     // userxattr layout then, as rootless engines need it.
-    if !cfg.userxattr && !rovl::workdir::trusted_xattrs_usable(workdir.as_ref()) {
-        log::warn!(
-            "trusted.* xattrs are not permitted here (user namespace or unprivileged): \
-             using user.overlay.* (the kernel's userxattr option)"
-        );
+    let switched = !cfg.userxattr && !rovl::workdir::trusted_xattrs_usable(workdir.as_ref());
+    if switched {
         options::use_userxattr(&mut cfg);
     }
     let cfg = &cfg;
@@ -139,6 +136,13 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
         return Err(Reported);
     }
 
+    if switched {
+        // Said once the mount is up: a failure stays one line.
+        log::warn!(
+            "trusted.* xattrs are not permitted here (user namespace or unprivileged): \
+             using user.overlay.* (the kernel's userxattr option)"
+        );
+    }
     log::info!("mounted {} at {}", cfg.source, cfg.mountpoint.display());
     let record = save_record(cfg, opts);
     reporter.ready();
