@@ -127,6 +127,7 @@ impl Overlay {
             // one-layer dir lists: the kernel's cached attrs and listing are stale.
             self.inval_dir(node.nodeid);
         }
+        crate::stats::COUNTERS.copy_up();
         log::debug!("copied up {:?} (node {})", name, node.nodeid);
         Ok(())
     }
@@ -407,6 +408,7 @@ pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::R
         return Ok(());
     }
     if sys::ficlone(out, input).is_ok() {
+        crate::stats::COUNTERS.copied(size);
         return Ok(());
     }
     let end = size as i64;
@@ -419,7 +421,7 @@ pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::R
         since_check += 1;
         if since_check == 16 {
             since_check = 0;
-            if crate::caller::signal_pending() {
+            if crate::request::signal_pending() {
                 return Err(sys::err(libc::EINTR));
             }
         }
@@ -437,6 +439,7 @@ pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::R
         }
         let len = CHUNK.min(end - pos);
         copy_range(input, out, pos, len)?;
+        crate::stats::COUNTERS.copied(len as u64);
         pos += len;
     }
     sys::ftruncate(out, size)

@@ -1,7 +1,6 @@
 //! The `fuser::Filesystem` impl: a thin dispatcher. Each request is handed
 //! to the module that owns it, and every error becomes an errno reply.
 
-use crate::caller;
 use crate::dir::{Caller, NewObj};
 use crate::file::Handles;
 use crate::inode::Inode;
@@ -9,6 +8,8 @@ use crate::inode_ops::SetAttr;
 use crate::options::{MountConfig, PassthroughMode};
 use crate::overlay::Overlay;
 use crate::readdir::DirEntry;
+use crate::request;
+use crate::stats::Op;
 use crate::sys::{self, Stat};
 use dashmap::DashMap;
 use fuser::{
@@ -142,8 +143,11 @@ impl OverlayFs {
     }
 }
 
+/// Every error reply passes here: the request's log line shows it.
 fn errno(e: io::Error) -> Errno {
-    Errno::from_i32(sys::errno_of(&e))
+    let n = sys::errno_of(&e);
+    request::failed(n);
+    Errno::from_i32(n)
 }
 
 fn caller(req: &Request) -> Caller {
@@ -276,11 +280,13 @@ impl fuser::Filesystem for OverlayFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _r = request::Scope::enter(Op::Lookup, req.pid(), parent.0);
         match self.ovl.lookup(parent.0, name) {
             // A negative entry (node id 0) the kernel may cache: names only
             // appear through requests it sees.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                request::failed(libc::ENOENT);
                 let mut attr = self.ovl.attr_template();
                 attr.ino = INodeNo(0);
                 reply.entry(&self.ovl.ttl, &attr, Generation(0));
@@ -289,11 +295,13 @@ impl fuser::Filesystem for OverlayFs {
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        let _r = request::Scope::enter(Op::Forget, req.pid(), ino.0);
         self.ovl.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _r = request::Scope::enter(Op::Getattr, req.pid(), ino.0);
         let r = self.ovl.getattr(ino.0, fh.map(|f| f.0), &self.files);
         self.reply_attr(reply, r);
     }
@@ -316,7 +324,7 @@ impl fuser::Filesystem for OverlayFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _caller = caller::Scope::enter(req.pid());
+        let _r = request::Scope::enter(Op::Setattr, req.pid(), ino.0);
         let a = SetAttr {
             mode,
             uid,
@@ -330,7 +338,8 @@ impl fuser::Filesystem for OverlayFs {
         self.reply_attr(reply, r);
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _r = request::Scope::enter(Op::Readlink, req.pid(), ino.0);
         match self.ovl.readlink(ino.0) {
             Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
             Err(e) => reply.error(errno(e)),
@@ -347,6 +356,7 @@ impl fuser::Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _r = request::Scope::enter(Op::Mknod, req.pid(), parent.0);
         let kind = mode & libc::S_IFMT;
         // A 0/0 character device is a whiteout: the kernel refuses to make one.
         if kind == libc::S_IFCHR && rdev == 0 {
@@ -378,6 +388,7 @@ impl fuser::Filesystem for OverlayFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _r = request::Scope::enter(Op::Mkdir, req.pid(), parent.0);
         let r = self.make(
             req,
             parent,
@@ -388,11 +399,13 @@ impl fuser::Filesystem for OverlayFs {
         self.reply_entry(reply, r);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _r = request::Scope::enter(Op::Unlink, req.pid(), parent.0);
         empty(reply, self.ovl.remove(parent.0, name, false));
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _r = request::Scope::enter(Op::Rmdir, req.pid(), parent.0);
         empty(reply, self.ovl.remove(parent.0, name, true));
     }
 
@@ -404,6 +417,7 @@ impl fuser::Filesystem for OverlayFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _r = request::Scope::enter(Op::Symlink, req.pid(), parent.0);
         let r = sys::cstr(target.as_os_str()).and_then(|t| {
             self.make(
                 req,
@@ -418,7 +432,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -426,6 +440,7 @@ impl fuser::Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Rename, req.pid(), parent.0);
         empty(
             reply,
             self.ovl
@@ -441,6 +456,7 @@ impl fuser::Filesystem for OverlayFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _r = request::Scope::enter(Op::Link, req.pid(), ino.0);
         let r = self.ovl.node(ino.0).and_then(|src| {
             if src.is_dir() {
                 return Err(sys::err(libc::EPERM));
@@ -451,7 +467,7 @@ impl fuser::Filesystem for OverlayFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _caller = caller::Scope::enter(req.pid());
+        let _r = request::Scope::enter(Op::Open, req.pid(), ino.0);
         match self.ovl.open(ino.0, flags.0, &self.files) {
             Ok(fh) => match self.passthrough(fh, |fd| reply.open_backing(fd)) {
                 Passthrough::Backing(b) => {
@@ -475,8 +491,8 @@ impl fuser::Filesystem for OverlayFs {
 
     fn read(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -484,6 +500,7 @@ impl fuser::Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _r = request::Scope::enter(Op::Read, req.pid(), ino.0);
         let Some(h) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -500,8 +517,8 @@ impl fuser::Filesystem for OverlayFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -510,6 +527,7 @@ impl fuser::Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _r = request::Scope::enter(Op::Write, req.pid(), ino.0);
         let Some(h) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -521,44 +539,48 @@ impl fuser::Filesystem for OverlayFs {
 
     fn flush(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Flush, req.pid(), ino.0);
         reply.ok();
     }
 
     fn release(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Release, req.pid(), ino.0);
         self.files.remove(fh.0);
         reply.ok();
     }
 
     fn fsync(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Fsync, req.pid(), ino.0);
         match self.files.get(fh.0) {
             Some(h) => empty(reply, self.ovl.fsync(&h, datasync)),
             None => reply.error(Errno::EBADF),
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _r = request::Scope::enter(Op::Opendir, req.pid(), ino.0);
         match self.ovl.node(ino.0) {
             Ok(node) if node.is_dir() => {
                 let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
@@ -583,12 +605,13 @@ impl fuser::Filesystem for OverlayFs {
 
     fn readdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _r = request::Scope::enter(Op::Readdir, req.pid(), ino.0);
         let entries = match self.listing(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
@@ -603,12 +626,13 @@ impl fuser::Filesystem for OverlayFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _r = request::Scope::enter(Op::Readdirplus, req.pid(), ino.0);
         let entries = match self.listing(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
@@ -673,24 +697,26 @@ impl fuser::Filesystem for OverlayFs {
 
     fn releasedir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Releasedir, req.pid(), ino.0);
         self.dirs.remove(&fh.0);
         reply.ok();
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Fsyncdir, req.pid(), ino.0);
         let r = self.ovl.node(ino.0).and_then(|n| {
             if !self.ovl.cfg.syncs() {
                 return Ok(());
@@ -705,7 +731,8 @@ impl fuser::Filesystem for OverlayFs {
         empty(reply, r);
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _r = request::Scope::enter(Op::Statfs, req.pid(), ino.0);
         match self.ovl.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -723,7 +750,7 @@ impl fuser::Filesystem for OverlayFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -731,25 +758,30 @@ impl fuser::Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Setxattr, req.pid(), ino.0);
         empty(
             reply,
             self.ovl.setxattr(ino.0, name, value, flags, &self.files),
         );
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _r = request::Scope::enter(Op::Getxattr, req.pid(), ino.0);
         xattr_reply(reply, size, self.ovl.getxattr(ino.0, name, &self.files));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _r = request::Scope::enter(Op::Listxattr, req.pid(), ino.0);
         xattr_reply(reply, size, self.ovl.listxattr(ino.0, &self.files));
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _r = request::Scope::enter(Op::Removexattr, req.pid(), ino.0);
         empty(reply, self.ovl.removexattr(ino.0, name, &self.files));
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _r = request::Scope::enter(Op::Access, req.pid(), ino.0);
         let r = self.ovl.node(ino.0).and_then(|n| {
             if mask.bits() & libc::W_OK != 0 && self.ovl.read_only() {
                 return Err(sys::err(libc::EROFS));
@@ -769,6 +801,7 @@ impl fuser::Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _r = request::Scope::enter(Op::Create, req.pid(), parent.0);
         let r = self.ovl.create_obj(
             parent.0,
             name,
@@ -807,14 +840,15 @@ impl fuser::Filesystem for OverlayFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _r = request::Scope::enter(Op::Fallocate, req.pid(), ino.0);
         match self.files.get(fh.0) {
             Some(h) => empty(reply, self.ovl.fallocate(&h, mode, offset, length)),
             None => reply.error(Errno::EBADF),
@@ -823,13 +857,14 @@ impl fuser::Filesystem for OverlayFs {
 
     fn lseek(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _r = request::Scope::enter(Op::Lseek, req.pid(), ino.0);
         match self.files.get(fh.0) {
             Some(h) => match self.ovl.lseek(&h, offset, whence) {
                 Ok(o) => reply.offset(o),
@@ -841,8 +876,8 @@ impl fuser::Filesystem for OverlayFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
-        _ino_in: INodeNo,
+        req: &Request,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
         _ino_out: INodeNo,
@@ -852,6 +887,7 @@ impl fuser::Filesystem for OverlayFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _r = request::Scope::enter(Op::CopyFileRange, req.pid(), ino_in.0);
         let (Some(hi), Some(ho)) = (self.files.get(fh_in.0), self.files.get(fh_out.0)) else {
             return reply.error(Errno::EBADF);
         };

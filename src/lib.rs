@@ -3,7 +3,6 @@
 //! The layout follows the kernel's `fs/overlayfs`: one concern per module.
 //! `fs` is the thin `fuser::Filesystem` dispatcher over the others.
 
-pub mod caller;
 pub mod copyup;
 pub mod dir;
 pub mod file;
@@ -20,7 +19,9 @@ pub mod overlay;
 pub mod override_stat;
 pub mod readdir;
 pub mod registry;
+pub mod request;
 pub mod session;
+pub mod stats;
 pub mod sys;
 pub mod whiteout;
 pub mod workdir;

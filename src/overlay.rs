@@ -658,6 +658,15 @@ impl Overlay {
         }
     }
 
+    /// Sizes of the caches, for `rovl stats`: nodes, dir fds, listed names.
+    pub fn cache_sizes(&self) -> (usize, usize, usize) {
+        (
+            self.table.len(),
+            self.dircache.lock().len(),
+            self.listings.lock().weight,
+        )
+    }
+
     /// Drops the kernel's cached attributes and listing of a directory.
     pub fn inval_dir(&self, nodeid: u64) {
         if let Some(n) = self.notifier.get() {

@@ -51,6 +51,24 @@ fn file_name(device: &str) -> String {
     format!("{}.json", device.replace(':', "_"))
 }
 
+/// Where a daemon writes its counters when asked (SIGUSR1).
+pub fn stats_path(device: &str) -> PathBuf {
+    dirs()
+        .remove(0)
+        .join(format!("{}.stats", device.replace(':', "_")))
+}
+
+/// Writes `snapshot` for `rovl stats` (atomically).
+pub fn save_stats(device: &str, snapshot: &crate::stats::Snapshot) -> io::Result<()> {
+    let path = stats_path(device);
+    let tmp = path.with_extension(format!("stats.{}", std::process::id()));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(snapshot).map_err(io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
 fn lossy(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -116,6 +134,7 @@ impl Record {
     /// nothing outlives the last mount.
     pub fn remove(path: &Path) {
         let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(path.with_extension("stats"));
         if let Some(dir) = path.parent() {
             let _ = std::fs::remove_dir(dir);
         }
@@ -144,7 +163,9 @@ fn prune(dir: &Path) {
         .collect();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".json") && !name.starts_with('.') && !live.contains(&name) {
+        let record = name.replace(".stats", ".json");
+        let ours = name.ends_with(".json") || name.ends_with(".stats");
+        if ours && !name.starts_with('.') && !live.contains(&record) {
             let _ = std::fs::remove_file(e.path());
         }
     }

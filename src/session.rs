@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// A mounted overlay. Serve it with [`Mounted::run`]; dropped unrun, it unmounts.
 pub struct Mounted {
     session: Option<fuser::Session<OverlayFs>>,
+    ovl: std::sync::Arc<crate::overlay::Overlay>,
     mountpoint: PathBuf,
     /// Mounted by `fusermount3`: only it can unmount.
     helper: bool,
@@ -42,6 +43,12 @@ impl Mounted {
             mountpoint: self.mountpoint.clone(),
             helper: self.helper,
         }
+    }
+
+    /// The counters and cache sizes now (`rovl stats`).
+    pub fn stats(&self) -> impl Fn() -> crate::stats::Snapshot + Send + 'static {
+        let ovl = self.ovl.clone();
+        move || crate::stats::Snapshot::take(&ovl)
     }
 
     /// Serves requests until the filesystem is unmounted.
@@ -138,6 +145,7 @@ pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
     })?;
     let mut mounted = Mounted {
         session: None,
+        ovl: ovl.clone(),
         mountpoint: cfg.mountpoint.clone(),
         helper,
     };
@@ -177,9 +185,11 @@ fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bo
         // Kernel overlayfs lets every user in and checks permissions
         // itself: allow_other plus default_permissions does the same.
         |fd| {
-            format!(
+            let data = format!(
                 "fd={fd},rootmode=40000,user_id={uid},group_id={gid},default_permissions,allow_other{context}"
-            )
+            );
+            log::debug!("mount(2) fuse.rovl with {data}");
+            data
         },
     );
     let e = match direct {

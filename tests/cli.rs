@@ -170,3 +170,86 @@ fn release_binaries_carry_no_debug_info() {
         .expect("a [profile.release] section");
     assert!(release.contains("strip = \"debuginfo\""), "{release}");
 }
+
+/// `-d` logs each request with its outcome (errno), caller pid and
+/// duration, and none of fuser's capability lines.
+#[test]
+fn debug_log_shows_requests_with_their_errno_and_caller() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    write(l.l(0, "d/f"), "f");
+    let m = RovlMount::start_args(&["mount", "-d", "-o", &l.opts()], &l.merged).expect("mount");
+    assert_eq!(errno(std::fs::remove_dir(l.m("d"))), Some(libc::ENOTEMPTY));
+    // The line is written once the reply is sent.
+    let start = std::time::Instant::now();
+    while !m.stderr_text().contains("rmdir ino") && start.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let log = m.stderr_text();
+    assert!(m.unmount().success());
+    let line = log
+        .lines()
+        .find(|l| l.contains("rmdir ino"))
+        .unwrap_or_else(|| panic!("no rmdir line in:\n{log}"));
+    // SAFETY: gettid has no preconditions. (FUSE names the calling thread.)
+    let tid = unsafe { libc::gettid() };
+    assert!(
+        line.contains("Directory not empty") && line.contains(&format!("pid {tid}")),
+        "{line}"
+    );
+    assert!(!log.contains("capability"), "fuser's noise:\n{log}");
+}
+
+/// A daemon logs to `--log-file`; `rovl stats` reads its counters.
+#[test]
+fn log_file_and_stats_of_a_daemon() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    write(l.l(0, "big"), vec![7u8; 100_000]);
+    let log = l.root().join("rovl.log");
+    let r = run_rovl(&[
+        "mount",
+        "--log-file",
+        log.to_str().unwrap(),
+        "-o",
+        &l.opts(),
+        l.merged.to_str().unwrap(),
+    ]);
+    let _g = PathGuard(l.merged.clone());
+    assert!(r.status.success(), "{}", r.stderr);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(l.m("big"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"!"))
+        .unwrap();
+    let r = run_rovl(&["stats", "--json", l.merged.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", r.stderr);
+    let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["copy_ups"], 1, "{s}");
+    assert_eq!(s["copy_up_bytes"], 100_000, "{s}");
+    assert!(s["requests"]["open"].as_u64() >= Some(1), "{s}");
+    let text = run_rovl(&["stats", l.merged.to_str().unwrap()]).stdout;
+    assert!(text.contains("copy-ups: 1 (97.7 KiB of data)"), "{text}");
+    assert!(run_rovl(&["umount", l.merged.to_str().unwrap()])
+        .status
+        .success());
+    // The daemon writes "unmounted" as it exits, after umount returns.
+    let start = std::time::Instant::now();
+    let mut text = String::new();
+    while start.elapsed().as_secs() < 30 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("unmounted") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        text.contains("mounted rovl at") && text.contains("stats: "),
+        "{text}"
+    );
+    assert!(text.contains("unmounted"), "{text}");
+}

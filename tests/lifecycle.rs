@@ -3,20 +3,8 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Unmounts whatever is still mounted at `0` when dropped (daemon-mode
-/// mounts, whose PID the test does not own).
-struct PathGuard(PathBuf);
-
-impl Drop for PathGuard {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = unmount_path(&self.0);
-        }
-    }
-}
 
 /// PIDs of processes whose command line mentions `p` (our daemons: every
 /// test uses a unique temp path).

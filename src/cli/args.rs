@@ -45,7 +45,15 @@ pub fn long_version() -> &'static str {
     LONG_VERSION.as_str()
 }
 
-const SUBCOMMANDS: [&str; 6] = ["mount", "umount", "list", "version", "completions", "man"];
+const SUBCOMMANDS: [&str; 7] = [
+    "mount",
+    "umount",
+    "list",
+    "stats",
+    "version",
+    "completions",
+    "man",
+];
 
 /// What to say before clap parses: bare `rovl`, or a first word close to
 /// a subcommand (which the `SOURCE MERGED` form would take as a source).
@@ -76,7 +84,8 @@ pub fn early_check(argv: &[OsString]) -> Option<String> {
 pub fn short_usage() -> String {
     "usage: rovl mount -o lowerdir=L1[:L2...][,upperdir=U,workdir=W] MERGED\n       \
      rovl umount [-l] MERGED\n       \
-     rovl list [--json]"
+     rovl list [--json]\n       \
+     rovl stats MERGED"
         .to_string()
 }
 
@@ -93,14 +102,19 @@ pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
     out
 }
 
-#[derive(Args, Debug, Clone, Copy)]
+#[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Stay in the foreground instead of forking a daemon.
     #[arg(short = 'f', long)]
     pub foreground: bool,
-    /// Debug logging (RUST_LOG=debug unless set); implies --foreground.
+    /// Debug logging: each request with its outcome, caller pid and
+    /// duration (RUST_LOG=rovl=debug unless set); implies --foreground.
     #[arg(short = 'd', long)]
     pub debug: bool,
+    /// Append the log here (a daemon's stderr goes to /dev/null once the
+    /// mount is ready).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -135,6 +149,8 @@ pub enum Cmd {
     Umount(UmountArgs),
     /// List rovl mounts: mountpoint, layers, options, daemon pid, uptime.
     List(ListArgs),
+    /// Print a mount's counters: requests by type, errors, copy-ups, caches.
+    Stats(StatsArgs),
     /// Print the version, with the FUSE protocol and kernel.
     Version,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -164,6 +180,14 @@ pub struct UmountArgs {
     #[arg(short = 'l', long)]
     pub lazy: bool,
     pub mountpoint: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    pub mountpoint: PathBuf,
+    /// The daemon's JSON, for tools.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -5,6 +5,7 @@ pub mod args;
 pub mod daemon;
 pub mod list;
 pub mod mount;
+pub mod stats;
 pub mod umount;
 
 use args::{Cli, Cmd};
@@ -15,9 +16,51 @@ use std::process::ExitCode;
 /// Errors are one line for stderr; empty means already reported.
 pub type CmdResult = Result<(), String>;
 
-pub fn init_logger(debug: bool) {
-    let env = env_logger::Env::default().default_filter_or(if debug { "debug" } else { "warn" });
-    env_logger::Builder::from_env(env).init();
+/// Where log lines go: stderr, or the `--log-file` once it is opened
+/// (after the daemon's fork, which closes every inherited fd).
+struct LogTarget;
+
+static LOG_FILE: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+impl Write for LogTarget {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(f) => f.write(buf),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(f) => f.flush(),
+            None => std::io::stderr().flush(),
+        }
+    }
+}
+
+/// Opens (appends to) the log file; from then on logs go there.
+pub fn open_log_file(path: &std::path::Path) -> CmdResult {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("rovl: --log-file {}: {e}", path.display()))?;
+    *LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    Ok(())
+}
+
+/// `RUST_LOG` rules; else warnings, or with `-d` rovl's debug lines
+/// (fuser's own are left out: rovl logs each request with its outcome).
+pub fn init_logger(common: &args::Common) {
+    let default = match (common.debug, common.log_file.is_some()) {
+        (true, _) => "rovl=debug",
+        // Asked for a log: what the daemon does, not only what goes wrong.
+        (false, true) => "rovl=info",
+        (false, false) => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .target(env_logger::Target::Pipe(Box::new(LogTarget)))
+        .init();
 }
 
 fn print(bytes: std::io::Result<Vec<u8>>) -> CmdResult {
@@ -37,10 +80,11 @@ pub fn main() -> ExitCode {
     let result = match cli.cmd {
         Some(Cmd::Mount(m)) => mount::mount_cmd(m.common, &m.options, m.args),
         Some(Cmd::Umount(u)) => {
-            init_logger(u.common.debug);
+            init_logger(&u.common);
             umount::umount_cmd(&u.mountpoint, u.lazy)
         }
         Some(Cmd::List(l)) => list::list_cmd(l.json),
+        Some(Cmd::Stats(s)) => stats::stats_cmd(&s.mountpoint, s.json),
         Some(Cmd::Version) => {
             println!("rovl {}", args::long_version());
             Ok(())

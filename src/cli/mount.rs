@@ -4,7 +4,7 @@
 use super::args::Common;
 use super::daemon::{self, Reporter};
 use super::umount::umount2;
-use super::{init_logger, CmdResult};
+use super::{init_logger, open_log_file, CmdResult};
 use rovl::options::{self, MountConfig};
 use std::ffi::OsString;
 use std::io;
@@ -20,7 +20,21 @@ pub fn mount_cmd(mut common: Common, opts: &[String], mut args: Vec<OsString>) -
     let opts = options::split_options(&opts.join(","));
     // fuse-overlayfs' `-o debug` is `-d`, and needs the logger first.
     common.debug |= opts.iter().any(|o| o == "debug");
-    init_logger(common.debug);
+    init_logger(&common);
+    let daemon = !(common.foreground || common.debug);
+    if let Some(path) = &common.log_file {
+        if daemon {
+            // Checked now, so `rovl mount` itself reports a bad path; the
+            // daemon opens it after the fork (which closes inherited fds).
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("rovl: --log-file {}: {e}", path.display()))?;
+        } else {
+            open_log_file(path)?;
+        }
+    }
     let mountpoint = PathBuf::from(args.pop().expect("clap requires MERGED"));
     let source = args.pop().map(|s| s.to_string_lossy().into_owned());
     let cwd =
@@ -29,13 +43,21 @@ pub fn mount_cmd(mut common: Common, opts: &[String], mut args: Vec<OsString>) -
         options::parse(&opts, &mountpoint, source.as_deref(), &cwd).map_err(|e| e.to_string())?;
     clear_dead_mount(&cfg.mountpoint)?;
     options::validate(&cfg).map_err(|e| e.to_string())?;
+    // allow_other and default_permissions are always on (see session).
     log::debug!("mount config: {cfg:?}");
 
     // Fork before any thread exists.
-    let reporter = if common.foreground || common.debug {
+    let reporter = if !daemon {
         Reporter::foreground()
     } else {
-        daemon::daemonize().map_err(|e| format!("rovl: cannot fork: {e}"))?
+        let r = daemon::daemonize().map_err(|e| format!("rovl: cannot fork: {e}"))?;
+        if let Some(path) = &common.log_file {
+            if let Err(msg) = open_log_file(path) {
+                r.failed(&msg);
+                return Err(String::new());
+            }
+        }
+        r
     };
     match serve(&cfg, &opts, reporter) {
         Ok(()) => Ok(()),
@@ -51,7 +73,7 @@ fn signal_set() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
             libc::sigaddset(&mut set, sig);
         }
         set
@@ -125,10 +147,11 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
         }
     };
     let unmounter = session.unmounter();
+    let stats = session.stats();
     let mountpoint = cfg.mountpoint.clone();
     let spawned = std::thread::Builder::new()
         .name("rovl-signals".into())
-        .spawn(move || signal_loop(set, unmounter, &mountpoint));
+        .spawn(move || signal_loop(set, unmounter, &mountpoint, stats));
     if let Err(e) = spawned {
         // Dropping the session unmounts.
         drop(session);
@@ -163,13 +186,23 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
     }
 }
 
-/// Waits for SIGTERM/SIGINT/SIGHUP and unmounts; `session.run()` then returns.
-fn signal_loop(set: libc::sigset_t, mut unmounter: rovl::session::Unmounter, mountpoint: &Path) {
+/// Waits for SIGTERM/SIGINT/SIGHUP and unmounts (`session.run()` then
+/// returns); SIGUSR1 writes the counters for `rovl stats`.
+fn signal_loop(
+    set: libc::sigset_t,
+    mut unmounter: rovl::session::Unmounter,
+    mountpoint: &Path,
+    stats: impl Fn() -> rovl::stats::Snapshot,
+) {
     let mut signalled = false;
     loop {
         let mut sig = 0;
         // SAFETY: `set` is initialized and `sig` is written on success.
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        if sig == libc::SIGUSR1 {
+            write_stats(mountpoint, &stats());
             continue;
         }
         if signalled {
@@ -186,6 +219,26 @@ fn signal_loop(set: libc::sigset_t, mut unmounter: rovl::session::Unmounter, mou
             if let Err(e) = unmounter.detach() {
                 log::error!("lazy unmount {}: {e}", mountpoint.display());
             }
+        }
+    }
+}
+
+/// The counters, to the log and to the runtime dir for `rovl stats`.
+fn write_stats(mountpoint: &Path, snap: &rovl::stats::Snapshot) {
+    let total: u64 = snap.requests.values().sum();
+    log::info!(
+        "stats: {total} requests, {} copy-ups ({} bytes), {} nodes",
+        snap.copy_ups,
+        snap.copy_up_bytes,
+        snap.nodes
+    );
+    let dev = rovl::mountinfo::top_at(mountpoint)
+        .ok()
+        .flatten()
+        .map(|m| m.dev);
+    if let Some(dev) = dev {
+        if let Err(e) = rovl::registry::save_stats(&dev, snap) {
+            log::warn!("cannot write the stats for rovl stats: {e}");
         }
     }
 }

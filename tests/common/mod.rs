@@ -613,6 +613,18 @@ impl Drop for KernelMount {
     }
 }
 
+/// Unmounts whatever is still mounted at `0` when dropped (daemon-mode
+/// mounts, whose PID the test does not own).
+pub struct PathGuard(pub PathBuf);
+
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = unmount_path(&self.0);
+        }
+    }
+}
+
 /// A tmpfs mounted at `p` (created if needed); unmounted on drop.
 pub struct TmpfsMount {
     pub mountpoint: PathBuf,

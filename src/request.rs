@@ -1,4 +1,5 @@
-//! The process a request runs for, and whether it is being killed.
+//! The request a worker thread serves: its type, caller and outcome, for
+//! the counters and the debug log; and whether its caller was interrupted.
 //!
 //! fuser 0.18 answers FUSE_INTERRUPT with ENOSYS, so the kernel stops
 //! sending it and a caller that gets a fatal signal waits for our reply.
@@ -6,26 +7,85 @@
 //! kernel's copy-up stops for signals, by reading the caller's pending,
 //! blocked and ignored signals in `/proc/TID/status`.
 
+use crate::stats::{Op, COUNTERS};
 use std::cell::Cell;
+use std::time::Instant;
 
-thread_local! {
-    static CALLER: Cell<u32> = const { Cell::new(0) };
+#[derive(Clone, Copy)]
+struct Current {
+    op: Option<Op>,
+    pid: u32,
+    ino: u64,
+    errno: i32,
+    /// Set only when debug logging is on.
+    start: Option<Instant>,
 }
 
-/// Marks this worker thread as serving `tid` until dropped.
+const IDLE: Current = Current {
+    op: None,
+    pid: 0,
+    ino: 0,
+    errno: 0,
+    start: None,
+};
+
+thread_local! {
+    static CURRENT: Cell<Current> = const { Cell::new(IDLE) };
+}
+
+/// One request on this worker thread: counted, and logged with its
+/// outcome, caller and duration at debug level when it ends.
 pub struct Scope(());
 
 impl Scope {
-    pub fn enter(tid: u32) -> Scope {
-        CALLER.with(|c| c.set(tid));
+    pub fn enter(op: Op, pid: u32, ino: u64) -> Scope {
+        COUNTERS.request(op);
+        let start =
+            log::log_enabled!(target: "rovl::request", log::Level::Debug).then(Instant::now);
+        CURRENT.with(|c| {
+            c.set(Current {
+                op: Some(op),
+                pid,
+                ino,
+                errno: 0,
+                start,
+            })
+        });
         Scope(())
     }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        CALLER.with(|c| c.set(0));
+        let cur = CURRENT.with(|c| c.replace(IDLE));
+        let Some(op) = cur.op else { return };
+        if cur.errno != 0 {
+            COUNTERS.error(op);
+        }
+        if let Some(start) = cur.start {
+            let outcome = if cur.errno == 0 {
+                "ok".to_string()
+            } else {
+                std::io::Error::from_raw_os_error(cur.errno).to_string()
+            };
+            log::debug!(
+                target: "rovl::request",
+                "{op} ino {} pid {}: {outcome} ({} us)",
+                cur.ino,
+                cur.pid,
+                start.elapsed().as_micros()
+            );
+        }
     }
+}
+
+/// The current request is answered with `errno`.
+pub fn failed(errno: i32) {
+    CURRENT.with(|c| {
+        let mut cur = c.get();
+        cur.errno = errno;
+        c.set(cur);
+    });
 }
 
 /// Whether the current request's caller was interrupted: SIGKILL, or
@@ -34,7 +94,7 @@ impl Drop for Scope {
 /// notifications (SIGCHLD, SIGWINCH, SIGURG, SIGCONT) and stop signals.
 /// The caller then gets EINTR, as from the kernel overlay's copy-up.
 pub fn signal_pending() -> bool {
-    let tid = CALLER.with(|c| c.get());
+    let tid = CURRENT.with(|c| c.get().pid);
     if tid == 0 {
         return false;
     }
@@ -81,7 +141,7 @@ mod tests {
 
     #[test]
     fn a_live_caller_without_signals() {
-        let _s = Scope::enter(std::process::id());
+        let _s = Scope::enter(Op::Open, std::process::id(), 1);
         assert!(!signal_pending());
     }
 
@@ -89,7 +149,7 @@ mod tests {
     fn a_caller_that_is_gone_counts_as_killed() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let _ = child.wait();
-        let _s = Scope::enter(child.id());
+        let _s = Scope::enter(Op::Open, child.id(), 1);
         assert!(signal_pending());
     }
 }
