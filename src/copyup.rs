@@ -6,7 +6,7 @@
 
 use crate::inode::{Inode, Key, ROOT};
 use crate::layer::{LayerIdx, UPPER};
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, Ox};
 use crate::sys::{self, Stat};
 use std::ffi::CStr;
 use std::io;
@@ -145,7 +145,7 @@ impl Overlay {
         // (copying again would undo writes made since).
         let _one = self.metacopy_lock.lock();
         let out = sys::openat(pfd.as_fd(), &name, libc::O_WRONLY, 0)?;
-        if sys::getxattr(out.as_fd(), &self.xattr_name("metacopy")).is_err() {
+        if sys::getxattr(out.as_fd(), self.xattr(Ox::Metacopy)).is_err() {
             node.set_lowerdata(None);
             return Ok(());
         }
@@ -155,7 +155,7 @@ impl Overlay {
         if self.cfg.syncs() {
             sys::fsync(out.as_fd(), false)?;
         }
-        sys::removexattr(out.as_fd(), &self.xattr_name("metacopy"))?;
+        sys::removexattr(out.as_fd(), self.xattr(Ox::Metacopy))?;
         node.set_lowerdata(None);
         Ok(())
     }
@@ -199,7 +199,7 @@ impl Overlay {
     /// Whether the node's real object carries the metacopy mark.
     fn is_metacopy(&self, node: &Arc<Inode>) -> bool {
         self.path_fd(node)
-            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("metacopy")))
+            .and_then(|fd| sys::getxattr(fd.as_fd(), self.xattr(Ox::Metacopy)))
             .is_ok()
     }
 
@@ -266,7 +266,7 @@ impl Overlay {
         let origin = (sys::is_dir(st.st_mode) || st.st_nlink == 1 || indexed)
             && self.set_origin(src.as_fd(), dst.as_fd());
         if meta {
-            sys::setxattr(dst.as_fd(), &self.xattr_name("metacopy"), b"", 0)?;
+            sys::setxattr(dst.as_fd(), self.xattr(Ox::Metacopy), b"", 0)?;
         }
         sys::utimensat(work, tmp, &sys::stat_times(st))?;
         Ok(origin)
@@ -308,7 +308,7 @@ impl Overlay {
         let Some(fh) = self.encode_fh(src, false) else {
             return false;
         };
-        sys::setxattr(dst, &self.xattr_name("origin"), &fh, 0).is_ok()
+        sys::setxattr(dst, self.xattr(Ox::Origin), &fh, 0).is_ok()
     }
 
     /// The kernel's `struct ovl_fb`: version 0, magic 0xfb, length, flags,
@@ -370,9 +370,9 @@ impl Overlay {
         if dir.state.read().impure {
             return;
         }
-        let name = self.xattr_name("impure");
-        let already = matches!(sys::getxattr(fd, &name), Ok(v) if v == b"y");
-        if already || sys::setxattr(fd, &name, b"y", 0).is_ok() {
+        let name = self.xattr(Ox::Impure);
+        let already = matches!(sys::getxattr(fd, name), Ok(v) if v == b"y");
+        if already || sys::setxattr(fd, name, b"y", 0).is_ok() {
             dir.state.write().impure = true;
             // As the kernel: the next readdir of a newly impure dir reads it
             // again (and drops a mark that no entry needs).

@@ -5,7 +5,7 @@ use crate::inode::{Inode, Redirect};
 use crate::layer::UPPER;
 use crate::lookup::Found;
 use crate::options::RedirectDir;
-use crate::overlay::{cstr_of, Overlay};
+use crate::overlay::{cstr_of, Overlay, Ox};
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, OsStr};
 use std::io;
@@ -110,7 +110,7 @@ impl Overlay {
             let r = (|| {
                 if is_dir {
                     let fd = sys::openat(work, &tmp, libc::O_PATH, 0)?;
-                    sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0)?;
+                    sys::setxattr(fd.as_fd(), self.xattr(Ox::Opaque), b"y", 0)?;
                 }
                 sys::renameat2(work, &tmp, ufd.as_fd(), &cname, libc::RENAME_EXCHANGE)
             })();
@@ -128,7 +128,7 @@ impl Overlay {
             // which spares later lookups the lower layers.
             if is_dir && parent.layers().len() > 1 && !self.allow_offline_changes() {
                 if let Ok(fd) = sys::openat(ufd.as_fd(), &cname, libc::O_PATH, 0) {
-                    let _ = sys::setxattr(fd.as_fd(), &self.xattr_name("opaque"), b"y", 0);
+                    let _ = sys::setxattr(fd.as_fd(), self.xattr(Ox::Opaque), b"y", 0);
                 }
             }
             f
@@ -457,7 +457,7 @@ impl Overlay {
             && (self.merge_or_lower(node)
                 || self
                     .path_fd(node)
-                    .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("origin")))
+                    .and_then(|fd| sys::getxattr(fd.as_fd(), self.xattr(Ox::Origin)))
                     .is_ok())
     }
 
@@ -554,7 +554,7 @@ impl Overlay {
                 self.set_impure(parent, old_ufd.as_fd());
             }
         }
-        let opaque = self.xattr_name("opaque");
+        let opaque = self.xattr(Ox::Opaque);
         let samedir = parent.nodeid == newparent.nodeid;
         let mut src_new_redirect = None;
         let mut dst_new_redirect = None;
@@ -572,7 +572,7 @@ impl Overlay {
                 src_new_redirect = self.set_redirect(src, samedir, old_ufd.as_fd(), cname)?;
             } else if !self.is_opaque_at(old_ufd.as_fd(), cname) && newparent.layers().len() > 1 {
                 let fd = sys::openat(old_ufd.as_fd(), cname, libc::O_PATH, 0)?;
-                sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
+                sys::setxattr(fd.as_fd(), opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
             }
         }
         if let Some(d) = dst.filter(|d| exchange && d.is_dir()) {
@@ -580,7 +580,7 @@ impl Overlay {
                 dst_new_redirect = self.set_redirect(d, samedir, new_ufd.as_fd(), cnew)?;
             } else if !self.is_opaque_at(new_ufd.as_fd(), cnew) && parent.layers().len() > 1 {
                 let fd = sys::openat(new_ufd.as_fd(), cnew, libc::O_PATH, 0)?;
-                sys::setxattr(fd.as_fd(), &opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
+                sys::setxattr(fd.as_fd(), opaque, b"y", 0).map_err(|_| sys::err(libc::EXDEV))?;
             }
         }
         let dst_held = dst.filter(|_| !exchange).and_then(|d| self.holdable(d));
@@ -651,7 +651,7 @@ impl Overlay {
             return Err(sys::err(libc::EXDEV));
         }
         let fd = sys::openat(dir, name, libc::O_PATH, 0).map_err(|_| sys::err(libc::EXDEV))?;
-        sys::setxattr(fd.as_fd(), &self.xattr_name("redirect"), &value, 0).map_err(|e| {
+        sys::setxattr(fd.as_fd(), self.xattr(Ox::Redirect), &value, 0).map_err(|e| {
             log::warn!("failed to set redirect: {e}");
             sys::err(libc::EXDEV)
         })?;
@@ -701,7 +701,7 @@ impl Overlay {
             return node.layers().len() > 1;
         }
         self.path_fd(node)
-            .and_then(|fd| sys::getxattr(fd.as_fd(), &self.xattr_name("origin")))
+            .and_then(|fd| sys::getxattr(fd.as_fd(), self.xattr(Ox::Origin)))
             .is_ok()
     }
 }

@@ -7,7 +7,7 @@
 //! index entry and the lower names that are not yet linked up skew it.
 
 use crate::inode::Inode;
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, Ox};
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, CString};
 use std::io;
@@ -29,9 +29,9 @@ impl Overlay {
         let upper_fh = self
             .encode_fh(upper_root, true)
             .ok_or_else(|| io::Error::other("index=on: upper layer has no file handles"))?;
-        let origin = self.xattr_name("origin");
-        let upper = self.xattr_name("upper");
-        let root_origin = sys::getxattr(upper_root, &origin).ok();
+        let origin = self.xattr(Ox::Origin);
+        let upper = self.xattr(Ox::Upper);
+        let root_origin = sys::getxattr(upper_root, origin).ok();
         if root_origin.as_ref().is_some_and(|o| *o != lower_fh) {
             return Err(io::Error::other(
                 "index=on: upper root origin does not match the first lower layer \
@@ -43,7 +43,7 @@ impl Overlay {
         let open_index = || sys::openat(wfd.as_fd(), c"index", libc::O_PATH | libc::O_DIRECTORY, 0);
         let existing = open_index().ok();
         if let Some(fd) = &existing {
-            if sys::getxattr(fd.as_fd(), &upper).is_ok_and(|u| u != upper_fh) {
+            if sys::getxattr(fd.as_fd(), upper).is_ok_and(|u| u != upper_fh) {
                 return Err(io::Error::other(format!(
                     "index=on: {} belongs to another upper dir",
                     index_path.display()
@@ -68,10 +68,10 @@ impl Overlay {
             }
         };
         if root_origin.is_none() {
-            sys::setxattr(upper_root, &origin, &lower_fh, 0)?;
+            sys::setxattr(upper_root, origin, &lower_fh, 0)?;
         }
-        if sys::getxattr(fd.as_fd(), &upper).is_err() {
-            sys::setxattr(fd.as_fd(), &upper, &upper_fh, 0)?;
+        if sys::getxattr(fd.as_fd(), upper).is_err() {
+            sys::setxattr(fd.as_fd(), upper, &upper_fh, 0)?;
         }
         let rd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         for name in drop {
@@ -98,7 +98,7 @@ impl Overlay {
             ))
         };
         let rd = sys::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let origin = self.xattr_name("origin");
+        let origin = self.xattr(Ox::Origin);
         let mut drop = Vec::new();
         for e in sys::read_dir_all(&rd)? {
             let name = sys::cstr(&e.name)?;
@@ -116,7 +116,7 @@ impl Overlay {
             if sys::is_whiteout(&st) || sys::is_dir(st.st_mode) {
                 continue;
             }
-            match sys::getxattr_at(rd.as_fd(), &name, &origin) {
+            match sys::getxattr_at(rd.as_fd(), &name, origin) {
                 Ok(o) if o == fh => {}
                 Ok(_) => {
                     drop.push(name);
@@ -172,7 +172,7 @@ impl Overlay {
     fn set_nlink_upper(&self, fd: BorrowedFd<'_>, union: u64) -> io::Result<()> {
         let st = sys::fstat(fd)?;
         let v = format!("U{:+}", union as i64 - st.st_nlink as i64);
-        sys::setxattr(fd, &self.xattr_name("nlink"), v.as_bytes(), 0)
+        sys::setxattr(fd, self.xattr(Ox::Nlink), v.as_bytes(), 0)
     }
 
     /// Before a name of an indexed node is linked, unlinked or renamed
@@ -210,7 +210,7 @@ impl Overlay {
     /// The union count (the kernel's `ovl_get_nlink`), which may be zero or
     /// less once no name is left.
     fn union_nlink_raw(&self, fd: BorrowedFd<'_>, st: &Stat) -> i64 {
-        match sys::getxattr(fd, &self.xattr_name("nlink"))
+        match sys::getxattr(fd, self.xattr(Ox::Nlink))
             .ok()
             .and_then(|v| parse_nlink(&v))
         {
@@ -257,7 +257,7 @@ impl Overlay {
         let fd = sys::openat(work, tmp, libc::O_PATH, 0)?;
         // Two links (index and name) will stand for the lower count.
         let v = format!("U{:+}", lower_nlink as i64 - 2);
-        sys::setxattr(fd.as_fd(), &self.xattr_name("nlink"), v.as_bytes(), 0)?;
+        sys::setxattr(fd.as_fd(), self.xattr(Ox::Nlink), v.as_bytes(), 0)?;
         sys::linkat(work, tmp, idir, index_name)?;
         if let Err(e) = sys::renameat2(work, tmp, upper_dir, name, 0) {
             let _ = sys::unlinkat(idir, index_name, 0);
@@ -269,7 +269,7 @@ impl Overlay {
     /// The index entry name for a copied-up upper object with an origin.
     pub fn index_name_of_upper(&self, fd: BorrowedFd<'_>) -> Option<CString> {
         let dir = self.index_fd()?;
-        let name = hex_name(&sys::getxattr(fd, &self.xattr_name("origin")).ok()?)?;
+        let name = hex_name(&sys::getxattr(fd, self.xattr(Ox::Origin)).ok()?)?;
         sys::fstatat(dir, &name).ok()?;
         Some(name)
     }

@@ -5,7 +5,7 @@
 use crate::inode::{Inode, Key, Redirect};
 use crate::layer::LayerIdx;
 use crate::options::RedirectDir;
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, Ox};
 use crate::sys::{self, Stat};
 use crate::whiteout::{is_wh_name, Entry};
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -139,7 +139,7 @@ impl Overlay {
                 let metacopy = self.cfg.metacopy
                     && self.layers.is_upper(l)
                     && sys::mode_type(st.st_mode) == libc::S_IFREG
-                    && sys::getxattr_at(dfd.as_fd(), &cname, &self.xattr_name("metacopy")).is_ok();
+                    && sys::getxattr_at(dfd.as_fd(), &cname, self.xattr(Ox::Metacopy)).is_ok();
                 found = Some(Found {
                     st,
                     layers: vec![l],
@@ -225,7 +225,7 @@ impl Overlay {
     }
 
     pub fn is_opaque_fd(&self, fd: std::os::fd::BorrowedFd<'_>) -> bool {
-        matches!(sys::getxattr(fd, &self.xattr_name("opaque")), Ok(v) if v == b"y")
+        matches!(sys::getxattr(fd, self.xattr(Ox::Opaque)), Ok(v) if v == b"y")
     }
 
     /// Whether `name` is visible in a lower layer of `parent`: removing it
@@ -293,7 +293,7 @@ impl Overlay {
         let Ok(cname) = sys::cstr(name) else {
             return mapped;
         };
-        match sys::getxattr_at(pfd.as_fd(), &cname, &self.xattr_name("origin")) {
+        match sys::getxattr_at(pfd.as_fd(), &cname, self.xattr(Ox::Origin)) {
             Ok(fb) => match self.decode_origin(&fb) {
                 // An indexed copy keeps its lower hard link's number.
                 Some(lst)
@@ -336,8 +336,8 @@ impl Overlay {
         let Ok(upper) = sys::openat(ufd.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0) else {
             return;
         };
-        let origin = self.xattr_name("origin");
-        if sys::getxattr(upper.as_fd(), &origin).is_ok() {
+        let origin = self.xattr(Ox::Origin);
+        if sys::getxattr(upper.as_fd(), origin).is_ok() {
             return;
         }
         let Ok(lfd) = self.dir_fd(parent, lower) else {
@@ -347,7 +347,7 @@ impl Overlay {
             return;
         };
         if let Some(fh) = self.encode_fh(ldir.as_fd(), false) {
-            if sys::setxattr(upper.as_fd(), &origin, &fh, 0).is_ok() {
+            if sys::setxattr(upper.as_fd(), origin, &fh, 0).is_ok() {
                 self.set_impure(parent, ufd.as_fd());
             }
         }
@@ -383,7 +383,7 @@ impl Overlay {
             return None;
         }
         let (idir, iname) = self.index_dir_entry(node)?;
-        sys::getxattr_at(idir.as_fd(), &iname, &self.xattr_name("metacopy")).ok()?;
+        sys::getxattr_at(idir.as_fd(), &iname, self.xattr(Ox::Metacopy)).ok()?;
         let (parent, name) = node.alias()?;
         let dir = self.dir_fd(&parent, top).ok()?;
         let fd = sys::openat(dir.as_fd(), &sys::cstr(&name).ok()?, libc::O_PATH, 0).ok()?;

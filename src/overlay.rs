@@ -139,7 +139,27 @@ pub struct XattrNames {
     pub opaque: [CString; 2],
     pub whiteout: [CString; 2],
     pub redirect: CString,
+    /// The mount's own names of the other overlay xattrs, by `Ox`.
+    own: [CString; OX_COUNT],
 }
+
+/// The overlay's own xattrs (after `trusted.overlay.` or `user.overlay.`).
+#[derive(Clone, Copy, Debug)]
+pub enum Ox {
+    Opaque,
+    Redirect,
+    Origin,
+    Impure,
+    Nlink,
+    Upper,
+    Uuid,
+    Metacopy,
+}
+
+const OX_NAMES: [&str; 8] = [
+    "opaque", "redirect", "origin", "impure", "nlink", "upper", "uuid", "metacopy",
+];
+const OX_COUNT: usize = OX_NAMES.len();
 
 impl XattrNames {
     fn new(userxattr: bool) -> XattrNames {
@@ -153,6 +173,7 @@ impl XattrNames {
             opaque: [name(own, "opaque"), name(other, "opaque")],
             whiteout: [name(own, "whiteout"), name(other, "whiteout")],
             redirect: name(own, "redirect"),
+            own: OX_NAMES.map(|s| name(own, s)),
         }
     }
 }
@@ -274,16 +295,16 @@ impl Overlay {
             return false;
         }
         let root = self.upper_root();
-        let uuid = self.xattr_name("uuid");
+        let uuid = self.xattr(Ox::Uuid);
         let absent = |name: &CStr| matches!(sys::getxattr(root, name), Err(e) if e.raw_os_error() == Some(libc::ENODATA));
-        if absent(&uuid) && absent(&self.xattr_name("impure")) {
+        if absent(uuid) && absent(self.xattr(Ox::Impure)) {
             let mut b = [0u8; 16];
             let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
             if n == 16 {
                 // RFC 4122 version 4, as uuid_gen() makes them.
                 b[6] = (b[6] & 0x0f) | 0x40;
                 b[8] = (b[8] & 0x3f) | 0x80;
-                return sys::setxattr(root, &uuid, &b, 0).is_ok();
+                return sys::setxattr(root, uuid, &b, 0).is_ok();
             }
         }
         false
@@ -291,7 +312,7 @@ impl Overlay {
 
     /// Takes back a uuid `init_upper_uuid` wrote, for a mount that failed.
     pub fn drop_upper_uuid(&self) {
-        let _ = sys::removexattr(self.upper_root(), &self.xattr_name("uuid"));
+        let _ = sys::removexattr(self.upper_root(), self.xattr(Ox::Uuid));
     }
 
     /// An inode number of the filesystem `dev` in the overlay's one number
@@ -346,8 +367,9 @@ impl Overlay {
         CString::new(format!("#rovl{:x}.{}", n, self.pid)).expect("no NUL")
     }
 
-    pub fn xattr_name(&self, suffix: &str) -> CString {
-        CString::new(format!("{}{}", self.xattr_prefix, suffix)).expect("no NUL")
+    /// The mount's name of an overlay xattr (built once per mount).
+    pub fn xattr(&self, x: Ox) -> &CStr {
+        &self.xattrs.own[x as usize]
     }
 
     /// The fd of directory `node` in `layer` (O_PATH). Walks up the parents,

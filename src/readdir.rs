@@ -3,7 +3,7 @@
 //! A listing is read once at opendir, so an open directory sees a snapshot.
 
 use crate::inode::Inode;
-use crate::overlay::{dtype_kind, Overlay};
+use crate::overlay::{dtype_kind, Overlay, Ox};
 use crate::sys;
 use crate::whiteout::{hidden_by, is_wh_name};
 use std::collections::HashSet;
@@ -107,11 +107,11 @@ impl Overlay {
         let Ok(dfd) = self.dir_fd(node, crate::layer::UPPER) else {
             return;
         };
-        let impure = self.xattr_name("impure");
-        if sys::getxattr(dfd.as_fd(), &impure).is_err() {
+        let impure = self.xattr(Ox::Impure);
+        if sys::getxattr(dfd.as_fd(), impure).is_err() {
             return;
         }
-        let origin = self.xattr_name("origin");
+        let origin = self.xattr(Ox::Origin);
         let translated = entries.iter().skip(2).any(|e| {
             let Ok(c) = sys::cstr(&e.name) else {
                 return true;
@@ -122,11 +122,11 @@ impl Overlay {
                 return !matches!(self.find(node, &c), Ok(Some(f)) if f.layers.len() == 1);
             }
             match sys::openat(dfd.as_fd(), &c, libc::O_PATH, 0) {
-                Ok(fd) => sys::getxattr(fd.as_fd(), &origin).is_ok(),
+                Ok(fd) => sys::getxattr(fd.as_fd(), origin).is_ok(),
                 Err(_) => true,
             }
         });
-        if !translated && sys::removexattr(dfd.as_fd(), &impure).is_ok() {
+        if !translated && sys::removexattr(dfd.as_fd(), impure).is_ok() {
             node.state.write().impure = false;
         }
     }
