@@ -63,7 +63,17 @@ pub struct Handles {
 }
 
 impl Handles {
-    pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
+    /// The handle `fh` of node `ino`: a handle number the kernel sends
+    /// with another node is refused, as fuse-backend-rs' `HandleMap` does.
+    pub fn get(&self, fh: u64, ino: u64) -> Option<Arc<Handle>> {
+        self.map
+            .get(&fh)
+            .filter(|h| h.node.nodeid == ino)
+            .map(|h| h.clone())
+    }
+
+    /// A handle just made here (no request names it yet).
+    pub fn get_own(&self, fh: u64) -> Option<Arc<Handle>> {
         self.map.get(&fh).map(|h| h.clone())
     }
 

@@ -101,7 +101,7 @@ impl OverlayFs {
         fh: u64,
         open_backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
     ) -> Passthrough {
-        let Some(h) = self.files.get(fh) else {
+        let Some(h) = self.files.get_own(fh) else {
             return Passthrough::Cached;
         };
         let mut io = h.node.io.lock();
@@ -501,7 +501,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyData,
     ) {
         let _r = request::Scope::enter(Op::Read, req.pid(), ino.0);
-        let Some(h) = self.files.get(fh.0) else {
+        let Some(h) = self.files.get(fh.0, ino.0) else {
             return reply.error(Errno::EBADF);
         };
         let mut reply = Some(reply);
@@ -528,7 +528,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyWrite,
     ) {
         let _r = request::Scope::enter(Op::Write, req.pid(), ino.0);
-        let Some(h) = self.files.get(fh.0) else {
+        let Some(h) = self.files.get(fh.0, ino.0) else {
             return reply.error(Errno::EBADF);
         };
         match self.ovl.write(&h, offset, data) {
@@ -573,7 +573,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _r = request::Scope::enter(Op::Fsync, req.pid(), ino.0);
-        match self.files.get(fh.0) {
+        match self.files.get(fh.0, ino.0) {
             Some(h) => empty(reply, self.ovl.fsync(&h, datasync)),
             None => reply.error(Errno::EBADF),
         }
@@ -849,7 +849,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _r = request::Scope::enter(Op::Fallocate, req.pid(), ino.0);
-        match self.files.get(fh.0) {
+        match self.files.get(fh.0, ino.0) {
             Some(h) => empty(reply, self.ovl.fallocate(&h, mode, offset, length)),
             None => reply.error(Errno::EBADF),
         }
@@ -865,7 +865,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyLseek,
     ) {
         let _r = request::Scope::enter(Op::Lseek, req.pid(), ino.0);
-        match self.files.get(fh.0) {
+        match self.files.get(fh.0, ino.0) {
             Some(h) => match self.ovl.lseek(&h, offset, whence) {
                 Ok(o) => reply.offset(o),
                 Err(e) => reply.error(errno(e)),
@@ -880,7 +880,7 @@ impl fuser::Filesystem for OverlayFs {
         ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -888,7 +888,10 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyWrite,
     ) {
         let _r = request::Scope::enter(Op::CopyFileRange, req.pid(), ino_in.0);
-        let (Some(hi), Some(ho)) = (self.files.get(fh_in.0), self.files.get(fh_out.0)) else {
+        let (Some(hi), Some(ho)) = (
+            self.files.get(fh_in.0, ino_in.0),
+            self.files.get(fh_out.0, ino_out.0),
+        ) else {
             return reply.error(Errno::EBADF);
         };
         match self

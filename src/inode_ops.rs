@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 /// The attribute changes of one setattr request.
 #[derive(Default)]
@@ -31,7 +31,7 @@ impl Overlay {
         handles: &Handles,
     ) -> io::Result<(Arc<Inode>, Stat)> {
         let node = self.node(nodeid)?;
-        if let Some(h) = fh.and_then(|fh| handles.get(fh)) {
+        if let Some(h) = fh.and_then(|fh| handles.get(fh, nodeid)) {
             let st = sys::fstat(h.fd().as_fd())?;
             return Ok((node, st));
         }
@@ -53,7 +53,9 @@ impl Overlay {
     ) -> io::Result<(Arc<Inode>, Stat)> {
         self.check_writable()?;
         let node = self.node(nodeid)?;
-        let writable_fh = a.fh.and_then(|fh| handles.get(fh)).filter(|h| h.writable);
+        let writable_fh =
+            a.fh.and_then(|fh| handles.get(fh, nodeid))
+                .filter(|h| h.writable);
         if a.size.is_some() && writable_fh.is_none() && node.io.lock().lower_backed() {
             return Err(self.leave_lower_backing(&node));
         }
@@ -168,9 +170,4 @@ fn to_timespec(t: Option<fuser::TimeOrNow>) -> libc::timespec {
             }
         }
     }
-}
-
-/// For callers that need "now".
-pub fn now() -> SystemTime {
-    SystemTime::now()
 }

@@ -54,7 +54,6 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Re
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Opens a directory by absolute path (mount time only).
 /// `dir/name` as an O_PATH dir fd; `name` is opened with O_NOFOLLOW, so a
 /// symlink planted there is not followed.
 pub fn open_subdir(dir: &std::path::Path, name: &CStr) -> io::Result<OwnedFd> {
@@ -66,6 +65,7 @@ pub fn open_subdir(dir: &std::path::Path, name: &CStr) -> io::Result<OwnedFd> {
     )
 }
 
+/// Opens a directory by absolute path (mount time only).
 pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     let fd = check(unsafe {
@@ -587,10 +587,6 @@ pub fn open_by_handle(mount: BorrowedFd<'_>, typ: i32, handle: &[u8]) -> io::Res
 
 pub fn flock(fd: BorrowedFd<'_>, op: i32) -> io::Result<()> {
     check(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
-}
-
-pub fn raw(fd: &OwnedFd) -> RawFd {
-    fd.as_raw_fd()
 }
 
 pub fn mode_type(mode: u32) -> u32 {

@@ -75,6 +75,20 @@ fn entry_for(mnt: &std::path::Path) -> Option<serde_json::Value> {
         .find(|e| e["mountpoint"] == mnt.to_str().unwrap())
 }
 
+/// The mount's entry once its daemon has recorded it: in the foreground
+/// the mount shows before the record does (`rovl mount` without `-f`
+/// returns only after both).
+fn recorded(mnt: &std::path::Path) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let e = entry_for(mnt).expect("the mount is listed");
+        if e["state"] != "unknown" || start.elapsed().as_secs() > 30 {
+            return e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn list_shows_layers_options_and_pid() {
     if !require_root_fuse() {
@@ -82,7 +96,7 @@ fn list_shows_layers_options_and_pid() {
     }
     let l = Layers::new(2);
     let m = RovlMount::start(&format!("{},redirect_dir=on", l.opts()), &l.merged).expect("mount");
-    let e = entry_for(&m.mountpoint).expect("the mount is listed");
+    let e = recorded(&m.mountpoint);
     assert_eq!(e["state"], "running");
     let rec = &e["record"];
     assert_eq!(rec["pid"], m.child.id());
@@ -111,6 +125,7 @@ fn a_dead_mount_is_listed_and_cleared_by_the_next_mount() {
     let l = Layers::new(1);
     write(l.l(0, "f"), "lower");
     let m = RovlMount::start(&l.opts(), &l.merged).expect("mount");
+    assert_eq!(recorded(&m.mountpoint)["state"], "running");
     signal(&m.child, libc::SIGKILL);
     let mnt = m.mountpoint.clone();
     // The kernel aborts the connection once the daemon is gone.
