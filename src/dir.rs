@@ -5,7 +5,7 @@ use crate::inode::{Inode, Redirect};
 use crate::layer::UPPER;
 use crate::lookup::Found;
 use crate::options::RedirectDir;
-use crate::overlay::{cstr_of, Overlay, Ox};
+use crate::overlay::{cstr_of, Counted, Overlay, Ox};
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, OsStr};
 use std::io;
@@ -41,7 +41,7 @@ impl Overlay {
         mode: u32,
         obj: NewObj<'_>,
         who: Caller,
-    ) -> io::Result<(Arc<Inode>, Stat, Option<OwnedFd>)> {
+    ) -> io::Result<(Counted<'_>, Stat, Option<OwnedFd>)> {
         self.check_writable()?;
         let parent = self.node(parent_id)?;
         let cname = Self::check_name(name)?;
@@ -160,7 +160,7 @@ impl Overlay {
                     &parent,
                     &name.to_os_string(),
                 );
-                src.clone()
+                Counted::new(self, src.clone())
             }
             _ => self.instantiate(&parent, name, found).0,
         };
@@ -244,32 +244,22 @@ impl Overlay {
         }
         let node = self.table.find_key(&self.key_of(&parent, name, &f).0);
         // An indexed hard link is linked up first and its count recorded.
-        let mut nlink: Option<(Arc<Inode>, Option<OwnedFd>, bool)> = None;
+        // A node the kernel does not hold is made for the checks below
+        // only: its count goes when `_probe` drops.
+        let mut _probe = None;
+        let mut nlink: Option<(Arc<Inode>, Option<OwnedFd>)> = None;
         if !is_dir && self.index.is_some() {
-            let probe = node.is_none();
             let n = match &node {
                 Some(n) => n.clone(),
-                None => self.instantiate(&parent, name, f).0,
+                None => Arc::clone(_probe.insert(self.instantiate(&parent, name, f).0)),
             };
-            match self.nlink_start(&n) {
-                Ok(fd) => nlink = Some((n, fd, probe)),
-                Err(e) => {
-                    if probe {
-                        self.forget(n.nodeid, 1);
-                    }
-                    return Err(e);
-                }
-            }
+            nlink = Some((n.clone(), self.nlink_start(&n)?));
         } else if is_dir {
             let probe = match &node {
                 Some(n) => n.clone(),
-                None => self.instantiate(&parent, name, f).0,
+                None => Arc::clone(_probe.insert(self.instantiate(&parent, name, f).0)),
             };
-            let res = self.check_empty(&probe);
-            if node.is_none() {
-                self.forget(probe.nodeid, 1);
-            }
-            res?;
+            self.check_empty(&probe)?;
         }
         // (An indexed name was just linked up.)
         let lower_only = lower_only && nlink.is_none();
@@ -302,11 +292,8 @@ impl Overlay {
             }
             Ok(())
         })();
-        if let Some((n, fd, probe)) = nlink {
+        if let Some((n, fd)) = nlink {
             self.nlink_end(&n, fd);
-            if probe {
-                self.forget(n.nodeid, 1);
-            }
         }
         res?;
         if let Some(n) = node {
@@ -412,6 +399,7 @@ impl Overlay {
         if parent_id == newparent_id && name == newname {
             return Ok(());
         }
+        // Counted for the rename only: forgotten when they drop.
         let src = self.instantiate(&parent, name, src_f).0;
         let dst = dst_f.map(|f| self.instantiate(&newparent, newname, f).0);
         let mut nlink = None;
@@ -421,7 +409,7 @@ impl Overlay {
             &src,
             &newparent,
             &cnew,
-            dst.as_ref(),
+            dst.as_deref(),
             exchange,
             &mut nlink,
         );
@@ -434,11 +422,6 @@ impl Overlay {
             // refreshes them after a success.
             self.inval_attr(parent.nodeid);
             self.inval_attr(newparent.nodeid);
-        }
-        // Drop the references taken above.
-        self.forget(src.nodeid, 1);
-        if let Some(d) = &dst {
-            self.forget(d.nodeid, 1);
         }
         res
     }

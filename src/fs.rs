@@ -6,7 +6,7 @@ use crate::file::Handles;
 use crate::inode::Inode;
 use crate::inode_ops::SetAttr;
 use crate::options::{MountConfig, PassthroughMode};
-use crate::overlay::Overlay;
+use crate::overlay::{Counted, Overlay};
 use crate::readdir::DirEntry;
 use crate::request;
 use crate::stats::Op;
@@ -158,11 +158,12 @@ fn caller(req: &Request) -> Caller {
 }
 
 impl OverlayFs {
-    fn reply_entry(&self, reply: ReplyEntry, r: io::Result<(Arc<Inode>, Stat)>) {
+    fn reply_entry(&self, reply: ReplyEntry, r: io::Result<(Counted<'_>, Stat)>) {
         match r {
             Ok((node, st)) => {
                 let (attr, attr_ttl) = self.entry_attr(&node, &st);
                 reply.entry_with_ttls(&attr_ttl, &self.ovl.ttl, &attr, Generation(0));
+                node.keep();
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -226,7 +227,7 @@ impl OverlayFs {
         name: &OsStr,
         mode: u32,
         obj: NewObj<'_>,
-    ) -> io::Result<(Arc<Inode>, Stat)> {
+    ) -> io::Result<(Counted<'_>, Stat)> {
         let (node, st, _) = self
             .ovl
             .create_obj(parent.0, name, mode, obj, caller(req))?;
@@ -655,10 +656,11 @@ impl fuser::Filesystem for OverlayFs {
                     // attributes where the reported number differs.
                     let (attr, t) = self.entry_attr(&node, &st);
                     if reply.add(attr.ino, off, &e.name, &t, &attr, Generation(0)) {
-                        // Not sent: the lookup it counted does not happen.
-                        self.ovl.forget(node.nodeid, 1);
+                        // Not sent: the lookup it counted does not happen
+                        // (`node` drops).
                         break;
                     }
+                    node.keep();
                 }
                 Ok((node, st)) => {
                     // fuser sends the node id as d_ino. To show the reported
@@ -667,16 +669,18 @@ impl fuser::Filesystem for OverlayFs {
                     // looks it up again and finds this node. The kernel
                     // counts a lookup of that id, so we do too if it lives.
                     // (Not for dirs: replacing a dir's dentry detaches mounts.)
-                    self.ovl.forget(node.nodeid, 1);
                     let attr = self.ovl.attr(&node, &st);
+                    drop(node);
                     let now = Duration::ZERO;
-                    let counted = self.ovl.table.bump(attr.ino.0);
+                    let counted = self
+                        .ovl
+                        .table
+                        .bump(attr.ino.0)
+                        .map(|n| Counted::new(&self.ovl, n));
                     if reply.add(attr.ino, off, &e.name, &now, &attr, Generation(0)) {
-                        if counted {
-                            self.ovl.forget(attr.ino.0, 1);
-                        }
                         break;
                     }
+                    counted.map(Counted::keep);
                 }
                 Err(_) => {
                     // Listed but not looked up (a whiteout in a one-layer
@@ -815,22 +819,24 @@ impl fuser::Filesystem for OverlayFs {
                 // One TTL covers entry and attributes here.
                 let (attr, ttl) = self.entry_attr(&node, &st);
                 match self.passthrough(fh, |fd| reply.open_backing(fd)) {
-                    Passthrough::Backing(b) => reply.created_passthrough(
-                        &ttl,
-                        &attr,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_NOFLUSH,
-                        &b,
-                    ),
+                    Passthrough::Backing(b) => {
+                        reply.created_passthrough(
+                            &ttl,
+                            &attr,
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::FOPEN_NOFLUSH,
+                            &b,
+                        );
+                        node.keep();
+                    }
                     Passthrough::Cached => {
-                        reply.created(&ttl, &attr, Generation(0), FileHandle(fh), CACHED_OPEN)
+                        reply.created(&ttl, &attr, Generation(0), FileHandle(fh), CACHED_OPEN);
+                        node.keep();
                     }
-                    // A new file has no lower backing; undo the entry's count.
-                    Passthrough::Stale(e) => {
-                        self.ovl.forget(node.nodeid, 1);
-                        reply.error(errno(e))
-                    }
+                    // A new file has no lower backing; the entry's count
+                    // goes as `node` drops.
+                    Passthrough::Stale(e) => reply.error(errno(e)),
                 }
             }
             Ok(_) => reply.error(Errno::EIO),

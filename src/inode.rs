@@ -435,14 +435,11 @@ impl InodeTable {
     }
 
     /// Counts one more kernel lookup of a live node; false if there is none.
-    pub fn bump(&self, nodeid: u64) -> bool {
-        match self.nodes.get(&nodeid) {
-            Some(n) => {
-                n.lookups.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
+    /// Counts a lookup of a live node; the node, if it lives.
+    pub fn bump(&self, nodeid: u64) -> Option<Arc<Inode>> {
+        let n = self.nodes.get(&nodeid)?;
+        n.lookups.fetch_add(1, Ordering::Relaxed);
+        Some(n.clone())
     }
 
     /// The node a key maps to, without counting a lookup.

@@ -5,7 +5,7 @@
 use crate::inode::{Inode, Key, Redirect};
 use crate::layer::LayerIdx;
 use crate::options::RedirectDir;
-use crate::overlay::{Overlay, Ox};
+use crate::overlay::{Counted, Overlay, Ox};
 use crate::sys::{self, Stat};
 use crate::whiteout::{is_wh_name, Entry};
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -308,7 +308,7 @@ impl Overlay {
     }
 
     /// The FUSE lookup: resolves and counts a kernel reference.
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(Arc<Inode>, Stat)> {
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(Counted<'_>, Stat)> {
         let parent = self.node(parent)?;
         if !parent.is_dir() {
             return Err(sys::err(libc::ENOTDIR));
@@ -391,7 +391,7 @@ impl Overlay {
     }
 
     /// Enters a found object into the inode table.
-    pub fn instantiate(&self, parent: &Arc<Inode>, name: &OsStr, f: Found) -> (Arc<Inode>, Stat) {
+    pub fn instantiate(&self, parent: &Arc<Inode>, name: &OsStr, f: Found) -> (Counted<'_>, Stat) {
         let (key, ino) = self.key_of(parent, name, &f);
         let Found {
             st,
@@ -429,6 +429,6 @@ impl Overlay {
                 node.set_redirect(redirect);
             }
         }
-        (node, st)
+        (Counted::new(self, node), st)
     }
 }

@@ -178,6 +178,46 @@ impl XattrNames {
     }
 }
 
+/// One lookup count on a node: what the kernel holds once an entry reply
+/// carrying the node reaches it. `keep` hands it over (the reply is sent);
+/// dropped instead (an error, a full readdirplus buffer, a node only
+/// probed), it is forgotten, so counts always even out.
+#[must_use = "a lookup count is forgotten unless kept"]
+pub struct Counted<'a> {
+    ovl: &'a Overlay,
+    node: Option<Arc<Inode>>,
+}
+
+impl<'a> Counted<'a> {
+    pub fn new(ovl: &'a Overlay, node: Arc<Inode>) -> Self {
+        Counted {
+            ovl,
+            node: Some(node),
+        }
+    }
+
+    /// The count goes to the kernel with the reply.
+    pub fn keep(mut self) -> Arc<Inode> {
+        self.node.take().expect("a count is kept once")
+    }
+}
+
+impl std::ops::Deref for Counted<'_> {
+    type Target = Arc<Inode>;
+
+    fn deref(&self) -> &Arc<Inode> {
+        self.node.as_ref().expect("a kept count is gone")
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.node.take() {
+            self.ovl.forget(n.nodeid, 1);
+        }
+    }
+}
+
 pub struct Overlay {
     pub layers: Layers,
     pub table: InodeTable,

@@ -268,3 +268,47 @@ fn log_file_and_stats_of_a_daemon() {
     );
     assert!(text.contains("unmounted"), "{text}");
 }
+
+/// Lookup counts even out: after lookups, readdirplus, creates, renames
+/// over files, unlinks and rmdirs, and the kernel dropping its caches, the
+/// daemon holds no node but the root (`rovl stats`). A count taken and not
+/// given back would keep its node forever.
+#[test]
+fn lookup_counts_even_out() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    for i in 0..50 {
+        write(l.l(0, &format!("d/f{i}")), "x");
+        write(l.l(0, &format!("e/g{i}")), "y");
+    }
+    let m = RovlMount::start(&format!("{},index=on", l.opts()), &l.merged).expect("mount");
+    let _ = std::fs::read_dir(l.m("d")).unwrap().count();
+    for i in 0..50 {
+        let _ = std::fs::metadata(l.m(&format!("d/f{i}")));
+    }
+    for i in 0..10 {
+        write(l.m(&format!("d/new{i}")), "n");
+        std::fs::rename(l.m(&format!("d/new{i}")), l.m(&format!("d/f{i}"))).unwrap();
+        std::fs::remove_file(l.m(&format!("d/f{}", i + 10))).unwrap();
+    }
+    std::fs::remove_dir_all(l.m("e")).unwrap();
+    mkdir(l.m("e"));
+    assert_eq!(errno(std::fs::remove_dir(l.m("d"))), Some(libc::ENOTEMPTY));
+    let mnt = l.merged.to_str().unwrap();
+    let start = std::time::Instant::now();
+    let nodes = loop {
+        // Every dentry and inode the kernel can let go (not outliving the test).
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
+        let r = run_rovl(&["stats", "--json", mnt]);
+        let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats");
+        let nodes = s["nodes"].as_u64().unwrap();
+        if nodes <= 1 || start.elapsed().as_secs() > 30 {
+            break nodes;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(nodes, 1, "nodes still held after the kernel let go");
+    assert!(m.unmount().success());
+}
