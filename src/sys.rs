@@ -65,6 +65,16 @@ pub fn open_subdir(dir: &std::path::Path, name: &CStr) -> io::Result<OwnedFd> {
     )
 }
 
+/// Opens `path` (mount time only: layer roots and the workdir, whose
+/// symlinks are followed as the kernel's option parsing does).
+pub fn open_path(path: &std::path::Path, flags: i32) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: a valid C string; the new fd is owned at once.
+    let fd = check(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Opens a directory by absolute path (mount time only).
 pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;

@@ -5,10 +5,10 @@
 //! Leftovers in `W/work` come from interrupted copy-ups and are removed
 //! without following symlinks.
 
-use std::ffi::{CStr, CString, OsStr};
+use crate::sys;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 /// Name of the scratch dir inside the workdir (the kernel's `OVL_WORKDIR_NAME`).
@@ -56,35 +56,14 @@ impl WorkDir {
     }
 }
 
-fn cstr(p: &OsStr) -> io::Result<CString> {
-    CString::new(p.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
 }
 
-/// Opens a layer root by path (following symlinks, like the kernel's lookup).
+/// Opens a layer root by path (following symlinks, like the kernel's
+/// lookup); readable, since `flock` needs more than `O_PATH`.
 fn open_root(what: &str, p: &Path) -> io::Result<OwnedFd> {
-    let c = cstr(p.as_os_str())?;
-    // SAFETY: valid C string; the returned fd is owned below.
-    let fd = cvt(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })
-    .map_err(|e| with_path(e, what, p))?;
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::open_path(p, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| with_path(e, what, p))
 }
 
 fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> io::Result<()> {
@@ -92,12 +71,10 @@ fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> io::Result<()> {
     // drop its lock: give it up to two seconds before calling the dir busy.
     let mut tries = 40;
     let e = loop {
-        // SAFETY: plain syscall on a valid fd.
-        let rc = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
+        let e = match sys::flock(fd, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
         tries -= 1;
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) || tries == 0 {
             break e;
@@ -114,116 +91,33 @@ fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> io::Result<()> {
     }
 }
 
-/// Opens a directory entry of `dir` without following a symlink.
+/// Opens a directory entry of `dir` for reading, without following a symlink.
 fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
-    // SAFETY: valid fd and C string; the returned fd is owned below.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
 }
 
 /// `lstat` relative to `dir`; `None` if the entry does not exist.
 fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
-    // SAFETY: fstatat only writes into `st`.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let rc = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        return Ok(Some(st));
+    match sys::fstatat(dir, name) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::NotFound {
-        Ok(None)
-    } else {
-        Err(e)
-    }
-}
-
-fn is_dir(st: &libc::stat) -> bool {
-    st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
 
 fn mkdir_if_missing(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     // Mode 0, like the kernel's work dirs (`d---------`).
-    // SAFETY: valid fd and C string.
-    let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0) };
-    if rc == 0 {
-        return Ok(());
+    match sys::mkdirat(dir, name, 0) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        r => r,
     }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::AlreadyExists {
-        Ok(())
-    } else {
-        Err(e)
-    }
-}
-
-/// Names in `dir`, except `.` and `..`.
-fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
-    // fdopendir takes ownership of the fd, so give it a duplicate.
-    let dup = dir.try_clone_to_owned()?;
-    // SAFETY: `dup` is a valid directory fd; on success DIR owns it.
-    let d = unsafe { libc::fdopendir(dup.as_raw_fd()) };
-    if d.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    std::mem::forget(dup);
-    // The dup shares the offset with `dir`; start from the beginning.
-    // SAFETY: `d` is a valid DIR stream until closedir below.
-    unsafe { libc::rewinddir(d) };
-    let mut names = Vec::new();
-    let result = loop {
-        // SAFETY: errno reset lets us tell end-of-stream from an error.
-        unsafe { *libc::__errno_location() = 0 };
-        let ent = unsafe { libc::readdir(d) };
-        if ent.is_null() {
-            let e = io::Error::last_os_error();
-            break if e.raw_os_error() == Some(0) {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        // SAFETY: d_name is NUL-terminated within the entry.
-        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    };
-    // SAFETY: closes the stream and the dup fd it owns.
-    unsafe { libc::closedir(d) };
-    result.map(|_| names)
 }
 
 /// Lets us (not root) enter a mode-0 dir we left behind; root never needs it.
 fn make_accessible(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     // An O_PATH|O_NOFOLLOW fd pins the entry, so a swapped-in symlink is never chmod'ed through.
-    // SAFETY: valid fd and C string; the returned fd is owned below.
-    let fd = cvt(unsafe {
-        libc::openat(
-            parent.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let proc_path = cstr(OsStr::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))?;
-    // SAFETY: valid C string.
-    cvt(unsafe { libc::chmod(proc_path.as_ptr(), 0o700) })?;
-    Ok(())
+    let fd = sys::openat(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    sys::fchmod_any(fd.as_fd(), 0o700)
 }
 
 /// [`open_dir`], making a mode-0 dir accessible first if we lack the capability.
@@ -237,10 +131,18 @@ fn open_dir_force(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
     }
 }
 
-/// Removes everything below `dir`, never following symlinks.
-fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+/// Names in a freshly opened `dir`, except `.` and `..`.
+fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+    sys::read_dir_all(dir)?
+        .into_iter()
+        .map(|e| sys::cstr(&e.name))
+        .collect()
+}
+
+/// Removes everything below a freshly opened `dir`, never following symlinks.
+fn empty_dir(dir: &OwnedFd) -> io::Result<()> {
     for name in list_dir(dir)? {
-        remove_entry(dir, &name)?;
+        remove_entry(dir.as_fd(), &name)?;
     }
     Ok(())
 }
@@ -250,24 +152,21 @@ fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let Some(st) = lstat_at(parent, name)? else {
         return Ok(());
     };
-    if is_dir(&st) {
+    if sys::is_dir(st.st_mode) {
         let sub = open_dir_force(parent, name)?;
-        if let Err(e) = empty_dir(sub.as_fd()) {
+        if let Err(e) = empty_dir(&sub) {
             if e.kind() != io::ErrorKind::PermissionDenied {
                 return Err(e);
             }
             // Opened without read/write permission (mode 0, not root).
             drop(sub);
             make_accessible(parent, name)?;
-            empty_dir(open_dir(parent, name)?.as_fd())?;
+            empty_dir(&open_dir(parent, name)?)?;
         }
-        // SAFETY: valid fd and C string.
-        cvt(unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
+        sys::unlinkat(parent, name, libc::AT_REMOVEDIR)
     } else {
-        // SAFETY: valid fd and C string.
-        cvt(unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), 0) })?;
+        sys::unlinkat(parent, name, 0)
     }
-    Ok(())
 }
 
 /// The kernel refuses a workdir whose `work/incompat/` has entries
@@ -276,18 +175,18 @@ fn check_incompat(base: BorrowedFd<'_>, workdir: &Path) -> io::Result<()> {
     let Some(st) = lstat_at(base, c"work")? else {
         return Ok(());
     };
-    if !is_dir(&st) {
+    if !sys::is_dir(st.st_mode) {
         return Ok(());
     }
     let work = open_dir_force(base, c"work")?;
     let Some(st) = lstat_at(work.as_fd(), c"incompat")? else {
         return Ok(());
     };
-    if !is_dir(&st) {
+    if !sys::is_dir(st.st_mode) {
         return Ok(());
     }
     let incompat = open_dir_force(work.as_fd(), c"incompat")?;
-    if let Some(feature) = list_dir(incompat.as_fd())?.first() {
+    if let Some(feature) = list_dir(&incompat)?.first() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
@@ -339,9 +238,9 @@ pub fn trusted_xattrs_usable(work: Option<&WorkDir>) -> bool {
             .unwrap_or(true);
     };
     let name = c"trusted.overlay.rovl-probe";
-    match crate::sys::setxattr(w.work.as_fd(), name, b"1", 0) {
+    match sys::setxattr(w.work.as_fd(), name, b"1", 0) {
         Ok(()) => {
-            let _ = crate::sys::removexattr(w.work.as_fd(), name);
+            let _ = sys::removexattr(w.work.as_fd(), name);
             true
         }
         // An upper fs without xattrs at all fails either way.
@@ -374,15 +273,12 @@ mod tests {
         let wd = prepare(&w, &u).unwrap();
         let work = w.join(WORK_NAME);
         assert!(work.is_dir());
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             assert_eq!(mode(&work), 0);
         }
         // The fd really is W/work.
-        let st_fd = {
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            assert_eq!(unsafe { libc::fstat(wd.work_fd().as_raw_fd(), &mut st) }, 0);
-            st.st_ino
-        };
+        let st_fd = sys::fstat(wd.work_fd()).unwrap().st_ino;
         use std::os::unix::fs::MetadataExt;
         assert_eq!(st_fd, fs::metadata(&work).unwrap().ino());
         assert_eq!(fs::read_dir(&u).unwrap().count(), 0);
