@@ -2,7 +2,7 @@
 
 use crate::sys;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -42,7 +42,7 @@ impl Layer {
             sys::open_dir_path(path)?
         };
         let st = sys::fstat(root.as_fd())?;
-        let uuid = fs_uuid(root.as_fd()).unwrap_or([0; 16]);
+        let uuid = sys::fs_uuid(root.as_fd()).unwrap_or([0; 16]);
         let attached = sys::open_dir_path(path)?;
         let idmapped =
             sys::mount_id(attached.as_fd()).is_ok_and(|id| idmapped_mounts.contains(&id));
@@ -57,33 +57,6 @@ impl Layer {
             uuid,
         })
     }
-}
-
-/// `FS_IOC_GETFSUUID`: the UUID the kernel stores in origin file handles.
-fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
-    #[repr(C)]
-    struct FsUuid2 {
-        len: u8,
-        uuid: [u8; 16],
-    }
-    // _IOR(0x15, 0, struct fsuuid2)
-    const FS_IOC_GETFSUUID: libc::c_ulong = (2 << 30) | (17 << 16) | (0x15 << 8);
-    let dir = sys::reopen(fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
-    let mut u = FsUuid2 {
-        len: 0,
-        uuid: [0; 16],
-    };
-    let r = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            FS_IOC_GETFSUUID as _,
-            &mut u,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u.uuid)
 }
 
 /// All layers of a mount, upper first when there is one.

@@ -2,6 +2,9 @@
 //!
 //! The layout follows the kernel's `fs/overlayfs`: one concern per module.
 //! `fs` is the thin `fuser::Filesystem` dispatcher over the others.
+//! Every `unsafe` block is in `sys`, the one syscall boundary.
+
+#![deny(unsafe_code)]
 
 pub mod copyup;
 pub mod dir;
@@ -22,6 +25,7 @@ pub mod registry;
 pub mod request;
 pub mod session;
 pub mod stats;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod whiteout;
 pub mod workdir;

@@ -666,23 +666,11 @@ fn canonical(what: &str, p: &Path) -> Result<PathBuf> {
 
 /// The mount id of `p` (statx), when the kernel reports it.
 fn mount_id(p: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statx only writes into `stx`; `c` is a valid C string.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut stx) };
-    (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+    crate::sys::mount_id_of_path(p)
 }
 
 fn is_read_only_fs(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statvfs only writes into `sv`; `c` is a valid C string.
-    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut sv) };
-    rc == 0 && sv.f_flag & libc::ST_RDONLY != 0
+    crate::sys::statvfs(p).is_ok_and(|sv| sv.f_flag & libc::ST_RDONLY != 0)
 }
 
 /// Read-only checks on disk (stat only): layers and mountpoint exist and are

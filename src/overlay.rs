@@ -276,7 +276,7 @@ impl Overlay {
         let layers = Layers { all, has_upper };
         let root_layers: Vec<LayerIdx> = layers.indices().collect();
         // Cached dir fds must stay well inside the fd limit.
-        let fds = raise_fd_limit();
+        let fds = sys::raise_fd_limit();
         let cap = cfg.cache_entries.min((fds / 4) as usize).max(16);
         let cap = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
         let table = InodeTable::new(root_layers);
@@ -339,8 +339,7 @@ impl Overlay {
         let absent = |name: &CStr| matches!(sys::getxattr(root, name), Err(e) if e.raw_os_error() == Some(libc::ENODATA));
         if absent(uuid) && absent(self.xattr(Ox::Impure)) {
             let mut b = [0u8; 16];
-            let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-            if n == 16 {
+            if sys::getrandom(&mut b).is_ok() {
                 // RFC 4122 version 4, as uuid_gen() makes them.
                 b[6] = (b[6] & 0x0f) | 0x40;
                 b[8] = (b[8] & 0x3f) | 0x80;
@@ -458,7 +457,7 @@ impl Overlay {
             let freed = self.freed.fetch_add(1, Ordering::Relaxed) + 1;
             if freed.is_multiple_of(16384) {
                 self.table.shrink();
-                unsafe { libc::malloc_trim(0) };
+                sys::malloc_trim();
             }
         }
     }
@@ -743,27 +742,6 @@ impl Overlay {
             let _ = n.inval_inode(fuser::INodeNo(nodeid), -1, 0);
         }
     }
-}
-
-/// Raises the soft limit on open files to the hard one; returns the limit.
-fn raise_fd_limit() -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return 1024;
-    }
-    if r.rlim_cur < r.rlim_max {
-        let want = libc::rlimit {
-            rlim_cur: r.rlim_max,
-            rlim_max: r.rlim_max,
-        };
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
-            r.rlim_cur = r.rlim_max;
-        }
-    }
-    r.rlim_cur
 }
 
 pub fn to_time(sec: i64, nsec: i64) -> SystemTime {

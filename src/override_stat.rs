@@ -165,7 +165,7 @@ mod tests {
         let d = OverrideStat::parse(b"5:6:0620:char-1-3").unwrap();
         assert_eq!(d.kind, Some((libc::S_IFCHR, libc::makedev(1, 3))));
         assert_eq!(d.encode(), b"5:6:0620:char-1-3");
-        let mut st: Stat = unsafe { std::mem::zeroed() };
+        let mut st: Stat = crate::sys::zeroed_stat();
         st.st_mode = libc::S_IFREG | 0o600;
         d.apply(&mut st);
         assert_eq!(st.st_mode, libc::S_IFCHR | 0o620);

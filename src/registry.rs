@@ -30,8 +30,7 @@ pub struct Record {
 
 /// The runtime dirs where records may be, the writable one first.
 pub fn dirs() -> Vec<PathBuf> {
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = crate::sys::uid();
     let own = if uid == 0 {
         PathBuf::from("/run/rovl")
     } else {

@@ -71,12 +71,8 @@ impl Drop for Mounted {
 /// umount2, or `fusermount3 -u` for a mount the helper made.
 fn unmount(p: &Path, lazy: bool, helper: bool) -> io::Result<()> {
     if !helper {
-        let c = sys::cstr(p.as_os_str())?;
         let flags = if lazy { libc::MNT_DETACH } else { 0 };
-        if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        return Ok(());
+        return sys::umount2(p, flags);
     }
     helper_unmount(p, lazy)
 }
@@ -131,7 +127,7 @@ fn mount_flags(cfg: &MountConfig, read_only: bool) -> libc::c_ulong {
 /// `workdir` must already be prepared (see [`crate::workdir`]).
 pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
     // Modes of new files come from the request, never from our umask.
-    unsafe { libc::umask(0) };
+    sys::set_umask(0);
     let fs = OverlayFs::new(cfg)?;
     let ovl = fs.ovl.clone();
     let read_only = ovl.read_only();
@@ -174,8 +170,7 @@ pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
 fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bool)> {
     let src = sys::cstr(std::ffi::OsStr::new(&cfg.source))?;
     let target = sys::cstr(cfg.mountpoint.as_os_str())?;
-    // SAFETY: getuid and getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (uid, gid) = (sys::uid(), sys::gid());
     let context = selinux_context(cfg);
     let direct = sys::mount_fuse(
         &src,
@@ -261,8 +256,7 @@ fn selinux_context(cfg: &MountConfig) -> String {
 
 /// Whether `fusermount3` lets this user pass `allow_other`.
 fn allow_other_permitted() -> bool {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } == 0 {
+    if sys::uid() == 0 {
         return true;
     }
     std::fs::read_to_string("/etc/fuse.conf")

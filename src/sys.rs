@@ -1,7 +1,10 @@
 //! Thin, safe wrappers over the fd-relative system calls rovl uses.
 //!
 //! Everything here takes a directory fd and a single path component, so no
-//! string path is ever resolved through a symlink inside a layer.
+//! string path is ever resolved through a symlink inside a layer. It is
+//! the one place with `unsafe` (see `lib.rs`), each block with its reason.
+
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
@@ -43,6 +46,7 @@ pub fn cstr(name: &OsStr) -> io::Result<CString> {
 
 /// `openat` with `O_NOFOLLOW | O_CLOEXEC` always added.
 pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = check(unsafe {
         libc::openat(
             dir.as_raw_fd(),
@@ -51,6 +55,7 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Re
             mode as libc::c_uint,
         )
     })?;
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -78,12 +83,14 @@ pub fn open_path(path: &std::path::Path, flags: i32) -> io::Result<OwnedFd> {
 /// Opens a directory by absolute path (mount time only).
 pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = check(unsafe {
         libc::open(
             c.as_ptr(),
             libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
         )
     })?;
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -95,6 +102,7 @@ pub fn open_tree_clone(path: &std::path::Path) -> io::Result<OwnedFd> {
     const SYS_OPEN_TREE: libc::c_long = 428;
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     let c = cstr(path.as_os_str())?;
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = unsafe {
         libc::syscall(
             SYS_OPEN_TREE,
@@ -106,6 +114,7 @@ pub fn open_tree_clone(path: &std::path::Path) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
@@ -113,7 +122,9 @@ pub fn open_tree_clone(path: &std::path::Path) -> io::Result<OwnedFd> {
 /// (which names the inode, not a path inside the layer).
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
     let p = proc_path(fd);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let r = check(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
@@ -123,6 +134,7 @@ pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
 
 pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
     let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::fstatat(
             dir.as_raw_fd(),
@@ -131,6 +143,7 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
             libc::AT_SYMLINK_NOFOLLOW,
         )
     })?;
+    // SAFETY: the call above succeeded, so the kernel filled the value.
     Ok(unsafe { st.assume_init() })
 }
 
@@ -138,6 +151,7 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
 pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: statx only writes into `stx`; the path is an empty C string.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::statx(
             fd.as_raw_fd(),
@@ -155,24 +169,30 @@ pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: the call above succeeded, so the kernel filled the value.
     Ok(unsafe { st.assume_init() })
 }
 
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
 }
 
 pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
 }
 
 pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
 }
 
 pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let n = check_size(unsafe {
         libc::readlinkat(
             dir.as_raw_fd(),
@@ -186,6 +206,7 @@ pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
 }
 
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
 }
 
@@ -196,6 +217,7 @@ pub fn renameat2(
     new: &CStr,
     flags: u32,
 ) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::renameat2(
             olddir.as_raw_fd(),
@@ -214,6 +236,7 @@ pub fn linkat(
     newdir: BorrowedFd<'_>,
     new: &CStr,
 ) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::linkat(
             olddir.as_raw_fd(),
@@ -227,6 +250,7 @@ pub fn linkat(
 }
 
 pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::fchownat(
             dir.as_raw_fd(),
@@ -242,6 +266,7 @@ pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Res
 /// chmod of the inode an fd (O_PATH allowed) refers to.
 pub fn fchmod_any(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     let p = proc_path(fd);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
 }
 
@@ -249,10 +274,12 @@ pub fn fchmod_any(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 /// /proc magic link.
 pub fn fchown_any(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     let p = proc_path(fd);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::chown(p.as_ptr(), uid, gid) }).map(drop)
 }
 
 pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::utimensat(
             dir.as_raw_fd(),
@@ -267,24 +294,30 @@ pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) 
 /// Sets times of the inode an fd (O_PATH allowed) refers to.
 pub fn futimens_any(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
     let p = proc_path(fd);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }).map(drop)
 }
 
 pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
 }
 
 pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
     let r = if datasync {
+        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         unsafe { libc::fdatasync(fd.as_raw_fd()) }
     } else {
+        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         unsafe { libc::fsync(fd.as_raw_fd()) }
     };
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(r).map(drop)
 }
 
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
     check_size(unsafe {
+        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         libc::pread(
             fd.as_raw_fd(),
             buf.as_mut_ptr().cast(),
@@ -295,6 +328,7 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> 
 }
 
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
+    // SAFETY: live fds for the call; the kernel reads and writes only the given lengths.
     check_size(unsafe {
         libc::pwrite(
             fd.as_raw_fd(),
@@ -306,15 +340,18 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
 }
 
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) })
         .map(drop)
 }
 
 pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
+        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         Ok(r)
     }
 }
@@ -326,6 +363,7 @@ pub fn copy_file_range(
     off_out: &mut i64,
     len: usize,
 ) -> io::Result<usize> {
+    // SAFETY: live fds for the call; the kernel reads and writes only the given lengths.
     check_size(unsafe {
         libc::copy_file_range(
             fd_in.as_raw_fd(),
@@ -339,16 +377,20 @@ pub fn copy_file_range(
 }
 
 pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }).map(drop)
 }
 
 pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: the call above succeeded, so the kernel filled the value.
     Ok(unsafe { st.assume_init() })
 }
 
 pub fn faccessat(dir: BorrowedFd<'_>, name: &CStr, mask: i32) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::faccessat(
             dir.as_raw_fd(),
@@ -388,7 +430,9 @@ fn read_sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Ve
 }
 
 pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let p = proc_path(fd);
+    // SAFETY: a valid C string; the kernel writes at most the buffer's length into it.
     read_sized(|b| unsafe {
         libc::getxattr(p.as_ptr(), name.as_ptr(), b.as_mut_ptr().cast(), b.len())
     })
@@ -396,6 +440,7 @@ pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
 
 pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
     let p = proc_path(fd);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::setxattr(
             p.as_ptr(),
@@ -410,6 +455,7 @@ pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io
 
 pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let p = proc_path(fd);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
 }
 
@@ -444,6 +490,7 @@ pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<
                 size: b.len() as u32,
                 flags: 0,
             };
+            // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
             unsafe {
                 libc::syscall(
                     SYS_GETXATTRAT,
@@ -468,6 +515,7 @@ pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<
 /// `listxattr` of `dir/name` without following a symlink.
 pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         let r = read_sized(|b| unsafe {
             libc::syscall(
                 SYS_LISTXATTRAT,
@@ -489,7 +537,9 @@ pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
 
 /// The raw NUL-separated name list.
 pub fn listxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    // SAFETY: a live fd and valid C strings; the kernel writes at most the buffer's length into it.
     let p = proc_path(fd);
+    // SAFETY: a valid C string; the kernel writes at most the buffer's length into it.
     read_sized(|b| unsafe { libc::listxattr(p.as_ptr(), b.as_mut_ptr().cast(), b.len()) })
 }
 
@@ -505,6 +555,7 @@ pub fn read_dir_all(fd: &OwnedFd) -> io::Result<Vec<RawDirent>> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         let n = unsafe {
             libc::syscall(
                 libc::SYS_getdents64,
@@ -563,6 +614,7 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
         data: [0; MAX],
     };
     let mut mount_id: libc::c_int = 0;
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::name_to_handle_at(
             fd.as_raw_fd(),
@@ -582,6 +634,7 @@ pub fn open_by_handle(mount: BorrowedFd<'_>, typ: i32, handle: &[u8]) -> io::Res
     buf.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
     buf.extend_from_slice(&typ.to_ne_bytes());
     buf.extend_from_slice(handle);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = unsafe {
         libc::open_by_handle_at(
             mount.as_raw_fd(),
@@ -592,10 +645,12 @@ pub fn open_by_handle(mount: BorrowedFd<'_>, typ: i32, handle: &[u8]) -> io::Res
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub fn flock(fd: BorrowedFd<'_>, op: i32) -> io::Result<()> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
 }
 
@@ -722,6 +777,7 @@ pub fn mount_fuse(
     flags: libc::c_ulong,
     data: impl FnOnce(RawFd) -> String,
 ) -> io::Result<OwnedFd> {
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = check(unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
     // SAFETY: `fd` is a fresh descriptor we own.
     let fuse = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -737,4 +793,240 @@ pub fn mount_fuse(
         )
     })?;
     Ok(fuse)
+}
+
+// ---------------------------------------------------------------------------
+// Process-level calls (the daemon, the CLI, mount time).
+
+pub fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+pub fn gid() -> u32 {
+    // SAFETY: getgid has no preconditions.
+    unsafe { libc::getgid() }
+}
+
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Sets the umask; returns the old one.
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(mask as libc::mode_t) }
+}
+
+pub fn umount2(path: &std::path::Path, flags: i32) -> io::Result<()> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: a valid C string.
+    check(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
+}
+
+pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions.
+    check(unsafe { libc::kill(pid as libc::pid_t, sig) }).map(drop)
+}
+
+/// Fills `buf` from the kernel's random source.
+pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != buf.len() {
+        return Err(err(libc::EIO));
+    }
+    Ok(())
+}
+
+/// Gives freed heap memory back to the system.
+pub fn malloc_trim() {
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// Raises the soft limit on open files to the hard one; returns the limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    if r.rlim_cur < r.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: r.rlim_max,
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: setrlimit reads `want`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            r.rlim_cur = r.rlim_max;
+        }
+    }
+    r.rlim_cur
+}
+
+/// The mount id of `path` (statx `STATX_MNT_ID`), when the kernel reports it.
+pub fn mount_id_of_path(path: &std::path::Path) -> Option<u64> {
+    let c = cstr(path.as_os_str()).ok()?;
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: statx writes into `stx`, zeroed so every field is defined.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            0,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
+    // SAFETY: zero-initialized and possibly filled by statx.
+    let stx = unsafe { stx.assume_init() };
+    (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
+pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
+    let c = cstr(path.as_os_str())?;
+    let mut sv = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: statvfs writes into `sv`.
+    check(unsafe { libc::statvfs(c.as_ptr(), sv.as_mut_ptr()) })?;
+    // SAFETY: filled by statvfs.
+    Ok(unsafe { sv.assume_init() })
+}
+
+/// An all-zero `stat`, to fill in (tests, templates).
+pub fn zeroed_stat() -> Stat {
+    // SAFETY: `stat` is plain data; all zeroes is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// `FS_IOC_GETFSUUID` of the fs holding the dir `fd`.
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    // _IOR(0x15, 0, struct fsuuid2)
+    const FS_IOC_GETFSUUID: libc::c_ulong = (2 << 30) | (17 << 16) | (0x15 << 8);
+    let dir = reopen(fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut u = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // SAFETY: the ioctl writes one `struct fsuuid2` into `u`.
+    check(unsafe { libc::ioctl(dir.as_raw_fd(), FS_IOC_GETFSUUID as _, &mut u) })?;
+    Ok(u.uuid)
+}
+
+/// A set of signals, blocked in every thread started after `block`.
+pub struct SigSet(libc::sigset_t);
+
+impl SigSet {
+    pub fn new(sigs: &[i32]) -> SigSet {
+        let mut set = MaybeUninit::<libc::sigset_t>::zeroed();
+        // SAFETY: sigemptyset initializes the set; sigaddset only edits it.
+        unsafe {
+            libc::sigemptyset(set.as_mut_ptr());
+            for &s in sigs {
+                libc::sigaddset(set.as_mut_ptr(), s);
+            }
+            SigSet(set.assume_init())
+        }
+    }
+
+    /// Blocks the set in this thread (and the threads it starts later).
+    pub fn block(&self) -> io::Result<()> {
+        // SAFETY: the set is initialized; the old mask is not needed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &self.0, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
+    /// Waits for one of the (blocked) signals; its number.
+    pub fn wait(&self) -> io::Result<i32> {
+        let mut sig = 0;
+        // SAFETY: the set is initialized and `sig` is written on success.
+        let rc = unsafe { libc::sigwait(&self.0, &mut sig) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(sig)
+    }
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors on success.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors are fresh and owned from here on.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Forks, refusing when the process has more than one thread (a child
+/// of a threaded process may only call async-signal-safe functions).
+/// `Some(pid)` in the parent, `None` in the child.
+pub fn fork_single_threaded() -> io::Result<Option<u32>> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "fork with {threads} threads running"
+        )));
+    }
+    // SAFETY: one thread: the child is a full copy and may do anything.
+    let pid = check(unsafe { libc::fork() })?;
+    Ok((pid > 0).then_some(pid as u32))
+}
+
+/// Makes `fd` the standard descriptor `target` (0, 1 or 2).
+pub fn dup_onto_std(fd: BorrowedFd<'_>, target: i32) -> io::Result<()> {
+    assert!((0..3).contains(&target), "only the standard descriptors");
+    // SAFETY: dup2 onto a standard descriptor, which std never owns.
+    check(unsafe { libc::dup2(fd.as_raw_fd(), target) }).map(drop)
+}
+
+/// Closes every descriptor from 3 up except `keep`: a daemon drops what
+/// it inherited. Errors (old kernels) are harmless.
+pub fn close_inherited_except(keep: BorrowedFd<'_>) {
+    let keep = keep.as_raw_fd() as libc::c_uint;
+    // SAFETY: the caller owns no descriptor >= 3 other than `keep` (it runs
+    // right after fork, before anything else is opened).
+    unsafe {
+        if keep > 3 {
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                keep - 1,
+                0 as libc::c_uint,
+            );
+        }
+        libc::syscall(
+            libc::SYS_close_range,
+            keep + 1,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        );
+    }
+}
+
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: setsid has no preconditions.
+    check(unsafe { libc::setsid() }).map(drop)
+}
+
+/// Waits for child `pid`; its raw wait status.
+pub fn waitpid(pid: u32) -> io::Result<i32> {
+    let mut status = 0;
+    // SAFETY: reaps our own child; `status` is written on success.
+    check(unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) })?;
+    Ok(status)
 }

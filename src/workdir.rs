@@ -273,8 +273,7 @@ mod tests {
         let wd = prepare(&w, &u).unwrap();
         let work = w.join(WORK_NAME);
         assert!(work.is_dir());
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if sys::euid() == 0 {
             assert_eq!(mode(&work), 0);
         }
         // The fd really is W/work.

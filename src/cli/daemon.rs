@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 
 const READY: u8 = 0;
 const FAILED: u8 = 1;
@@ -53,10 +53,7 @@ impl Reporter {
 fn redirect_stdio_to_null() -> io::Result<()> {
     let null = File::options().read(true).write(true).open("/dev/null")?;
     for fd in 0..3 {
-        // SAFETY: dup2 onto the standard descriptors; `null` stays valid.
-        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        rovl::sys::dup_onto_std(null.as_fd(), fd)?;
     }
     Ok(())
 }
@@ -65,49 +62,18 @@ fn redirect_stdio_to_null() -> io::Result<()> {
 /// it waits for the child's report and exits 0 (ready) or 1 (failed). The child
 /// gets a new session and a [`Reporter`].
 pub fn daemonize() -> io::Result<Reporter> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills `fds` with two new descriptors on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors are fresh and owned from here on.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-
+    let (read_end, write_end) = rovl::sys::pipe()?;
     // Flush so buffered output is not written twice.
     let _ = io::stdout().flush();
-    // SAFETY: single-threaded here (checked by the caller's contract); the child
-    // only continues with ordinary Rust code.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid > 0 {
+    if let Some(pid) = rovl::sys::fork_single_threaded()? {
         drop(write_end);
         wait_for_child(File::from(read_end), pid);
     }
     drop(read_end);
     // Inherited descriptors (a caller's pipes, say) would stay open for the
     // daemon's whole life and could keep the caller waiting for EOF.
-    let keep = write_end.as_raw_fd() as libc::c_uint;
-    // SAFETY: we own no descriptors >= 3 other than `keep`; errors (old kernels) are harmless.
-    unsafe {
-        if keep > 3 {
-            libc::syscall(
-                libc::SYS_close_range,
-                3 as libc::c_uint,
-                keep - 1,
-                0 as libc::c_uint,
-            );
-        }
-        libc::syscall(
-            libc::SYS_close_range,
-            keep + 1,
-            libc::c_uint::MAX,
-            0 as libc::c_uint,
-        );
-        libc::setsid();
-    }
+    rovl::sys::close_inherited_except(write_end.as_fd());
+    let _ = rovl::sys::setsid();
     // Do not keep the caller's cwd busy; all paths are absolute by now.
     let _ = std::env::set_current_dir("/");
     Ok(Reporter {
@@ -115,7 +81,7 @@ pub fn daemonize() -> io::Result<Reporter> {
     })
 }
 
-fn wait_for_child(mut pipe: File, pid: libc::pid_t) -> ! {
+fn wait_for_child(mut pipe: File, pid: u32) -> ! {
     let mut buf = Vec::new();
     let _ = pipe.read_to_end(&mut buf);
     match buf.split_first() {
@@ -124,10 +90,8 @@ fn wait_for_child(mut pipe: File, pid: libc::pid_t) -> ! {
             eprintln!("{}", String::from_utf8_lossy(msg));
         }
         None => {
-            let mut status = 0;
-            // SAFETY: reaps our own child; `status` is written on success.
-            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-            if rc == pid && libc::WIFSIGNALED(status) {
+            let status = rovl::sys::waitpid(pid);
+            if let Some(status) = status.ok().filter(|&s| libc::WIFSIGNALED(s)) {
                 eprintln!(
                     "rovl: daemon killed by signal {} before the mount was ready",
                     libc::WTERMSIG(status)

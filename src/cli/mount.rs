@@ -3,9 +3,9 @@
 
 use super::args::Common;
 use super::daemon::{self, Reporter};
-use super::umount::umount2;
 use super::{init_logger, open_log_file, CmdResult};
 use rovl::options::{self, MountConfig};
+use rovl::sys::{umount2, SigSet};
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -68,31 +68,19 @@ pub fn mount_cmd(mut common: Common, opts: &[String], mut args: Vec<OsString>) -
 /// The failure was already sent to the reporter.
 struct Reported;
 
-fn signal_set() -> libc::sigset_t {
-    // SAFETY: sigemptyset initializes the set; sigaddset only edits it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
-            libc::sigaddset(&mut set, sig);
-        }
-        set
-    }
+fn signal_set() -> SigSet {
+    SigSet::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1])
 }
 
 /// Mounts and serves until unmounted. Runs in the daemon (or the foreground process).
 fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), Reported> {
     // Requests carry the caller's final modes; our own umask must not alter them.
-    // SAFETY: umask has no preconditions.
-    unsafe { libc::umask(0) };
+    rovl::sys::set_umask(0);
 
     // Blocked before any thread starts, so every thread inherits the mask and
     // only the signal thread (sigwait) receives them.
     let set = signal_set();
-    // SAFETY: `set` is initialized; the old mask is not needed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        let e = io::Error::from_raw_os_error(rc);
+    if let Err(e) = set.block() {
         reporter.failed(&format!("rovl: cannot block signals: {e}"));
         return Err(Reported);
     }
@@ -189,18 +177,16 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
 /// Waits for SIGTERM/SIGINT/SIGHUP and unmounts (`session.run()` then
 /// returns); SIGUSR1 writes the counters for `rovl stats`.
 fn signal_loop(
-    set: libc::sigset_t,
+    set: SigSet,
     mut unmounter: rovl::session::Unmounter,
     mountpoint: &Path,
     stats: impl Fn() -> rovl::stats::Snapshot,
 ) {
     let mut signalled = false;
     loop {
-        let mut sig = 0;
-        // SAFETY: `set` is initialized and `sig` is written on success.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+        let Ok(sig) = set.wait() else {
             continue;
-        }
+        };
         if sig == libc::SIGUSR1 {
             write_stats(mountpoint, &stats());
             continue;

@@ -60,13 +60,8 @@ pub fn stats_cmd(mountpoint: &Path, json: bool) -> CmdResult {
     }
     let path = registry::stats_path(&m.dev);
     let _ = std::fs::remove_file(&path);
-    // SAFETY: kill has no memory-safety preconditions.
-    if unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGUSR1) } != 0 {
-        return Err(say(&format!(
-            "cannot ask daemon {}: {}",
-            rec.pid,
-            std::io::Error::last_os_error()
-        )));
+    if let Err(e) = rovl::sys::kill(rec.pid, libc::SIGUSR1) {
+        return Err(say(&format!("cannot ask daemon {}: {e}", rec.pid)));
     }
     let start = Instant::now();
     let text = loop {

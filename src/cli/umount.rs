@@ -2,24 +2,9 @@
 //! does, `fusermount3 -u` for users, a hint when busy.
 
 use super::CmdResult;
-use std::ffi::CString;
+use rovl::sys::umount2;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-pub fn umount2(p: &Path, flags: libc::c_int) -> io::Result<()> {
-    let c = cpath(p)?;
-    // SAFETY: valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
 
 pub fn umount_cmd(mountpoint: &Path, lazy: bool) -> CmdResult {
     let cwd =
