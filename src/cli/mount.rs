@@ -163,8 +163,14 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
     }
     drop(workdir);
     match result {
+        // The kernel may end the connection with ECONNABORTED rather than
+        // ENODEV as the mount goes (fuser only treats ENODEV as the end).
         Ok(()) => {
             log::info!("unmounted {}", cfg.mountpoint.display());
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            log::info!("unmounted {} (connection ended)", cfg.mountpoint.display());
             Ok(())
         }
         Err(e) => {
