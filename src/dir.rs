@@ -46,10 +46,6 @@ impl Overlay {
         let parent = self.node(parent_id)?;
         let cname = Self::check_name(name)?;
         Self::check_new_name(&cname)?;
-        let who = Caller {
-            uid: self.cfg.ids.uid.disk(who.uid),
-            gid: self.cfg.ids.gid.disk(who.gid),
-        };
         if self.find(&parent, &cname)?.is_some() {
             return Err(sys::err(libc::EEXIST));
         }
@@ -81,12 +77,7 @@ impl Overlay {
             Err(e) => return Err(e),
         };
         let pst = sys::fstat(ufd.as_fd())?;
-        // New objects belong to the caller; a setgid parent gives its group.
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            pst.st_gid
-        } else {
-            who.gid
-        };
+        let (uid, gid) = self.new_owner(&pst, who);
         let is_dir = matches!(obj, NewObj::Dir);
         // A setgid parent passes the bit on to new dirs (built in the workdir
         // over a whiteout, they would not inherit it from the upper fs).
@@ -99,7 +90,7 @@ impl Overlay {
             // Build in the workdir, then swap with the whiteout atomically.
             let work = self.work_fd()?;
             let tmp = self.tmp_name();
-            let built = self.make_obj(work, &tmp, mode, &obj, who.uid, gid);
+            let built = self.make_obj(work, &tmp, mode, &obj, uid, gid);
             let file = match built {
                 Ok(f) => f,
                 Err(e) => {
@@ -122,7 +113,7 @@ impl Overlay {
             let _ = sys::unlinkat(work, &tmp, 0);
             file
         } else {
-            let f = self.make_obj(ufd.as_fd(), &cname, mode, &obj, who.uid, gid)?;
+            let f = self.make_obj(ufd.as_fd(), &cname, mode, &obj, uid, gid)?;
             // As the kernel when offline changes to the layers are not
             // allowed (redirect_dir=on): a new dir in a merged dir is opaque,
             // which spares later lookups the lower layers.
@@ -138,7 +129,7 @@ impl Overlay {
         } else if self.override_name().is_some() && !matches!(obj, NewObj::Symlink { .. }) {
             // The owner and mode the caller asked for, as fuse-overlayfs keeps them.
             let fd = sys::openat(ufd.as_fd(), &cname, libc::O_PATH, 0)?;
-            self.set_override(fd.as_fd(), Some(who.uid), Some(gid), Some(mode))?;
+            self.set_override(fd.as_fd(), Some(uid), Some(gid), Some(mode))?;
         }
         let st = sys::fstatat(ufd.as_fd(), &cname)?;
         let found = Found {
@@ -151,6 +142,10 @@ impl Overlay {
         };
         let node = match obj {
             NewObj::Link { src } => {
+                // A named tmpfile is reached by its name from now on.
+                if src.alias().is_none() {
+                    src.set_held(None);
+                }
                 let key = src.state.read().key.clone();
                 self.table.lookup(
                     key,
@@ -165,6 +160,63 @@ impl Overlay {
             _ => self.instantiate(&parent, name, found).0,
         };
         Ok((node, st, file))
+    }
+
+    /// An O_TMPFILE file (the kernel's `ovl_tmpfile`): made anonymous in the
+    /// parent's upper dir, copied up first, and held by its node (see
+    /// `Inode::held`) until `link` names it or the kernel forgets it.
+    pub fn create_tmpfile(
+        &self,
+        parent_id: u64,
+        mode: u32,
+        flags: i32,
+        who: Caller,
+    ) -> io::Result<(Counted<'_>, Stat, OwnedFd)> {
+        self.check_writable()?;
+        let parent = self.node(parent_id)?;
+        if !parent.is_dir() {
+            return Err(sys::err(libc::ENOTDIR));
+        }
+        self.copy_up(&parent)?;
+        let ufd = self.dir_fd(&parent, UPPER)?;
+        let (uid, gid) = self.new_owner(&sys::fstat(ufd.as_fd())?, who);
+        let perm = mode & 0o7777;
+        // Never O_EXCL here: the kernel refuses to link the caller's
+        // O_EXCL tmpfile itself, and ours must stay linkable for `link`.
+        let fl = (flags & !(libc::O_TRUNC | libc::O_APPEND | libc::O_DIRECT | libc::O_EXCL))
+            | libc::O_TMPFILE;
+        let file = sys::openat(ufd.as_fd(), c".", fl, perm)?;
+        sys::fchown_any(file.as_fd(), uid, gid)?;
+        if perm & 0o6000 != 0 {
+            // chown cleared setuid/setgid: put them back.
+            sys::fchmod_any(file.as_fd(), perm)?;
+        }
+        if self.override_name().is_some() {
+            self.set_override(file.as_fd(), Some(uid), Some(gid), Some(mode))?;
+        }
+        let st = sys::fstat(file.as_fd())?;
+        let held = sys::reopen(file.as_fd(), libc::O_PATH)?;
+        let dev = self.layers.get(UPPER).dev;
+        let node = self.table.unnamed(
+            crate::inode::Key::Real(dev, st.st_ino),
+            libc::S_IFREG,
+            vec![UPPER],
+            self.xino(st.st_ino, st.st_dev),
+        );
+        node.set_held(Some(held));
+        Ok((Counted::new(self, node), st, file))
+    }
+
+    /// The owner on disk of a new object in an upper dir (`pst`): the
+    /// caller's, with the group of a setgid dir.
+    fn new_owner(&self, pst: &Stat, who: Caller) -> (u32, u32) {
+        let uid = self.cfg.ids.uid.disk(who.uid);
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            self.cfg.ids.gid.disk(who.gid)
+        };
+        (uid, gid)
     }
 
     /// Makes one object at `dir/name`, owned by `uid:gid`.
@@ -191,8 +243,12 @@ impl Overlay {
             NewObj::Node { rdev } => sys::mknodat(dir, name, mode, *rdev)?,
             NewObj::Symlink { target } => sys::symlinkat(target, dir, name)?,
             NewObj::Link { src } => {
-                let (sdir, sname) = self.entry_in(src, UPPER)?;
-                sys::linkat(sdir.as_fd(), &sname, dir, name)?;
+                match self.entry_in(src, UPPER) {
+                    Ok((sdir, sname)) => sys::linkat(sdir.as_fd(), &sname, dir, name)?,
+                    // No name: an O_TMPFILE file's first (the kernel lets
+                    // only those through with no links).
+                    Err(e) => sys::link_fd(src.held().ok_or(e)?.as_fd(), dir, name)?,
+                }
                 return Ok(None);
             }
         }
@@ -318,7 +374,7 @@ impl Overlay {
         node.remove_alias(parent, &name.to_os_string());
         if node.state.read().aliases.is_empty() {
             if let Some(fd) = held {
-                node.set_held(fd);
+                node.set_held(Some(fd));
             }
             // The upper inode may be freed and reused by a new file, which
             // must not inherit this one's number.

@@ -220,6 +220,40 @@ impl OverlayFs {
         }
     }
 
+    /// The reply to create and tmpfile: entry, attributes and an open file.
+    fn reply_created(
+        &self,
+        reply: ReplyCreate,
+        node: Counted<'_>,
+        st: &Stat,
+        fd: OwnedFd,
+        flags: i32,
+    ) {
+        let fh = self.ovl.new_handle(&node, fd, flags, &self.files);
+        // One TTL covers entry and attributes here.
+        let (attr, ttl) = self.entry_attr(&node, st);
+        match self.passthrough(fh, |fd| reply.open_backing(fd)) {
+            Passthrough::Backing(b) => {
+                reply.created_passthrough(
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_NOFLUSH,
+                    &b,
+                );
+                node.keep();
+            }
+            Passthrough::Cached => {
+                reply.created(&ttl, &attr, Generation(0), FileHandle(fh), CACHED_OPEN);
+                node.keep();
+            }
+            // A new file has no lower backing; the entry's count goes as
+            // `node` drops.
+            Passthrough::Stale(e) => reply.error(errno(e)),
+        }
+    }
+
     fn make(
         &self,
         req: &Request,
@@ -814,32 +848,26 @@ impl fuser::Filesystem for OverlayFs {
             caller(req),
         );
         match r {
-            Ok((node, st, Some(fd))) => {
-                let fh = self.ovl.new_handle(&node, fd, flags, &self.files);
-                // One TTL covers entry and attributes here.
-                let (attr, ttl) = self.entry_attr(&node, &st);
-                match self.passthrough(fh, |fd| reply.open_backing(fd)) {
-                    Passthrough::Backing(b) => {
-                        reply.created_passthrough(
-                            &ttl,
-                            &attr,
-                            Generation(0),
-                            FileHandle(fh),
-                            FopenFlags::FOPEN_NOFLUSH,
-                            &b,
-                        );
-                        node.keep();
-                    }
-                    Passthrough::Cached => {
-                        reply.created(&ttl, &attr, Generation(0), FileHandle(fh), CACHED_OPEN);
-                        node.keep();
-                    }
-                    // A new file has no lower backing; the entry's count
-                    // goes as `node` drops.
-                    Passthrough::Stale(e) => reply.error(errno(e)),
-                }
-            }
+            Ok((node, st, Some(fd))) => self.reply_created(reply, node, &st, fd, flags),
             Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        _kill_suid_gid: bool,
+        reply: ReplyCreate,
+    ) {
+        let _r = request::Scope::enter(Op::Tmpfile, req.pid(), parent.0);
+        let mode = self.masked(parent, mode, umask);
+        match self.ovl.create_tmpfile(parent.0, mode, flags, caller(req)) {
+            Ok((node, st, fd)) => self.reply_created(reply, node, &st, fd, flags),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -333,8 +333,10 @@ impl Inode {
         self.state.read().extra.as_ref()?.held.clone()
     }
 
-    pub fn set_held(&self, fd: std::os::fd::OwnedFd) {
-        self.state.write().extra_mut().held = Some(Arc::new(fd));
+    pub fn set_held(&self, fd: Option<std::os::fd::OwnedFd>) {
+        let mut st = self.state.write();
+        st.extra_mut().held = fd.map(Arc::new);
+        st.trim();
     }
 
     pub fn set_lowerdata(&self, fd: Option<Arc<std::os::fd::OwnedFd>>) {
@@ -468,8 +470,21 @@ impl InodeTable {
         parent: &Arc<Inode>,
         name: &OsString,
     ) -> Arc<Inode> {
+        let node = self.keyed(key, kind, layers, ino);
+        if node.nodeid != ROOT {
+            node.add_alias(parent, name);
+        }
+        node
+    }
+
+    /// A node with no name yet (an O_TMPFILE file), counted once.
+    pub fn unnamed(&self, key: Key, kind: u32, layers: Vec<LayerIdx>, ino: u64) -> Arc<Inode> {
+        self.keyed(key, kind, layers, ino)
+    }
+
+    fn keyed(&self, key: Key, kind: u32, layers: Vec<LayerIdx>, ino: u64) -> Arc<Inode> {
         // The key's shard lock orders us against forget() dropping the node.
-        let node = match self.keys.entry(key.clone()) {
+        match self.keys.entry(key.clone()) {
             Entry::Occupied(e) => {
                 let id = *e.get();
                 match self.nodes.get(&id).map(|n| n.clone()) {
@@ -493,11 +508,7 @@ impl InodeTable {
                 e.insert(n.nodeid);
                 n
             }
-        };
-        if node.nodeid != ROOT {
-            node.add_alias(parent, name);
         }
-        node
     }
 
     fn make(&self, key: Key, kind: u32, layers: Vec<LayerIdx>, ino: u64) -> Arc<Inode> {

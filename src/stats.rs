@@ -23,7 +23,7 @@ ops! {
     Readdirplus "readdirplus", Releasedir "releasedir", Fsyncdir "fsyncdir",
     Statfs "statfs", Setxattr "setxattr", Getxattr "getxattr",
     Listxattr "listxattr", Removexattr "removexattr", Access "access",
-    Create "create", Fallocate "fallocate", Lseek "lseek",
+    Create "create", Tmpfile "tmpfile", Fallocate "fallocate", Lseek "lseek",
     CopyFileRange "copy_file_range",
 }
 

@@ -249,6 +249,23 @@ pub fn linkat(
     .map(drop)
 }
 
+/// Gives the object behind `fd` the name `newdir/new`, through its /proc
+/// magic link: how an O_TMPFILE file (still linkable) gets its first name.
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, new: &CStr) -> io::Result<()> {
+    let p = proc_path(fd);
+    // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            newdir.as_raw_fd(),
+            new.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {

@@ -23,6 +23,7 @@ both_backends!(
     inode_numbers_stable_across_copy_up,
     mkdir_mode_and_nested,
     fsync_and_fdatasync,
+    o_tmpfile,
 );
 
 fn create_write_read(b: Backend) {
@@ -387,4 +388,96 @@ fn fsync_and_fdatasync(b: Backend) {
     let d = File::open(&l.merged).unwrap();
     d.sync_all().unwrap();
     assert_eq!(read_string(l.u("f")), "g");
+}
+
+/// An O_TMPFILE file: opened in a lower dir (copied up first), written,
+/// changed through its fd while it has no name, then named by linkat
+/// through /proc; an O_EXCL one cannot be named; a setgid dir gives its
+/// group; an unnamed one leaves nothing behind.
+fn o_tmpfile(b: Backend) {
+    let l = Layers::new(1);
+    mkdir(l.l(0, "d"));
+    write(l.l(0, "d/old"), "old");
+    mkdir(l.l(0, "g"));
+    lchown(l.l(0, "g"), 0, 4321);
+    chmod(l.l(0, "g"), 0o2775);
+    let m = mount(b, &l);
+    let tmpfile = |dir: &str, flags: i32| -> File {
+        let p = cstr(&l.m(dir));
+        // SAFETY: a valid path; the fd is handed to a File that owns it.
+        let fd = unsafe { libc::open(p.as_ptr(), libc::O_TMPFILE | flags, 0o640) };
+        assert!(
+            fd >= 0,
+            "{b:?}: O_TMPFILE in {dir}: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a fresh fd owned by nobody else.
+        unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    };
+    let name = |f: &File, to: &str| -> std::io::Result<()> {
+        let from = cstr(std::path::Path::new(&format!(
+            "/proc/self/fd/{}",
+            f.as_raw_fd()
+        )));
+        let to = cstr(&l.m(to));
+        // SAFETY: valid NUL-terminated paths.
+        let r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let mut f = tmpfile("d", libc::O_RDWR);
+    assert!(exists(l.u("d")), "{b:?}: the parent was copied up");
+    f.write_all(b"temporary data").unwrap();
+    f.set_len(9).unwrap();
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o604))
+        .unwrap();
+    let st = f.metadata().unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::nlink(&st), 0);
+    name(&f, "d/named").unwrap();
+    f.write_all_at(b"!", 9).unwrap();
+    drop(f);
+    let named = lstat(l.m("d/named"));
+    assert_eq!(named.st_nlink, 1);
+    assert_eq!(
+        named.st_ino,
+        std::os::unix::fs::MetadataExt::ino(&st),
+        "{b:?}: one inode"
+    );
+    assert_eq!(named.st_mode & 0o7777, 0o604);
+    assert_eq!(read_string(l.m("d/named")), "temporary!");
+    // The kernel itself refuses to name an O_EXCL tmpfile.
+    let f = tmpfile("d", libc::O_WRONLY | libc::O_EXCL);
+    assert_eq!(errno(name(&f, "d/excl")), Some(libc::ENOENT));
+    drop(f);
+    // A setgid dir gives its group, as to any new file.
+    let f = tmpfile("g", libc::O_RDWR);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&f.metadata().unwrap()),
+        4321
+    );
+    drop(f);
+    // Naming it over an existing name fails as link does.
+    let f = tmpfile("d", libc::O_RDWR);
+    assert_eq!(errno(name(&f, "d/old")), Some(libc::EEXIST));
+    drop(f);
+    drop(m);
+    let mut upper: Vec<String> = std::fs::read_dir(l.u("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    upper.sort();
+    assert_eq!(upper, ["named"], "{b:?}: only the named tmpfile is left");
+    assert_eq!(read_string(l.u("d/named")), "temporary!");
+    assert!(std::fs::read_dir(l.u("g")).unwrap().next().is_none());
 }
