@@ -84,7 +84,9 @@ impl Layers {
             options::escape_path(&self.upper.display().to_string()),
             options::escape_path(&self.work.display().to_string())
         );
-        Overlay::new(&parse(&opts)).expect("overlay over temp layers")
+        let cfg = parse(&opts);
+        let p = rovl::prepare::prepare(&cfg).expect("prepare temp layers");
+        Overlay::new(&cfg, p.layers, p.workdir.as_ref()).expect("overlay over temp layers")
     }
 }
 

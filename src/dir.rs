@@ -670,7 +670,20 @@ impl Overlay {
         dir: BorrowedFd<'_>,
         name: &CStr,
     ) -> io::Result<Option<Redirect>> {
-        let cur = node.redirect();
+        let cur = match node.redirect() {
+            // The copy an indexed hard link's names share may have one
+            // from another name: as the kernel (one inode), it stays.
+            None if !node.is_dir() && node.has_index() => {
+                match sys::getxattr_at(dir, name, self.xattr(Ox::Redirect))
+                    .ok()
+                    .and_then(|v| Redirect::parse(&v))
+                {
+                    Some(r @ Redirect::Abs(_)) => return Ok(Some(r)),
+                    r => r,
+                }
+            }
+            r => r,
+        };
         // As the kernel: a file that is a lower hard link always gets an
         // absolute redirect, since its names may live in different dirs.
         let samedir = samedir

@@ -5,7 +5,7 @@ use crate::dir::{Caller, NewObj};
 use crate::file::Handles;
 use crate::inode::Inode;
 use crate::inode_ops::SetAttr;
-use crate::options::{MountConfig, PassthroughMode};
+use crate::options::PassthroughMode;
 use crate::overlay::{Counted, Overlay};
 use crate::readdir::DirEntry;
 use crate::request;
@@ -35,14 +35,13 @@ pub struct OverlayFs {
 }
 
 impl OverlayFs {
-    /// Opens the layers named by `cfg`. Changes nothing on disk.
-    pub fn new(cfg: &MountConfig) -> io::Result<Self> {
-        Ok(OverlayFs {
-            ovl: Arc::new(Overlay::new(cfg)?),
+    pub fn new(ovl: Overlay) -> Self {
+        OverlayFs {
+            ovl: Arc::new(ovl),
             files: Handles::default(),
             dirs: DashMap::new(),
             next_dir: AtomicU64::new(1),
-        })
+        }
     }
 }
 

@@ -20,7 +20,7 @@ impl Overlay {
     /// first lower root as its origin and `W/index` records the upper root,
     /// so the index is never used with other layers. Checks come before
     /// any change.
-    pub(crate) fn open_index(&self, workdir: &Path) -> io::Result<OwnedFd> {
+    pub(crate) fn open_index(&self, workdir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         let lower_root = self.layers.get(1).root.clone();
         let upper_root = self.upper_root();
         let lower_fh = self
@@ -38,9 +38,11 @@ impl Overlay {
                  (the upper dir was used with other lower layers)",
             ));
         }
-        let index_path = workdir.join("index");
-        let wfd = sys::open_dir_path(workdir)?;
-        let open_index = || sys::openat(wfd.as_fd(), c"index", libc::O_PATH | libc::O_DIRECTORY, 0);
+        let index_path = match &self.cfg.workdir {
+            Some(w) => w.join("index"),
+            None => "index".into(),
+        };
+        let open_index = || sys::openat(workdir, c"index", libc::O_PATH | libc::O_DIRECTORY, 0);
         let existing = open_index().ok();
         if let Some(fd) = &existing {
             if sys::getxattr(fd.as_fd(), upper).is_ok_and(|u| u != upper_fh) {
@@ -59,7 +61,7 @@ impl Overlay {
         let fd = match existing {
             Some(fd) => fd,
             None => {
-                match sys::mkdirat(wfd.as_fd(), c"index", 0) {
+                match sys::mkdirat(workdir, c"index", 0) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                     Err(e) => return Err(e),

@@ -2,7 +2,7 @@
 
 use crate::sys;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,25 +25,37 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Opens a layer root. A lower layer is taken as a private clone of its
-    /// mount, so mounts inside it (the overlay's own mountpoint among them)
-    /// are never crossed; the upper layer must share its mount with the
-    /// workdir for renames, so it is opened as it is.
-    pub fn open(path: &Path, lower: bool, idmapped_mounts: &[u64]) -> io::Result<Layer> {
-        let root = if lower {
-            match sys::open_tree_clone(path) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    log::debug!("open_tree({}): {e}; using the path", path.display());
-                    sys::open_dir_path(path)?
-                }
+    /// Opens a lower layer root as a private clone of its mount, so mounts
+    /// inside it (the overlay's own mountpoint among them) are never crossed.
+    pub fn open_lower(path: &Path, idmapped_mounts: &[u64]) -> io::Result<Layer> {
+        let root = match sys::open_tree_clone(path) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::debug!("open_tree({}): {e}; using the path", path.display());
+                sys::open_dir_path(path)?
             }
-        } else {
-            sys::open_dir_path(path)?
         };
+        Self::with_root(root, sys::open_dir_path(path)?, path, idmapped_mounts)
+    }
+
+    /// The upper layer, from the root the workdir preparation opened (and
+    /// locked): it must share its mount with the workdir for renames, so
+    /// it is used as it is.
+    pub fn upper(root: BorrowedFd<'_>, path: &Path, idmapped_mounts: &[u64]) -> io::Result<Layer> {
+        let root = root.try_clone_to_owned()?;
+        let attached = root.try_clone()?;
+        Self::with_root(root, attached, path, idmapped_mounts)
+    }
+
+    /// `attached`: the root on the mount it is attached to (the caller's).
+    fn with_root(
+        root: OwnedFd,
+        attached: OwnedFd,
+        path: &Path,
+        idmapped_mounts: &[u64],
+    ) -> io::Result<Layer> {
         let st = sys::fstat(root.as_fd())?;
         let uuid = sys::fs_uuid(root.as_fd()).unwrap_or([0; 16]);
-        let attached = sys::open_dir_path(path)?;
         let idmapped =
             sys::mount_id(attached.as_fd()).is_ok_and(|id| idmapped_mounts.contains(&id));
         // open_by_handle_at takes no O_PATH fd.

@@ -20,6 +20,7 @@ pub mod mountinfo;
 pub mod options;
 pub mod overlay;
 pub mod override_stat;
+pub mod prepare;
 pub mod readdir;
 pub mod registry;
 pub mod request;

@@ -2,9 +2,10 @@
 //! operation shares: resolving a node to real fds, and building attributes.
 
 use crate::inode::{Inode, InodeTable, Key, Redirect, ROOT};
-use crate::layer::{Layer, LayerIdx, Layers, UPPER};
+use crate::layer::{LayerIdx, Layers, UPPER};
 use crate::options::MountConfig;
 use crate::sys::{self, Stat};
+use crate::workdir::WorkDir;
 use dashmap::DashMap;
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -255,25 +256,17 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    pub fn new(cfg: &MountConfig) -> io::Result<Overlay> {
-        let mut all = Vec::new();
-        // Read once: a layer on an idmapped mount already shows mapped ids.
-        let idmapped = crate::mountinfo::idmapped_ids();
-        let has_upper = cfg.upperdir.is_some();
-        if let Some(u) = &cfg.upperdir {
-            all.push(Layer::open(u, false, &idmapped)?);
-        }
-        for l in &cfg.lowerdirs {
-            all.push(Layer::open(l, true, &idmapped)?);
-        }
-        if all.len() > u16::MAX as usize {
-            return Err(sys::err(libc::EINVAL));
-        }
-        let work = match &cfg.workdir {
-            Some(w) if has_upper => Some(sys::open_subdir(w, c"work")?),
-            _ => None,
+    /// The overlay over prepared layers (see [`crate::prepare`]); it keeps
+    /// its own fd of `W/work`, and opens `W/index` in `workdir`.
+    pub fn new(
+        cfg: &MountConfig,
+        layers: Layers,
+        workdir: Option<&WorkDir>,
+    ) -> io::Result<Overlay> {
+        let work = match workdir {
+            Some(w) => Some(w.work_fd().try_clone_to_owned()?),
+            None => None,
         };
-        let layers = Layers { all, has_upper };
         let root_layers: Vec<LayerIdx> = layers.indices().collect();
         // Cached dir fds must stay well inside the fd limit.
         let fds = sys::raise_fd_limit();
@@ -315,13 +308,15 @@ impl Overlay {
         if let (Some(root), Some(st)) = (ovl.table.get(ROOT), root_st) {
             root.set_ino(ovl.xino(st.st_ino, st.st_dev));
         }
-        if let (true, true, Some(w)) = (cfg.index, has_upper, &cfg.workdir) {
+        if let (true, Some(w)) = (cfg.index, workdir) {
             // A read-only mount reads the index as it is: lower names of
             // an indexed hard link still show its copy.
             ovl.index = if cfg.read_only {
-                sys::open_subdir(w, c"index").ok().map(Arc::new)
+                sys::openat(w.base_fd(), c"index", libc::O_PATH | libc::O_DIRECTORY, 0)
+                    .ok()
+                    .map(Arc::new)
             } else {
-                Some(Arc::new(ovl.open_index(w)?))
+                Some(Arc::new(ovl.open_index(w.base_fd())?))
             };
         }
         Ok(ovl)

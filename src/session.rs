@@ -2,8 +2,11 @@
 //! runs the multi-threaded FUSE session.
 
 use crate::fs::OverlayFs;
+use crate::layer::Layers;
 use crate::options::MountConfig;
+use crate::overlay::Overlay;
 use crate::sys;
+use crate::workdir::WorkDir;
 use fuser::SessionACL;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -123,12 +126,12 @@ fn mount_flags(cfg: &MountConfig, read_only: bool) -> libc::c_ulong {
     flags
 }
 
-/// Mounts `cfg` at `cfg.mountpoint` and completes the FUSE handshake.
-/// `workdir` must already be prepared (see [`crate::workdir`]).
-pub fn mount(cfg: &MountConfig) -> io::Result<Mounted> {
+/// Mounts `cfg` at `cfg.mountpoint` over the layers and workdir
+/// [`crate::prepare`] opened, and completes the FUSE handshake.
+pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> io::Result<Mounted> {
     // Modes of new files come from the request, never from our umask.
     sys::set_umask(0);
-    let fs = OverlayFs::new(cfg)?;
+    let fs = OverlayFs::new(Overlay::new(cfg, layers, workdir)?);
     let ovl = fs.ovl.clone();
     let read_only = ovl.read_only();
     // Written before the mount is visible, as the kernel does: nothing

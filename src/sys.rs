@@ -59,17 +59,6 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Re
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `dir/name` as an O_PATH dir fd; `name` is opened with O_NOFOLLOW, so a
-/// symlink planted there is not followed.
-pub fn open_subdir(dir: &std::path::Path, name: &CStr) -> io::Result<OwnedFd> {
-    openat(
-        open_dir_path(dir)?.as_fd(),
-        name,
-        libc::O_PATH | libc::O_DIRECTORY,
-        0,
-    )
-}
-
 /// Opens `path` (mount time only: layer roots and the workdir, whose
 /// symlinks are followed as the kernel's option parsing does).
 pub fn open_path(path: &std::path::Path, flags: i32) -> io::Result<OwnedFd> {

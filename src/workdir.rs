@@ -21,8 +21,8 @@ pub struct WorkDir {
     work: OwnedFd,
     /// W itself; holds the workdir lock.
     base: OwnedFd,
-    /// Holds the upperdir lock.
-    _upper: OwnedFd,
+    /// The upper dir's root; holds the upperdir lock.
+    upper: OwnedFd,
     /// `W/work` did not exist before: a failed mount removes it again.
     created: bool,
 }
@@ -36,6 +36,11 @@ impl WorkDir {
     /// The workdir W itself (the kernel also keeps `W/index` here).
     pub fn base_fd(&self) -> BorrowedFd<'_> {
         self.base.as_fd()
+    }
+
+    /// The upper layer's root, opened (and locked) with the workdir.
+    pub fn upper_fd(&self) -> BorrowedFd<'_> {
+        self.upper.as_fd()
     }
 
     /// Undoes what preparing made, for a mount that failed: a `W/work`
@@ -223,7 +228,7 @@ pub fn prepare(workdir: &Path, upperdir: &Path) -> io::Result<WorkDir> {
     Ok(WorkDir {
         work,
         base,
-        _upper: upper,
+        upper,
         created,
     })
 }

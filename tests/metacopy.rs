@@ -11,6 +11,7 @@ both_backends!(
     write_copies_the_data,
     renamed_metacopy_keeps_its_data,
     metacopy_survives_remount,
+    indexed_hard_link_keeps_first_redirect,
 );
 
 const OPTS: &str = "metacopy=on";
@@ -112,4 +113,31 @@ fn metacopy_survives_remount(b: Backend) {
     assert_eq!(getxattr(l.u("moved"), METACOPY), None);
     assert_eq!(read_string(l.m("moved")), "xyz");
     assert_eq!(read_string(l.l(0, "d/f")), "abc");
+}
+
+/// With index=on the names of a lower hard link share one copy, and so
+/// one redirect: the first rename sets it (the path of that name), and a
+/// later rename of another name keeps it, as the kernel's one inode does.
+fn indexed_hard_link_keeps_first_redirect(b: Backend) {
+    let l = Layers::new(1);
+    mkdir(l.l(0, "a"));
+    mkdir(l.l(0, "d"));
+    mkdir(l.l(0, "e"));
+    write(l.l(0, "a/a"), data(5000));
+    std::fs::hard_link(l.l(0, "a/a"), l.l(0, "d/b")).unwrap();
+    let _m = mount_opts(b, &l, "redirect_dir=on,index=on,metacopy=on");
+    // d/b is copied up (and known) before another name sets the redirect.
+    chmod(l.m("d/b"), 0o600);
+    std::fs::rename(l.m("a/a"), l.m("e/x")).unwrap();
+    assert_eq!(
+        getxattr(l.u("e/x"), "trusted.overlay.redirect"),
+        Some(b"/a/a".to_vec())
+    );
+    std::fs::rename(l.m("d/b"), l.m("e/y")).unwrap();
+    assert_eq!(
+        getxattr(l.u("e/y"), "trusted.overlay.redirect"),
+        Some(b"/a/a".to_vec()),
+        "{b:?}"
+    );
+    assert_eq!(read(l.m("e/y")), data(5000));
 }

@@ -85,16 +85,14 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
         return Err(Reported);
     }
 
-    // Held until exit: keeps other mounts off this upper/workdir.
-    let workdir = match (&cfg.upperdir, &cfg.workdir) {
-        (Some(upper), Some(work)) => match rovl::workdir::prepare(work, upper) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                reporter.failed(&format!("rovl: {e}"));
-                return Err(Reported);
-            }
-        },
-        _ => None,
+    // Every dir the options name, opened once. The workdir is held until
+    // exit: it keeps other mounts off this upper/workdir.
+    let rovl::prepare::Prepared { layers, workdir } = match rovl::prepare::prepare(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            reporter.failed(&format!("rovl: {e}"));
+            return Err(Reported);
+        }
     };
     if let (Some(w), true) = (&workdir, cfg.volatile) {
         if let Err(e) = w.mark_volatile() {
@@ -111,7 +109,7 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
     }
     let cfg = &cfg;
 
-    let session = match rovl::session::mount(cfg) {
+    let session = match rovl::session::mount(cfg, layers, workdir.as_ref()) {
         Ok(s) => s,
         // Unmounted (by umount or a signal) between mount(2) and the
         // kernel's INIT: the mount's life ended as any unmount ends it.

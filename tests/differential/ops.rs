@@ -126,6 +126,14 @@ pub enum Op {
     Readdir {
         path: String,
     },
+    /// open(dir, O_TMPFILE), write, and maybe name it by linkat.
+    Tmpfile {
+        dir: String,
+        to: Option<String>,
+        len: usize,
+        fill: u8,
+        excl: bool,
+    },
 }
 
 /// Filesystem-set times ("now") compare equal to each other; times we set
@@ -550,7 +558,7 @@ impl OpGen {
     fn random_op(&mut self, live: &[(String, char)], oracle: Option<&Path>) -> Op {
         let r = &mut self.rng;
         let which = r.weighted(&[
-            12, 5, 5, 8, 7, 6, 5, 12, 4, 4, 3, 2, 1, 5, 4, 4, 5, 3, 3, 3, 6, 6,
+            12, 5, 5, 8, 7, 6, 5, 12, 4, 4, 3, 2, 1, 5, 4, 4, 5, 3, 3, 3, 6, 6, 2,
         ]);
         match which {
             0 => {
@@ -697,6 +705,18 @@ impl OpGen {
                 path: self.path(live, 1, &[]),
                 follow: self.rng.chance(1, 3),
             },
+            22 => {
+                let dir = self.existing(live, &['d']);
+                let to = self.rng.chance(3, 4).then(|| self.fresh_in(&dir));
+                let r = &mut self.rng;
+                Op::Tmpfile {
+                    dir,
+                    to,
+                    len: r.below(3000) as usize,
+                    fill: r.below(256) as u8,
+                    excl: r.chance(1, 6),
+                }
+            }
             _ => Op::Readdir {
                 path: self.path(live, 0, &['d']),
             },
@@ -1230,6 +1250,24 @@ pub fn apply(op: &Op, root: &Path) -> Outcome {
             st("stat", r).map(|s| Value::Stat(norm_stat(&s)))
         }
         Op::Readdir { path } => st("readdir", sys::readdir(&p(path))).map(Value::Names),
+        Op::Tmpfile {
+            dir,
+            to,
+            len,
+            fill,
+            excl,
+        } => {
+            let excl = if *excl { libc::O_EXCL } else { 0 };
+            let fd = st(
+                "open",
+                sys::open(&p(dir), libc::O_TMPFILE | libc::O_RDWR | excl, 0o640),
+            )?;
+            st("write", fd.write(&vec![*fill; *len]))?;
+            if let Some(to) = to {
+                st("linkat", sys::link_fd(&fd, &p(to)))?;
+            }
+            st("close", fd.close()).map(|_| Value::Unit)
+        }
     }
 }
 
@@ -1265,6 +1303,7 @@ fn op_paths(op: &Op) -> Vec<&str> {
         | Op::ListXattr { path }
         | Op::Stat { path, .. }
         | Op::Readdir { path } => vec![path],
+        Op::Tmpfile { dir, .. } => vec![dir],
     }
 }
 

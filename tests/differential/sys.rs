@@ -195,6 +195,22 @@ pub fn link(from: &Path, to: &Path) -> Sys<()> {
     check(unsafe { libc::link(f.as_ptr(), t.as_ptr()) })
 }
 
+/// Names an fd's file (an O_TMPFILE one) by linkat through /proc.
+pub fn link_fd(fd: &Fd, to: &Path) -> Sys<()> {
+    let from = CString::new(format!("/proc/self/fd/{}", fd.0)).expect("no NUL");
+    let t = cpath(to);
+    // SAFETY: valid C strings.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+}
+
 pub fn symlink(target: &[u8], p: &Path) -> Sys<()> {
     let t = CString::new(target).expect("target without NUL");
     let c = cpath(p);
