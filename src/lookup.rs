@@ -42,6 +42,27 @@ pub struct Walked {
     pub stop: bool,
 }
 
+/// A lookup's walk down the layers (the kernel's `ovl_lookup_data`).
+struct LookupState {
+    /// What to find in the next layer.
+    target: Target,
+    /// The layers to search, top-down, and the next one's position.
+    layers: Vec<LayerIdx>,
+    next: usize,
+    /// What the parent's listing says of the target name (for that name).
+    holders: Option<(CString, crate::overlay::Holders)>,
+    /// What was found so far.
+    found: Option<Found>,
+}
+
+#[derive(PartialEq, Eq)]
+enum Step {
+    /// Go on to the next layer.
+    Next,
+    /// The lookup is complete.
+    Done,
+}
+
 /// Where the next layers are searched.
 enum Target {
     /// This name in the parent's directory of each layer.
@@ -59,88 +80,88 @@ impl Overlay {
     /// the kernel's `ovl_lookup`, a directory's redirect xattr moves the
     /// search in the layers below it.
     pub fn find(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<Option<Found>> {
-        let mut layers = parent.layers();
-        let mut target = Target::Name(name.to_owned());
-        // What the dir's listing says of the name being looked for.
-        let mut holders: Option<(CString, crate::overlay::Holders)> = None;
-        let mut found: Option<Found> = None;
-        let mut k = 0;
-        while k < layers.len() {
-            let l = layers[k];
-            k += 1;
-            // An opaque dir on an absolute redirect's way: this layer is the last.
-            let mut stop_here = false;
-            // As the kernel: with redirect_dir=on an upper dir's redirect is
-            // read even in a parent without lower layers (an absolute one
-            // reaches every lower layer); otherwise only where layers remain.
-            let last = if self.layers.is_upper(l) && self.cfg.redirect_dir == RedirectDir::On {
-                self.layers.all.len() == 1
-            } else {
-                k == layers.len()
-            };
-            let (dfd, cname) = match &target {
-                Target::Name(n)
-                    if !{
-                        if holders.as_ref().is_none_or(|(k, _)| k != n) {
-                            holders = Some((n.clone(), self.holders(parent, &layers, n)));
-                        }
-                        holders
-                            .as_mut()
-                            .is_some_and(|(_, h)| self.may_hold(h, parent, l, n))
-                    } =>
-                {
-                    continue
+        let mut s = LookupState {
+            target: Target::Name(name.to_owned()),
+            layers: parent.layers(),
+            next: 0,
+            holders: None,
+            found: None,
+        };
+        while let Some(l) = s.layers.get(s.next).copied() {
+            s.next += 1;
+            if self.lookup_layer(parent, &mut s, l)? == Step::Done {
+                break;
+            }
+        }
+        Ok(s.found)
+    }
+
+    /// One layer of a lookup (the kernel's `ovl_lookup_layer` and the body
+    /// of `ovl_lookup`'s loop): finds the target in layer `l`, merges what
+    /// is there into `s.found`, and follows an opaque mark or a redirect.
+    fn lookup_layer(
+        &self,
+        parent: &Arc<Inode>,
+        s: &mut LookupState,
+        l: LayerIdx,
+    ) -> io::Result<Step> {
+        use Step::{Done, Next};
+        // As the kernel: with redirect_dir=on an upper dir's redirect is
+        // read even in a parent without lower layers (an absolute one
+        // reaches every lower layer); otherwise only where layers remain.
+        let last = if self.layers.is_upper(l) && self.cfg.redirect_dir == RedirectDir::On {
+            self.layers.all.len() == 1
+        } else {
+            s.next == s.layers.len()
+        };
+        // `stop`: an opaque dir on an absolute redirect's way makes this
+        // layer the last.
+        if !self.listed_in(parent, s, l) {
+            return Ok(Next);
+        }
+        let (dfd, cname, stop) = match &s.target {
+            Target::Name(n) => match self.dir_fd(parent, l) {
+                Ok(fd) => (fd, n.clone(), false),
+                Err(e) if missing(&e) => return Ok(Next),
+                Err(e) => return Err(e),
+            },
+            Target::Path(p) => match self.walk_path(l, p) {
+                Ok(Walked { at: Some((fd, n)), stop }) => (fd, n, stop),
+                Ok(Walked { at: None, stop }) => return Ok(if stop { Done } else { Next }),
+                Err(e) if missing(&e) => return Ok(Next),
+                Err(e) => return Err(e),
+            },
+        };
+        let st = match self.probe(dfd.as_fd(), &cname, l)? {
+            Entry::Missing => return Ok(if stop { Done } else { Next }),
+            Entry::Whiteout => return Ok(Done),
+            Entry::Present(st) => st,
+        };
+        let is_dir = sys::is_dir(st.st_mode);
+        match &mut s.found {
+            Some(f) if f.metacopy => {
+                // The data of a metadata-only copy: the first file below.
+                if sys::mode_type(st.st_mode) == libc::S_IFREG {
+                    f.lowerdata = sys::openat(dfd.as_fd(), &cname, libc::O_PATH, 0)
+                        .ok()
+                        .map(Arc::new);
                 }
-                Target::Name(n) => match self.dir_fd(parent, l) {
-                    Ok(fd) => (fd, n.clone()),
-                    Err(e) if missing(&e) => continue,
-                    Err(e) => return Err(e),
-                },
-                Target::Path(p) => {
-                    let w = match self.walk_path(l, p) {
-                        Ok(w) => w,
-                        Err(e) if missing(&e) => continue,
-                        Err(e) => return Err(e),
-                    };
-                    stop_here = w.stop;
-                    match w.at {
-                        Some(at) => at,
-                        None if w.stop => break,
-                        None => continue,
-                    }
-                }
-            };
-            let st = match self.probe(dfd.as_fd(), &cname, l)? {
-                Entry::Missing if stop_here => break,
-                Entry::Missing => continue,
-                Entry::Whiteout => break,
-                Entry::Present(st) => st,
-            };
-            let is_dir = sys::is_dir(st.st_mode);
-            if let Some(f) = &mut found {
-                if f.metacopy {
-                    // The data of a metadata-only copy: the first file below.
-                    if sys::mode_type(st.st_mode) == libc::S_IFREG {
-                        f.lowerdata = sys::openat(dfd.as_fd(), &cname, libc::O_PATH, 0)
-                            .ok()
-                            .map(Arc::new);
-                    }
-                    break;
-                }
-                // A non-directory below a directory ends the merge.
-                if !is_dir {
-                    break;
-                }
+                return Ok(Done);
+            }
+            // A non-directory below a directory ends the merge.
+            Some(_) if !is_dir => return Ok(Done),
+            Some(f) => {
                 if f.layers.len() == 1 {
                     f.lower_ino = Some(self.xino(st.st_ino, st.st_dev));
                 }
                 f.layers.push(l);
-            } else {
+            }
+            None => {
                 let metacopy = self.cfg.metacopy
                     && self.layers.is_upper(l)
                     && sys::mode_type(st.st_mode) == libc::S_IFREG
                     && sys::getxattr_at(dfd.as_fd(), &cname, self.xattr(Ox::Metacopy)).is_ok();
-                found = Some(Found {
+                s.found = Some(Found {
                     st,
                     layers: vec![l],
                     redirect: None,
@@ -149,37 +170,46 @@ impl Overlay {
                     metacopy,
                 });
                 if !is_dir && !metacopy {
-                    break;
+                    return Ok(Done);
                 }
-            }
-            if last {
-                break;
-            }
-            let marks = self.dir_marks(dfd.as_fd(), &cname, l);
-            if marks.opaque {
-                break;
-            }
-            if let Some(r) = marks.redirect.filter(|_| self.follow_redirects()) {
-                if let Some(f) = &mut found {
-                    if f.layers.len() == 1 {
-                        f.redirect = Some(r.clone());
-                    }
-                }
-                match r {
-                    Redirect::Rel(n) => target = Target::Name(sys::cstr(&n)?),
-                    Redirect::Abs(p) => {
-                        // An absolute redirect searches every layer below.
-                        target = Target::Path(p);
-                        layers = self.layers.indices().filter(|&x| x > l).collect();
-                        k = 0;
-                    }
-                }
-            }
-            if stop_here {
-                break;
             }
         }
-        Ok(found)
+        if last {
+            return Ok(Done);
+        }
+        let marks = self.dir_marks(dfd.as_fd(), &cname, l);
+        if marks.opaque {
+            return Ok(Done);
+        }
+        if let Some(r) = marks.redirect.filter(|_| self.follow_redirects()) {
+            if let Some(f) = s.found.as_mut().filter(|f| f.layers.len() == 1) {
+                f.redirect = Some(r.clone());
+            }
+            match r {
+                Redirect::Rel(n) => s.target = Target::Name(sys::cstr(&n)?),
+                Redirect::Abs(p) => {
+                    // An absolute redirect searches every layer below.
+                    s.target = Target::Path(p);
+                    s.layers = self.layers.indices().filter(|&x| x > l).collect();
+                    s.next = 0;
+                }
+            }
+        }
+        Ok(if stop { Done } else { Next })
+    }
+
+    /// Whether the parent's listing allows the target name in layer `l`
+    /// (a name missing from the listing of a lower dir is not probed).
+    fn listed_in(&self, parent: &Arc<Inode>, s: &mut LookupState, l: LayerIdx) -> bool {
+        let Target::Name(n) = &s.target else {
+            return true;
+        };
+        if s.holders.as_ref().is_none_or(|(k, _)| k != n) {
+            s.holders = Some((n.clone(), self.holders(parent, &s.layers, n)));
+        }
+        s.holders
+            .as_mut()
+            .is_some_and(|(_, h)| self.may_hold(h, parent, l, n))
     }
 
     /// Where an absolute redirect leads in layer `l`, walked a component at
