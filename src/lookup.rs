@@ -126,7 +126,10 @@ impl Overlay {
                 Err(e) => return Err(e),
             },
             Target::Path(p) => match self.walk_path(l, p) {
-                Ok(Walked { at: Some((fd, n)), stop }) => (fd, n, stop),
+                Ok(Walked {
+                    at: Some((fd, n)),
+                    stop,
+                }) => (fd, n, stop),
                 Ok(Walked { at: None, stop }) => return Ok(if stop { Done } else { Next }),
                 Err(e) if missing(&e) => return Ok(Next),
                 Err(e) => return Err(e),
