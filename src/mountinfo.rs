@@ -76,6 +76,24 @@ pub fn top_at(p: &Path) -> io::Result<Option<MountInfo>> {
     Ok(read()?.into_iter().rev().find(|m| m.mount_point == p))
 }
 
+/// Unmounts `p` for a tool that owns the mount (tests, benches, examples):
+/// retried while busy (a process just forked may hold files in it until it
+/// execs), detached lazily as a last resort. Ok once nothing is mounted there.
+pub fn unmount_retry(p: &Path) -> io::Result<()> {
+    for _ in 0..40 {
+        match crate::sys::umount2(p, 0) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            // Not a mount point: already gone.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    crate::sys::umount2(p, libc::MNT_DETACH)
+}
+
 /// The ids of this process's idmapped mounts (their ids are shown shifted).
 pub fn idmapped_ids() -> Vec<u64> {
     read()

@@ -3,10 +3,8 @@
 //! subject that fails to mount is never timed against the bare directory.
 
 use rovl::mountinfo::MountInfo;
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -257,24 +255,7 @@ impl Drop for Mount {
 
 /// `umount2`, retried while busy, lazily as a last resort.
 pub fn umount_retry(p: &Path) -> io::Result<()> {
-    let c = CString::new(p.as_os_str().as_bytes())?;
-    for _ in 0..40 {
-        // SAFETY: a valid C string; umount2 only reads it.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(e);
-        }
-        sleep(Duration::from_millis(50));
-    }
-    // SAFETY: as above.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Err(io::Error::other("busy; detached lazily"))
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rovl::mountinfo::unmount_retry(p)
 }
 
 /// The topmost mount at `p` (canonical), if any.

@@ -1,10 +1,7 @@
 //! What both examples share: finding the rovl binary, printing steps, and a
 //! `rovl mount -f` child that is always unmounted.
 
-use std::ffi::CString;
-use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -69,18 +66,7 @@ pub fn io_err(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> String 
 
 /// The fstype at exactly `p` in /proc/self/mountinfo, if mounted.
 pub fn mounted_fstype(p: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = p.to_string_lossy();
-    let mut found = None;
-    for line in info.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if left.split(' ').nth(4) == Some(want.as_ref()) {
-            found = right.split(' ').next().map(str::to_string);
-        }
-    }
-    found
+    rovl::mountinfo::top_at(p).ok().flatten().map(|m| m.fstype)
 }
 
 /// A `rovl mount -f` child this example owns. Dropping it unmounts (lazily if
@@ -172,19 +158,13 @@ impl Drop for Mount {
         if self.child.is_none() {
             return;
         }
-        let Ok(c) = CString::new(self.mountpoint.as_os_str().as_bytes()) else {
-            return;
-        };
         if mounted_fstype(&self.mountpoint).is_some() {
-            // SAFETY: valid C string; umount2 has no other preconditions.
-            if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
+            let _ = rovl::mountinfo::unmount_retry(&self.mountpoint);
         }
         if self.wait(Duration::from_secs(10)).is_err() && mounted_fstype(&self.mountpoint).is_some()
         {
             // The daemon was killed: detach its dead mount.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = rovl::sys::umount2(&self.mountpoint, libc::MNT_DETACH);
         }
     }
 }

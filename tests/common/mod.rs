@@ -312,18 +312,7 @@ pub fn umount2(p: &Path, flags: libc::c_int) -> io::Result<()> {
 /// Unmounts `p`, retrying while busy, lazily detaching as a last resort.
 /// Returns Ok once nothing is mounted there any more.
 pub fn unmount_path(p: &Path) -> io::Result<()> {
-    for _ in 0..20 {
-        match umount2(p, 0) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            // EINVAL: not a mount point (already gone).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
-    umount2(p, libc::MNT_DETACH)
+    rovl::mountinfo::unmount_retry(p)
 }
 
 // ---------------------------------------------------------------------------
