@@ -35,31 +35,29 @@ impl Layer {
                 sys::open_dir_path(path)?
             }
         };
-        Self::with_root(root, sys::open_dir_path(path)?, path, idmapped_mounts)
+        let attached = sys::open_dir_path(path)?;
+        Self::with_root(root, attached.as_fd(), path, idmapped_mounts)
     }
 
     /// The upper layer, from the root the workdir preparation opened (and
     /// locked): it must share its mount with the workdir for renames, so
     /// it is used as it is.
     pub fn upper(root: BorrowedFd<'_>, path: &Path, idmapped_mounts: &[u64]) -> io::Result<Layer> {
-        let root = root.try_clone_to_owned()?;
-        let attached = root.try_clone()?;
-        Self::with_root(root, attached, path, idmapped_mounts)
+        Self::with_root(root.try_clone_to_owned()?, root, path, idmapped_mounts)
     }
 
     /// `attached`: the root on the mount it is attached to (the caller's).
     fn with_root(
         root: OwnedFd,
-        attached: OwnedFd,
+        attached: BorrowedFd<'_>,
         path: &Path,
         idmapped_mounts: &[u64],
     ) -> io::Result<Layer> {
         let st = sys::fstat(root.as_fd())?;
         let uuid = sys::fs_uuid(root.as_fd()).unwrap_or([0; 16]);
-        let idmapped =
-            sys::mount_id(attached.as_fd()).is_ok_and(|id| idmapped_mounts.contains(&id));
+        let idmapped = sys::mount_id(attached).is_ok_and(|id| idmapped_mounts.contains(&id));
         // open_by_handle_at takes no O_PATH fd.
-        let handle_root = sys::reopen(attached.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let handle_root = sys::reopen(attached, libc::O_RDONLY | libc::O_DIRECTORY)?;
         Ok(Layer {
             handle_root,
             idmapped,
