@@ -8,6 +8,7 @@ use crate::options::RedirectDir;
 use crate::overlay::{Counted, Overlay, Ox};
 use crate::sys::{self, Stat};
 use crate::whiteout::{is_wh_name, Entry};
+use std::borrow::Cow;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -114,14 +115,14 @@ impl Overlay {
         } else {
             s.next == s.layers.len()
         };
-        // `stop`: an opaque dir on an absolute redirect's way makes this
-        // layer the last.
         if !self.listed_in(parent, s, l) {
             return Ok(Next);
         }
-        let (dfd, cname, stop) = match &s.target {
+        // `stop`: an opaque dir on an absolute redirect's way makes this
+        // layer the last. The name is borrowed: no allocation per layer.
+        let (dfd, cname, stop): (_, Cow<'_, CStr>, _) = match &s.target {
             Target::Name(n) => match self.dir_fd(parent, l) {
-                Ok(fd) => (fd, n.clone(), false),
+                Ok(fd) => (fd, Cow::Borrowed(n.as_c_str()), false),
                 Err(e) if missing(&e) => return Ok(Next),
                 Err(e) => return Err(e),
             },
@@ -129,7 +130,7 @@ impl Overlay {
                 Ok(Walked {
                     at: Some((fd, n)),
                     stop,
-                }) => (fd, n, stop),
+                }) => (fd, Cow::Owned(n), stop),
                 Ok(Walked { at: None, stop }) => return Ok(if stop { Done } else { Next }),
                 Err(e) if missing(&e) => return Ok(Next),
                 Err(e) => return Err(e),

@@ -8,7 +8,7 @@ use rovl::workdir::WorkDir;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const ROOT: u64 = 1;
@@ -284,8 +284,6 @@ fn rename_without_redirects() {
     assert_eq!(o.list("moved"), ["h"]);
     assert_eq!(o.list(""), ["g", "moved", "old"]);
 }
-
-use std::os::unix::fs::PermissionsExt;
 
 /// The tier's point: as root (CI), the other tests run again as `nobody`,
 /// from a copy of this binary any user can run.
