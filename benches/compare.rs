@@ -24,6 +24,8 @@
 //! - `ROVL_BENCH_JSON` (default `<target>/bench-compare.json`),
 //! - `ROVL_BENCH_TIMEOUT` seconds per command (default 120).
 
+#[path = "../tests/common/child.rs"]
+mod child;
 #[path = "compare/data.rs"]
 mod data;
 #[path = "compare/report.rs"]

@@ -100,7 +100,7 @@ fn lookup_forget(ovl: &Overlay, parent: u64, name: &OsStr) -> bool {
     match ovl.lookup(parent, name) {
         Ok((node, st)) => {
             black_box(st.st_size);
-            ovl.table.forget(node.nodeid, 1);
+            ovl.forget(node.nodeid, 1);
             true
         }
         Err(_) => false,

@@ -4,108 +4,117 @@
 //! file that is not opened for write gets its metadata only, marked
 //! `trusted.overlay.metacopy`; its data follows at the first write.
 
+use crate::error::Result;
 use crate::inode::{Inode, Key, ROOT};
 use crate::layer::{LayerIdx, UPPER};
 use crate::overlay::{Overlay, Ox};
 use crate::sys::{self, Stat};
-use std::ffi::CStr;
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+
+/// One copy-up in progress (the kernel's `struct ovl_copy_up_ctx`).
+struct CopyUpCtx {
+    node: Arc<Inode>,
+    /// The node's parent, already in the upper layer, and its upper dir.
+    parent: Arc<Inode>,
+    upper_dir: Arc<OwnedFd>,
+    name: CString,
+    /// The layer the node comes from, and its parent dir there.
+    lower: LayerIdx,
+    lower_dir: Arc<OwnedFd>,
+    /// index=on: the index name of a non-dir (its lower file's handle).
+    index: Option<CString>,
+    /// A write follows: the data too, not only metadata.
+    data: bool,
+}
+
+/// Whether `node` is in the upper layer (with its data, for `data`).
+fn copied_up(node: &Inode, data: bool) -> bool {
+    node.top() == Some(UPPER) && (!data || !node.has_lowerdata())
+}
 
 impl Overlay {
     /// Makes sure `node` exists in the upper layer, copying up its parents
     /// first; with metacopy=on a regular file may get its metadata only.
-    pub fn copy_up(&self, node: &Arc<Inode>) -> io::Result<()> {
+    pub fn copy_up(&self, node: &Arc<Inode>) -> Result<()> {
         self.copy_up_with(node, false)
     }
 
     /// Copy-up for a write: the upper file gets the data too.
-    pub fn copy_up_data(&self, node: &Arc<Inode>) -> io::Result<()> {
+    pub(crate) fn copy_up_data(&self, node: &Arc<Inode>) -> Result<()> {
         self.copy_up_with(node, true)
     }
 
-    fn copy_up_with(&self, node: &Arc<Inode>, data: bool) -> io::Result<()> {
+    /// As the kernel's `ovl_copy_up_flags`: the topmost ancestor not yet
+    /// in the upper layer first, then the next, down to `node` (a loop, so
+    /// a deep tree needs no deep stack).
+    fn copy_up_with(&self, node: &Arc<Inode>, data: bool) -> Result<()> {
         self.check_writable()?;
-        let done = |n: &Arc<Inode>| n.top() == Some(UPPER) && (!data || !n.has_lowerdata());
-        if done(node) {
-            return Ok(());
+        while !copied_up(node, data) {
+            let mut next = node.clone();
+            while let Some((parent, _)) = next.alias() {
+                if copied_up(&parent, false) {
+                    break;
+                }
+                next = parent;
+            }
+            if next.nodeid == ROOT {
+                // Its upper layer is its own root: nothing to copy.
+                return Ok(());
+            }
+            self.copy_up_one(&next, data && Arc::ptr_eq(&next, node))?;
         }
+        Ok(())
+    }
+
+    /// Copies up one node whose parent is in the upper layer.
+    fn copy_up_one(&self, node: &Arc<Inode>, data: bool) -> Result<()> {
         let _guard = node.copyup_lock.lock();
         // Another thread may have finished it while we waited.
-        if done(node) {
+        if copied_up(node, data) {
             return Ok(());
         }
         if node.top() == Some(UPPER) {
             return self.copy_up_meta_data(node);
         }
-        if node.nodeid == ROOT {
-            return Ok(());
-        }
-        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
-        self.copy_up(&parent)?;
-        let lower = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
-        let cname = sys::cstr(&name)?;
-        let (lower_dir, _) = self.entry_in(node, lower)?;
-        let upper_dir = self.dir_fd(&parent, UPPER)?;
-        let index = node.index_name().filter(|_| !node.is_dir());
-        if let Some(index) = self.index_dir_entry(node).filter(|_| index.is_some()) {
+        let c = self.copy_up_ctx(node, data)?;
+        if let Some(entry) = self.index_dir_entry(node).filter(|_| c.index.is_some()) {
             // Another name of this lower hard link was copied up: link it.
-            let ust = self.link_up(
-                &parent,
-                upper_dir.as_fd(),
-                &cname,
-                (index.0.as_fd(), index.1),
-            )?;
-            self.linked_up(node, &parent, lower, &cname, &ust);
-            if data && node.has_lowerdata() {
-                return self.copy_up_meta_data(node);
-            }
-            return Ok(());
+            return self.link_to_index(&c, entry);
         }
-        let mut st = sys::fstatat(lower_dir.as_fd(), &cname)?;
+        let mut st = sys::fstatat(c.lower_dir.as_fd(), &c.name)?;
         // The upper copy stores layer ids, whatever mount the lower is on.
-        let idmapped = self.layers.get(lower).idmapped;
+        let idmapped = self.layers.get(c.lower).idmapped;
         st.st_uid = self.cfg.ids.uid.copied(st.st_uid, idmapped);
         st.st_gid = self.cfg.ids.gid.copied(st.st_gid, idmapped);
-        let indexed = index.is_some() && self.indexes(&st);
+        let indexed = c.index.is_some() && self.indexes(&st);
         let meta = !data && self.cfg.metacopy && sys::mode_type(st.st_mode) == libc::S_IFREG;
+        let upper_dir = c.upper_dir.as_fd();
         // The parent's times are restored afterwards, as the kernel does.
-        let pst = sys::fstat(upper_dir.as_fd())?;
-
+        let pst = sys::fstat(upper_dir)?;
         // As the kernel: the parent may now hold non-pure upper entries.
-        self.set_impure(&parent, upper_dir.as_fd());
+        self.set_impure(&c.parent, upper_dir);
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
-        let res = self.build_copy(lower_dir.as_fd(), &cname, &st, work, &tmp, indexed, meta);
-        if let Err(e) = res {
-            {
-                self.remove_tmp(work, &tmp, &st);
-                return Err(e);
-            }
-        }
-        let installed = match (&index, indexed) {
+        let built = self.build_copy(c.lower_dir.as_fd(), &c.name, &st, work, &tmp, indexed, meta);
+        let installed = built.and_then(|()| match (&c.index, indexed) {
             (Some(iname), true) => {
-                self.install_indexed(work, &tmp, st.st_nlink, iname, upper_dir.as_fd(), &cname)
+                self.install_indexed(work, &tmp, st.st_nlink, iname, upper_dir, &c.name)
             }
-            _ => sys::renameat2(work, &tmp, upper_dir.as_fd(), &cname, 0),
-        };
+            _ => sys::renameat2(work, &tmp, upper_dir, &c.name, 0),
+        });
         if let Err(e) = installed {
             self.remove_tmp(work, &tmp, &st);
             // Another name of the same lower file was indexed meanwhile.
-            if let (true, Some(ie)) = (indexed, self.index_dir_entry(node)) {
-                let ust = self.link_up(&parent, upper_dir.as_fd(), &cname, (ie.0.as_fd(), ie.1))?;
-                self.linked_up(node, &parent, lower, &cname, &ust);
-                if data && node.has_lowerdata() {
-                    return self.copy_up_meta_data(node);
-                }
-                return Ok(());
-            }
-            return Err(e);
+            return match self.index_dir_entry(node).filter(|_| indexed) {
+                Some(entry) => self.link_to_index(&c, entry),
+                None => Err(e),
+            };
         }
-        let _ = sys::utimensat(upper_dir.as_fd(), c".", &sys::stat_times(&pst));
+        let _ = sys::utimensat(upper_dir, c".", &sys::stat_times(&pst));
 
-        let ust = sys::fstatat(upper_dir.as_fd(), &cname)?;
+        let ust = sys::fstatat(upper_dir, &c.name)?;
         // As the kernel: a copied-up lower hard link is a new file with the
         // upper inode's number; anything else keeps its number.
         let mut ino = node.ino();
@@ -118,7 +127,7 @@ impl Overlay {
             self.copied_inos.insert(ust.st_ino, ino);
         }
         if meta {
-            let data = sys::openat(lower_dir.as_fd(), &cname, libc::O_PATH, 0)?;
+            let data = sys::openat(c.lower_dir.as_fd(), &c.name, libc::O_PATH, 0)?;
             node.set_lowerdata(Some(Arc::new(data)));
         }
         self.node_now_upper(node, &ust);
@@ -128,13 +137,43 @@ impl Overlay {
             self.inval_dir(node.nodeid);
         }
         crate::stats::COUNTERS.copy_up();
-        log::debug!("copied up {:?} (node {})", name, node.nodeid);
+        log::debug!("copied up {:?} (node {})", c.name, node.nodeid);
+        Ok(())
+    }
+
+    /// What a copy-up of `node` works on (the kernel's `ovl_copy_up_ctx`).
+    fn copy_up_ctx(&self, node: &Arc<Inode>, data: bool) -> Result<CopyUpCtx> {
+        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let lower = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        let (lower_dir, _) = self.entry_in(node, lower)?;
+        let upper_dir = self.dir_fd(&parent, UPPER)?;
+        Ok(CopyUpCtx {
+            node: node.clone(),
+            name: sys::cstr(&name)?,
+            parent,
+            lower,
+            lower_dir,
+            upper_dir,
+            index: node.index_name().filter(|_| !node.is_dir()),
+            data,
+        })
+    }
+
+    /// Links the node's name to its lower hard link's index entry, which
+    /// another name copied up; a write then needs the data too.
+    fn link_to_index(&self, c: &CopyUpCtx, entry: (Arc<OwnedFd>, CString)) -> Result<()> {
+        let upper_dir = c.upper_dir.as_fd();
+        let ust = self.link_up(&c.parent, upper_dir, &c.name, (entry.0.as_fd(), entry.1))?;
+        self.linked_up(&c.node, &c.parent, c.lower, &c.name, &ust);
+        if c.data && c.node.has_lowerdata() {
+            return self.copy_up_meta_data(&c.node);
+        }
         Ok(())
     }
 
     /// The data of a metadata-only copy, copied into it in place (the
     /// kernel's `ovl_copy_up_meta_inode_data`); then the mark goes.
-    fn copy_up_meta_data(&self, node: &Arc<Inode>) -> io::Result<()> {
+    fn copy_up_meta_data(&self, node: &Arc<Inode>) -> Result<()> {
         let Some(lower) = node.lowerdata() else {
             // The lower data was never found: nothing to read it from.
             return Err(sys::err(libc::EIO));
@@ -184,7 +223,7 @@ impl Overlay {
 
     /// Whether a node's data is still below it: its copy (upper or index)
     /// keeps the metacopy mark until another name's write copies the data.
-    pub fn refresh_lowerdata(&self, node: &Arc<Inode>) {
+    pub(crate) fn refresh_lowerdata(&self, node: &Arc<Inode>) {
         if node.has_lowerdata() {
             if !self.is_metacopy(node) {
                 node.set_lowerdata(None);
@@ -217,7 +256,7 @@ impl Overlay {
         });
     }
 
-    /// Builds the copy at `work/tmp`. Returns whether an origin was recorded.
+    /// Builds the copy at `work/tmp`.
     #[allow(clippy::too_many_arguments)]
     fn build_copy(
         &self,
@@ -228,7 +267,7 @@ impl Overlay {
         tmp: &CStr,
         indexed: bool,
         meta: bool,
-    ) -> io::Result<bool> {
+    ) -> Result<()> {
         let src = sys::openat(ldir, name, libc::O_PATH, 0)?;
         match sys::mode_type(st.st_mode) {
             libc::S_IFREG => {
@@ -263,20 +302,20 @@ impl Overlay {
         self.copy_xattrs(src.as_fd(), dst.as_fd())?;
         // Like the kernel: a lower hard link gets no origin, its copy is a
         // new inode, unless the index keeps its names together.
-        let origin = (sys::is_dir(st.st_mode) || st.st_nlink == 1 || indexed)
-            && self.set_origin(src.as_fd(), dst.as_fd());
+        if sys::is_dir(st.st_mode) || st.st_nlink == 1 || indexed {
+            self.set_origin(src.as_fd(), dst.as_fd());
+        }
         if meta {
             sys::setxattr(dst.as_fd(), self.xattr(Ox::Metacopy), b"", 0)?;
         }
-        sys::utimensat(work, tmp, &sys::stat_times(st))?;
-        Ok(origin)
+        sys::utimensat(work, tmp, &sys::stat_times(st))
     }
 
     /// Copies every xattr but the overlay's own.
-    fn copy_xattrs(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<()> {
+    fn copy_xattrs(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
         let list = match sys::listxattr(src) {
             Ok(l) => l,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP)) => return Ok(()),
+            Err(e) if matches!(e.raw(), libc::ENOTSUP) => return Ok(()),
             Err(e) => return Err(e),
         };
         for raw in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
@@ -288,13 +327,13 @@ impl Overlay {
             }
             let val = match sys::getxattr(src, &name) {
                 Ok(v) => v,
-                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+                Err(e) if e.raw() == libc::ENODATA => continue,
                 Err(e) => return Err(e),
             };
             match sys::setxattr(dst, &name, &val, 0) {
                 Ok(()) => {}
                 // Like the kernel, skip what the upper fs does not support.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) => {
+                Err(e) if matches!(e.raw(), libc::ENOTSUP | libc::EPERM) => {
                     log::debug!("copy-up: xattr {:?} not copied: {}", name, e);
                 }
                 Err(e) => return Err(e),
@@ -303,17 +342,19 @@ impl Overlay {
         Ok(())
     }
 
-    /// Records `origin` as the kernel does: a file handle of the lower object.
-    fn set_origin(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> bool {
-        let Some(fh) = self.encode_fh(src, false) else {
-            return false;
-        };
-        sys::setxattr(dst, self.xattr(Ox::Origin), &fh, 0).is_ok()
+    /// Records `origin` as the kernel does: a file handle of the lower
+    /// object. A layer without file handles gets none (nothing needs it).
+    fn set_origin(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) {
+        if let Some(fh) = self.encode_fh(src, false) {
+            if let Err(e) = sys::setxattr(dst, self.xattr(Ox::Origin), &fh, 0) {
+                log::debug!("copy-up: no origin recorded: {e}");
+            }
+        }
     }
 
     /// The kernel's `struct ovl_fb`: version 0, magic 0xfb, length, flags,
     /// handle type, the layer fs UUID, then the handle.
-    pub fn encode_fh(&self, fd: BorrowedFd<'_>, upper: bool) -> Option<Vec<u8>> {
+    pub(crate) fn encode_fh(&self, fd: BorrowedFd<'_>, upper: bool) -> Option<Vec<u8>> {
         let (typ, handle) = sys::file_handle(fd).ok()?;
         let st = sys::fstat(fd).ok()?;
         let uuid = self
@@ -343,7 +384,7 @@ impl Overlay {
     /// Finds the lower object an origin file handle names, as the kernel's
     /// `ovl_check_origin`: in the first lower layer whose filesystem
     /// matches the handle's UUID.
-    pub fn decode_origin(&self, fb: &[u8]) -> Option<Stat> {
+    pub(crate) fn decode_origin(&self, fb: &[u8]) -> Option<Stat> {
         if fb.len() < 21 || fb[0] != 0 || fb[1] != 0xfb || fb[2] as usize != fb.len() {
             return None;
         }
@@ -366,7 +407,7 @@ impl Overlay {
     }
 
     /// Marks an upper dir as holding copied-up entries (`impure=y`).
-    pub fn set_impure(&self, dir: &Arc<Inode>, fd: BorrowedFd<'_>) {
+    pub(crate) fn set_impure(&self, dir: &Arc<Inode>, fd: BorrowedFd<'_>) {
         if dir.state.read().impure {
             return;
         }
@@ -381,7 +422,7 @@ impl Overlay {
     }
 
     /// The overlay's own xattrs; escaped ones (`<prefix>overlay.X`) belong to the user.
-    pub fn is_private_xattr(&self, name: &[u8]) -> bool {
+    pub(crate) fn is_private_xattr(&self, name: &[u8]) -> bool {
         let p = self.xattr_prefix.as_bytes();
         name.starts_with(p) && !name[p.len()..].starts_with(b"overlay.")
     }
@@ -402,7 +443,7 @@ impl Overlay {
 /// skipped as the kernel's copy-up skips them: a SEEK_DATA before each
 /// chunk. (SEEK_HOLE would be exact, but tmpfs answers it by walking every
 /// page of the data that follows: 64 us for 8 MiB.)
-pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> Result<()> {
     const CHUNK: i64 = 1 << 20;
     if size == 0 {
         return Ok(());
@@ -433,7 +474,7 @@ pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::R
                 }
                 Ok(_) => {}
                 // No more data: the rest is a hole.
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+                Err(e) if e.raw() == libc::ENXIO => break,
                 Err(_) => skip_holes = false,
             }
         }
@@ -445,7 +486,7 @@ pub fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, size: u64) -> io::R
     sys::ftruncate(out, size)
 }
 
-fn copy_range(input: BorrowedFd<'_>, out: BorrowedFd<'_>, start: i64, len: i64) -> io::Result<()> {
+fn copy_range(input: BorrowedFd<'_>, out: BorrowedFd<'_>, start: i64, len: i64) -> Result<()> {
     let mut off_in = start;
     let mut off_out = start;
     let mut left = len;
@@ -455,8 +496,8 @@ fn copy_range(input: BorrowedFd<'_>, out: BorrowedFd<'_>, start: i64, len: i64) 
             Ok(n) => left -= n as i64,
             Err(e)
                 if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                    e.raw(),
+                    libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL
                 ) =>
             {
                 return copy_rw(input, out, off_in, left);
@@ -467,12 +508,7 @@ fn copy_range(input: BorrowedFd<'_>, out: BorrowedFd<'_>, start: i64, len: i64) 
     Ok(())
 }
 
-fn copy_rw(
-    input: BorrowedFd<'_>,
-    out: BorrowedFd<'_>,
-    mut off: i64,
-    mut left: i64,
-) -> io::Result<()> {
+fn copy_rw(input: BorrowedFd<'_>, out: BorrowedFd<'_>, mut off: i64, mut left: i64) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     while left > 0 {
         let want = (left as usize).min(buf.len());
@@ -496,7 +532,7 @@ pub fn set_owner_mode(
     name: &CStr,
     fd: BorrowedFd<'_>,
     st: &Stat,
-) -> io::Result<()> {
+) -> Result<()> {
     sys::fchownat(dir, name, st.st_uid, st.st_gid)?;
     if sys::mode_type(st.st_mode) != libc::S_IFLNK {
         sys::fchmod_any(fd, st.st_mode & 0o7777)?;

@@ -1,6 +1,8 @@
 //! Directory operations (the kernel's `dir.c`): create, remove and rename
 //! names in the merged view, with whiteouts and opaque directories.
 
+use crate::error::Result;
+use crate::file::Handles;
 use crate::inode::{Inode, Redirect};
 use crate::layer::UPPER;
 use crate::lookup::Found;
@@ -8,7 +10,6 @@ use crate::options::RedirectDir;
 use crate::overlay::{cstr_of, Counted, Overlay, Ox};
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, OsStr};
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
@@ -32,16 +33,28 @@ pub struct Caller {
 }
 
 impl Overlay {
+    /// The umask applies unless the parent has a default ACL, which the
+    /// upper filesystem then applies instead (POSIX ACL semantics).
+    pub(crate) fn masked(&self, parent: u64, mode: u32, umask: u32, files: &Handles) -> u32 {
+        let acl = OsStr::new("system.posix_acl_default");
+        let has_default_acl = self.getxattr(parent, acl, files).is_ok();
+        if has_default_acl {
+            mode
+        } else {
+            mode & !umask
+        }
+    }
+
     /// Creates `name` in `parent`. Returns the node, its stat and, for
     /// files, the open fd.
-    pub fn create_obj(
+    pub(crate) fn create_obj(
         &self,
         parent_id: u64,
         name: &OsStr,
         mode: u32,
         obj: NewObj<'_>,
         who: Caller,
-    ) -> io::Result<(Counted<'_>, Stat, Option<OwnedFd>)> {
+    ) -> Result<(Counted<'_>, Stat, Option<OwnedFd>)> {
         self.check_writable()?;
         let parent = self.node(parent_id)?;
         let cname = Self::check_name(name)?;
@@ -73,7 +86,7 @@ impl Overlay {
         let over_whiteout = match sys::fstatat(ufd.as_fd(), &cname) {
             Ok(st) if self.is_whiteout_at(ufd.as_fd(), &cname, &st, UPPER) => true,
             Ok(_) => return Err(sys::err(libc::EEXIST)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+            Err(e) if e.raw() == libc::ENOENT => false,
             Err(e) => return Err(e),
         };
         let pst = sys::fstat(ufd.as_fd())?;
@@ -165,13 +178,13 @@ impl Overlay {
     /// An O_TMPFILE file (the kernel's `ovl_tmpfile`): made anonymous in the
     /// parent's upper dir, copied up first, and held by its node (see
     /// `Inode::held`) until `link` names it or the kernel forgets it.
-    pub fn create_tmpfile(
+    pub(crate) fn create_tmpfile(
         &self,
         parent_id: u64,
         mode: u32,
         flags: i32,
         who: Caller,
-    ) -> io::Result<(Counted<'_>, Stat, OwnedFd)> {
+    ) -> Result<(Counted<'_>, Stat, OwnedFd)> {
         self.check_writable()?;
         let parent = self.node(parent_id)?;
         if !parent.is_dir() {
@@ -228,7 +241,7 @@ impl Overlay {
         obj: &NewObj<'_>,
         uid: u32,
         gid: u32,
-    ) -> io::Result<Option<OwnedFd>> {
+    ) -> Result<Option<OwnedFd>> {
         let perm = mode & 0o7777;
         let mut file = None;
         match obj {
@@ -278,7 +291,7 @@ impl Overlay {
     }
 
     /// unlink and rmdir.
-    pub fn remove(&self, parent_id: u64, name: &OsStr, dir: bool) -> io::Result<()> {
+    pub fn remove(&self, parent_id: u64, name: &OsStr, dir: bool) -> Result<()> {
         self.check_writable()?;
         let parent = self.node(parent_id)?;
         let cname = Self::check_name(name)?;
@@ -325,7 +338,7 @@ impl Overlay {
             .as_ref()
             .filter(|n| n.top().is_some_and(|t| !self.layers.is_upper(t)))
             .and_then(|n| self.holdable(n));
-        let res = (|| -> io::Result<()> {
+        let res = (|| -> Result<()> {
             self.copy_up(&parent)?;
             let ufd = self.dir_fd(&parent, UPPER)?;
             let in_upper = !lower_only
@@ -391,13 +404,7 @@ impl Overlay {
     }
 
     /// Puts a whiteout at `dir/name`, atomically replacing what the upper layer has there.
-    fn whiteout(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: &CStr,
-        exists: bool,
-        is_dir: bool,
-    ) -> io::Result<()> {
+    fn whiteout(&self, dir: BorrowedFd<'_>, name: &CStr, exists: bool, is_dir: bool) -> Result<()> {
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
         if self.make_whiteout(work, &tmp)? {
@@ -431,7 +438,7 @@ impl Overlay {
         newparent_id: u64,
         newname: &OsStr,
         flags: u32,
-    ) -> io::Result<()> {
+    ) -> Result<()> {
         self.check_writable()?;
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return Err(sys::err(libc::EINVAL));
@@ -513,7 +520,7 @@ impl Overlay {
         dst: Option<&Arc<Inode>>,
         exchange: bool,
         nlink: &mut Option<OwnedFd>,
-    ) -> io::Result<()> {
+    ) -> Result<()> {
         let src_dir = src.is_dir();
         // The VFS checks come first and change nothing.
         if let Some(d) = dst {
@@ -628,7 +635,7 @@ impl Overlay {
             // the whiteout follows the rename (not atomically).
             Err(e)
                 if flags == libc::RENAME_WHITEOUT
-                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) =>
+                    && matches!(e.raw(), libc::EINVAL | libc::EPERM) =>
             {
                 sys::renameat2(old_ufd.as_fd(), cname, new_ufd.as_fd(), cnew, 0)?;
                 self.whiteout(old_ufd.as_fd(), cname, false, false)?;
@@ -669,7 +676,7 @@ impl Overlay {
         samedir: bool,
         dir: BorrowedFd<'_>,
         name: &CStr,
-    ) -> io::Result<Option<Redirect>> {
+    ) -> Result<Option<Redirect>> {
         let cur = match node.redirect() {
             // The copy an indexed hard link's names share may have one
             // from another name: as the kernel (one inode), it stays.

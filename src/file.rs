@@ -2,13 +2,14 @@
 //! Opening for write copies up first; a read-only handle opened before a
 //! copy-up switches to the upper file, as the kernel's does.
 
+use crate::error::{Errno, Result};
 use crate::inode::{Inode, ROOT};
 use crate::layer::UPPER;
+use crate::options::PassthroughMode;
 use crate::overlay::Overlay;
 use crate::sys;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
-use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -103,8 +104,75 @@ fn wants_write(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
+/// How an open file's data flows.
+pub enum Passthrough {
+    /// Straight to this backing file, in the kernel.
+    Backing(Arc<fuser::BackingId>),
+    /// Through us and the page cache.
+    Cached,
+    /// A writable open of an inode whose backing is a lower file: the
+    /// handle is dropped and the kernel must look the name up again.
+    Stale(Errno),
+}
+
 impl Overlay {
-    pub fn open(&self, nodeid: u64, flags: i32, handles: &Handles) -> io::Result<u64> {
+    /// Picks the data path of a new handle. All opens of an inode share
+    /// one backing file, as the kernel requires. Upper files go through the
+    /// kernel's passthrough (`passthrough=upper`, the default); lower files
+    /// stay cached, so that an open read-only file follows a later copy-up
+    /// as in the kernel overlay. With `passthrough=all` read-only opens of
+    /// lower files pass through too, and a write gets a new inode instead
+    /// of sharing their backing (which would write the lower file). An
+    /// inode with cached opens keeps new ones cached, as the kernel does
+    /// not mix the two.
+    pub(crate) fn passthrough(
+        &self,
+        files: &Handles,
+        fh: u64,
+        open_backing: impl FnOnce(&OwnedFd) -> Result<fuser::BackingId>,
+    ) -> Passthrough {
+        let Some(h) = files.get_own(fh) else {
+            return Passthrough::Cached;
+        };
+        let mut io = h.node.io.lock();
+        let live = io.backing.as_ref().and_then(|w| w.upgrade());
+        if let Some(b) = live {
+            if io.lower && h.writable {
+                drop(io);
+                files.remove(fh);
+                return Passthrough::Stale(self.leave_lower_backing(&h.node));
+            }
+            // Read-only opens share it: the data changes only through a
+            // writable open, which never shares a lower backing.
+            h.set_backing(b.clone());
+            return Passthrough::Backing(b);
+        }
+        let wanted = match self.cfg.passthrough {
+            PassthroughMode::Off => false,
+            PassthroughMode::Upper => h.is_upper(),
+            PassthroughMode::All => h.is_upper() || !h.writable,
+        };
+        if !self.passthrough.load(Ordering::Relaxed) || !wanted || io.cached > 0 {
+            h.set_cached(&mut io);
+            return Passthrough::Cached;
+        }
+        match open_backing(&h.fd()) {
+            Ok(b) => {
+                let b = Arc::new(b);
+                io.backing = Some(Arc::downgrade(&b));
+                io.lower = !h.is_upper();
+                h.set_backing(b.clone());
+                Passthrough::Backing(b)
+            }
+            Err(e) => {
+                log::debug!("passthrough refused: {e}");
+                h.set_cached(&mut io);
+                Passthrough::Cached
+            }
+        }
+    }
+
+    pub(crate) fn open(&self, nodeid: u64, flags: i32, handles: &Handles) -> Result<u64> {
         let node = self.node(nodeid)?;
         if node.is_dir() {
             return Err(sys::err(libc::EISDIR));
@@ -134,7 +202,12 @@ impl Overlay {
         let fd = match sys::openat(pfd.as_fd(), &name, flags & !STRIP, 0) {
             Ok(fd) => fd,
             Err(e) => {
-                // Another object may hold the name now (a whiteout opens as ENXIO).
+                // Another object held the name: a whiteout opens as ENXIO,
+                // which a regular file never gives (the name may hold a
+                // new file with the old number by the time we look again).
+                if e.raw() == libc::ENXIO && node.kind == libc::S_IFREG {
+                    return Err(sys::err(libc::ESTALE));
+                }
                 if let Ok(st) = sys::fstatat(pfd.as_fd(), &name) {
                     self.check_same(&node, &key, &st)?;
                 }
@@ -149,13 +222,13 @@ impl Overlay {
     /// name no longer leads to the node's object (unlinked, or renamed over,
     /// while open), one of its open files, as fd operations reach it in the
     /// kernel; else `e`.
-    pub fn open_file_fd(
+    pub(crate) fn open_file_fd(
         &self,
         node: &Arc<Inode>,
         handles: &Handles,
-        e: io::Error,
-    ) -> io::Result<Arc<OwnedFd>> {
-        if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) {
+        e: Errno,
+    ) -> Result<Arc<OwnedFd>> {
+        if !matches!(e.raw(), libc::ENOENT | libc::ESTALE) {
             return Err(e);
         }
         handles.any_of(node.nodeid).map(|h| h.fd()).ok_or(e)
@@ -163,7 +236,11 @@ impl Overlay {
 
     /// An `O_PATH` fd of the node's real object, or of an open file of it
     /// when its name is gone (`open_file_fd`); says which.
-    pub fn object_fd(&self, node: &Arc<Inode>, handles: &Handles) -> io::Result<(OwnedFd, bool)> {
+    pub(crate) fn object_fd(
+        &self,
+        node: &Arc<Inode>,
+        handles: &Handles,
+    ) -> Result<(OwnedFd, bool)> {
         match self.path_fd(node) {
             // A held object (see `Inode::held`) has no name to use either.
             Ok(fd) => Ok((fd, node.nodeid != ROOT && node.alias().is_none())),
@@ -180,14 +257,20 @@ impl Overlay {
     /// ESTALE makes the kernel look the name up again (open, truncate and
     /// the other path calls retry once with `LOOKUP_REVAL`), which finds a
     /// new node. Open files of the old one keep reading the lower file.
-    pub fn leave_lower_backing(&self, node: &Arc<Inode>) -> io::Error {
+    pub(crate) fn leave_lower_backing(&self, node: &Arc<Inode>) -> Errno {
         log::debug!("node {} leaves its lower passthrough file", node.nodeid);
         self.table.unkey(node);
         node.clear_aliases();
         sys::err(libc::ESTALE)
     }
 
-    pub fn new_handle(&self, node: &Arc<Inode>, fd: OwnedFd, flags: i32, handles: &Handles) -> u64 {
+    pub(crate) fn new_handle(
+        &self,
+        node: &Arc<Inode>,
+        fd: OwnedFd,
+        flags: i32,
+        handles: &Handles,
+    ) -> u64 {
         let in_upper = node.top() == Some(UPPER) && self.layers.has_upper && !node.has_lowerdata();
         handles.insert(Handle {
             node: node.clone(),
@@ -201,7 +284,7 @@ impl Overlay {
     }
 
     /// The fd to read through: the upper file once the node was copied up.
-    fn read_fd(&self, h: &Handle) -> io::Result<Arc<OwnedFd>> {
+    fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
         if !h.in_upper.load(Ordering::Acquire)
             && self.layers.has_upper
             && h.node.top() == Some(UPPER)
@@ -224,13 +307,13 @@ impl Overlay {
     /// Reads up to `size` bytes at `off` and hands them to `reply`. The
     /// buffer is the thread's own and is reused: a fresh megabyte per read
     /// costs more (page faults and zeroing) than the read itself.
-    pub fn read<R>(
+    pub(crate) fn read<R>(
         &self,
         h: &Handle,
         off: u64,
         size: u32,
         reply: impl FnOnce(&[u8]) -> R,
-    ) -> io::Result<R> {
+    ) -> Result<R> {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -253,7 +336,7 @@ impl Overlay {
         })
     }
 
-    pub fn write(&self, h: &Handle, off: u64, data: &[u8]) -> io::Result<usize> {
+    pub(crate) fn write(&self, h: &Handle, off: u64, data: &[u8]) -> Result<usize> {
         let fd = h.fd();
         let mut done = 0;
         while done < data.len() {
@@ -262,7 +345,7 @@ impl Overlay {
         Ok(done)
     }
 
-    pub fn fsync(&self, h: &Handle, datasync: bool) -> io::Result<()> {
+    pub(crate) fn fsync(&self, h: &Handle, datasync: bool) -> Result<()> {
         // As the kernel's `volatile`: syncs are skipped.
         if !self.cfg.syncs() {
             return Ok(());
@@ -270,22 +353,22 @@ impl Overlay {
         sys::fsync(self.read_fd(h)?.as_fd(), datasync)
     }
 
-    pub fn fallocate(&self, h: &Handle, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    pub(crate) fn fallocate(&self, h: &Handle, mode: i32, off: u64, len: u64) -> Result<()> {
         sys::fallocate(h.fd().as_fd(), mode, off, len)
     }
 
-    pub fn lseek(&self, h: &Handle, off: i64, whence: i32) -> io::Result<i64> {
+    pub(crate) fn lseek(&self, h: &Handle, off: i64, whence: i32) -> Result<i64> {
         sys::lseek(self.read_fd(h)?.as_fd(), off, whence)
     }
 
-    pub fn copy_file_range(
+    pub(crate) fn copy_file_range(
         &self,
         hin: &Handle,
         off_in: u64,
         hout: &Handle,
         off_out: u64,
         len: u64,
-    ) -> io::Result<usize> {
+    ) -> Result<usize> {
         let fin = self.read_fd(hin)?;
         let fout = hout.fd();
         let (mut oi, mut oo) = (off_in as i64, off_out as i64);

@@ -2,19 +2,18 @@
 //! to the module that owns it, and every error becomes an errno reply.
 
 use crate::dir::{Caller, NewObj};
-use crate::file::Handles;
+use crate::error::{self, Result};
+use crate::file::{Handles, Passthrough};
 use crate::inode::Inode;
 use crate::inode_ops::SetAttr;
-use crate::options::PassthroughMode;
 use crate::overlay::{Counted, Overlay};
-use crate::readdir::DirEntry;
+use crate::readdir::DirHandles;
 use crate::request;
 use crate::stats::Op;
 use crate::sys::{self, Stat};
-use dashmap::DashMap;
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -22,16 +21,15 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 /// The overlay filesystem served over FUSE.
 pub struct OverlayFs {
     pub ovl: Arc<Overlay>,
     files: Handles,
-    dirs: DashMap<u64, Arc<DirHandle>>,
-    next_dir: AtomicU64,
+    dirs: DirHandles,
 }
 
 impl OverlayFs {
@@ -39,34 +37,8 @@ impl OverlayFs {
         OverlayFs {
             ovl: Arc::new(ovl),
             files: Handles::default(),
-            dirs: DashMap::new(),
-            next_dir: AtomicU64::new(1),
+            dirs: DirHandles::default(),
         }
-    }
-}
-
-/// An open directory. Its listing is read at the first readdir and kept, so
-/// the handle sees a snapshot; a listing the kernel serves from its cache
-/// costs nothing.
-struct DirHandle {
-    node: Arc<Inode>,
-    entries: OnceLock<Arc<Vec<DirEntry>>>,
-}
-
-impl OverlayFs {
-    fn listing(&self, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
-        let h = self
-            .dirs
-            .get(&fh)
-            .map(|h| h.clone())
-            .ok_or_else(|| sys::err(libc::EBADF))?;
-        if let Some(e) = h.entries.get() {
-            return Ok(e.clone());
-        }
-        let e = Arc::new(self.ovl.read_merged(&h.node, false)?);
-        // The kernel sends one readdir at a time per open directory.
-        let _ = h.entries.set(e.clone());
-        Ok(e)
     }
 }
 
@@ -74,79 +46,10 @@ impl OverlayFs {
 /// the layer file on each write), so the kernel need not send one on close.
 const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
-/// How an open file's data flows.
-enum Passthrough {
-    /// Straight to this backing file, in the kernel.
-    Backing(Arc<fuser::BackingId>),
-    /// Through us and the page cache.
-    Cached,
-    /// A writable open of an inode whose backing is a lower file: the
-    /// handle is dropped and the kernel must look the name up again.
-    Stale(io::Error),
-}
-
-impl OverlayFs {
-    /// Picks the data path of a new handle. All opens of an inode share
-    /// one backing file, as the kernel requires. Upper files go through the
-    /// kernel's passthrough (`passthrough=upper`, the default); lower files
-    /// stay cached, so that an open read-only file follows a later copy-up
-    /// as in the kernel overlay. With `passthrough=all` read-only opens of
-    /// lower files pass through too, and a write gets a new inode instead
-    /// of sharing their backing (which would write the lower file). An
-    /// inode with cached opens keeps new ones cached, as the kernel does
-    /// not mix the two.
-    fn passthrough(
-        &self,
-        fh: u64,
-        open_backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
-    ) -> Passthrough {
-        let Some(h) = self.files.get_own(fh) else {
-            return Passthrough::Cached;
-        };
-        let mut io = h.node.io.lock();
-        let live = io.backing.as_ref().and_then(|w| w.upgrade());
-        if let Some(b) = live {
-            if io.lower && h.writable {
-                drop(io);
-                self.files.remove(fh);
-                return Passthrough::Stale(self.ovl.leave_lower_backing(&h.node));
-            }
-            // Read-only opens share it: the data changes only through a
-            // writable open, which never shares a lower backing.
-            h.set_backing(b.clone());
-            return Passthrough::Backing(b);
-        }
-        let wanted = match self.ovl.cfg.passthrough {
-            PassthroughMode::Off => false,
-            PassthroughMode::Upper => h.is_upper(),
-            PassthroughMode::All => h.is_upper() || !h.writable,
-        };
-        if !self.ovl.passthrough.load(Ordering::Relaxed) || !wanted || io.cached > 0 {
-            h.set_cached(&mut io);
-            return Passthrough::Cached;
-        }
-        match open_backing(&h.fd()) {
-            Ok(b) => {
-                let b = Arc::new(b);
-                io.backing = Some(Arc::downgrade(&b));
-                io.lower = !h.is_upper();
-                h.set_backing(b.clone());
-                Passthrough::Backing(b)
-            }
-            Err(e) => {
-                log::debug!("passthrough refused: {e}");
-                h.set_cached(&mut io);
-                Passthrough::Cached
-            }
-        }
-    }
-}
-
 /// Every error reply passes here: the request's log line shows it.
-fn errno(e: io::Error) -> Errno {
-    let n = sys::errno_of(&e);
-    request::failed(n);
-    Errno::from_i32(n)
+fn errno(e: error::Errno) -> Errno {
+    request::failed(e.raw());
+    Errno::from_i32(e.raw())
 }
 
 fn caller(req: &Request) -> Caller {
@@ -157,10 +60,10 @@ fn caller(req: &Request) -> Caller {
 }
 
 impl OverlayFs {
-    fn reply_entry(&self, reply: ReplyEntry, r: io::Result<(Counted<'_>, Stat)>) {
+    fn reply_entry(&self, reply: ReplyEntry, r: Result<(Counted<'_>, Stat)>) {
         match r {
             Ok((node, st)) => {
-                let (attr, attr_ttl) = self.entry_attr(&node, &st);
+                let (attr, attr_ttl) = self.ovl.entry_attr(&node, &st);
                 reply.entry_with_ttls(&attr_ttl, &self.ovl.ttl, &attr, Generation(0));
                 node.keep();
             }
@@ -168,54 +71,10 @@ impl OverlayFs {
         }
     }
 
-    /// Attributes for an entry reply, whose `ino` fuser sends as the node
-    /// id: when the reported number differs, the attributes expire at once
-    /// so that the next stat asks GETATTR, which reports the real number.
-    fn entry_attr(&self, node: &Arc<Inode>, st: &Stat) -> (FileAttr, Duration) {
-        let mut attr = self.ovl.attr(node, st);
-        if node.ino_is_id() {
-            return (attr, self.attr_ttl(node));
-        }
-        attr.ino = INodeNo(node.nodeid);
-        (attr, Duration::ZERO)
-    }
-
-    /// The names of an indexed hard link are separate kernel inodes sharing
-    /// one file: their attributes are never cached, so a change through one
-    /// name shows through the others at once.
-    fn attr_ttl(&self, node: &Inode) -> Duration {
-        if node.has_index() {
-            Duration::ZERO
-        } else {
-            self.ovl.ttl
-        }
-    }
-
-    fn reply_attr(&self, reply: ReplyAttr, r: io::Result<(Arc<Inode>, Stat)>) {
+    fn reply_attr(&self, reply: ReplyAttr, r: Result<(Arc<Inode>, Stat)>) {
         match r {
-            Ok((node, st)) => reply.attr(&self.attr_ttl(&node), &self.ovl.attr(&node, &st)),
+            Ok((node, st)) => reply.attr(&self.ovl.attr_ttl(&node), &self.ovl.attr(&node, &st)),
             Err(e) => reply.error(errno(e)),
-        }
-    }
-
-    /// The umask applies unless the parent has a default ACL, which the
-    /// upper filesystem then applies instead (POSIX ACL semantics).
-    fn masked(&self, parent: INodeNo, mode: u32, umask: u32) -> u32 {
-        let has_default_acl = self
-            .ovl
-            .node(parent.0)
-            .and_then(|p| {
-                self.ovl.getxattr(
-                    p.nodeid,
-                    OsStr::new("system.posix_acl_default"),
-                    &self.files,
-                )
-            })
-            .is_ok();
-        if has_default_acl {
-            mode
-        } else {
-            mode & !umask
         }
     }
 
@@ -230,8 +89,11 @@ impl OverlayFs {
     ) {
         let fh = self.ovl.new_handle(&node, fd, flags, &self.files);
         // One TTL covers entry and attributes here.
-        let (attr, ttl) = self.entry_attr(&node, st);
-        match self.passthrough(fh, |fd| reply.open_backing(fd)) {
+        let (attr, ttl) = self.ovl.entry_attr(&node, st);
+        match self
+            .ovl
+            .passthrough(&self.files, fh, |fd| Ok(reply.open_backing(fd)?))
+        {
             Passthrough::Backing(b) => {
                 reply.created_passthrough(
                     &ttl,
@@ -260,7 +122,7 @@ impl OverlayFs {
         name: &OsStr,
         mode: u32,
         obj: NewObj<'_>,
-    ) -> io::Result<(Counted<'_>, Stat)> {
+    ) -> Result<(Counted<'_>, Stat)> {
         let (node, st, _) = self
             .ovl
             .create_obj(parent.0, name, mode, obj, caller(req))?;
@@ -268,14 +130,14 @@ impl OverlayFs {
     }
 }
 
-fn empty(reply: ReplyEmpty, r: io::Result<()>) {
+fn empty(reply: ReplyEmpty, r: Result<()>) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(e)),
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, size: u32, r: io::Result<Vec<u8>>) {
+fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>>) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
         Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -319,7 +181,7 @@ impl fuser::Filesystem for OverlayFs {
         match self.ovl.lookup(parent.0, name) {
             // A negative entry (node id 0) the kernel may cache: names only
             // appear through requests it sees.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Err(e) if e.raw() == libc::ENOENT => {
                 request::failed(libc::ENOENT);
                 let mut attr = self.ovl.attr_template();
                 attr.ino = INodeNo(0);
@@ -407,7 +269,7 @@ impl fuser::Filesystem for OverlayFs {
             req,
             parent,
             name,
-            self.masked(parent, mode, umask) | kind,
+            self.ovl.masked(parent.0, mode, umask, &self.files) | kind,
             obj,
         );
         self.reply_entry(reply, r);
@@ -427,7 +289,7 @@ impl fuser::Filesystem for OverlayFs {
             req,
             parent,
             name,
-            self.masked(parent, mode, umask),
+            self.ovl.masked(parent.0, mode, umask, &self.files),
             NewObj::Dir,
         );
         self.reply_entry(reply, r);
@@ -503,7 +365,10 @@ impl fuser::Filesystem for OverlayFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _r = request::Scope::enter(Op::Open, req.pid(), ino.0);
         match self.ovl.open(ino.0, flags.0, &self.files) {
-            Ok(fh) => match self.passthrough(fh, |fd| reply.open_backing(fd)) {
+            Ok(fh) => match self
+                .ovl
+                .passthrough(&self.files, fh, |fd| Ok(reply.open_backing(fd)?))
+            {
                 Passthrough::Backing(b) => {
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
                 }
@@ -617,14 +482,7 @@ impl fuser::Filesystem for OverlayFs {
         let _r = request::Scope::enter(Op::Opendir, req.pid(), ino.0);
         match self.ovl.node(ino.0) {
             Ok(node) if node.is_dir() => {
-                let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-                self.dirs.insert(
-                    fh,
-                    Arc::new(DirHandle {
-                        node,
-                        entries: OnceLock::new(),
-                    }),
-                );
+                let fh = self.dirs.open(node);
                 // The kernel may serve later listings from its cache: every
                 // change to a directory goes through it and drops the cache.
                 reply.opened(
@@ -646,7 +504,7 @@ impl fuser::Filesystem for OverlayFs {
         mut reply: ReplyDirectory,
     ) {
         let _r = request::Scope::enter(Op::Readdir, req.pid(), ino.0);
-        let entries = match self.listing(fh.0) {
+        let entries = match self.dirs.listing(&self.ovl, fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
@@ -667,67 +525,18 @@ impl fuser::Filesystem for OverlayFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _r = request::Scope::enter(Op::Readdirplus, req.pid(), ino.0);
-        let entries = match self.listing(fh.0) {
+        let entries = match self.dirs.listing(&self.ovl, fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        let ttl = self.ovl.ttl;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let p = self.ovl.plus_entry(ino.0, i, e);
             let off = i as u64 + 1;
-            let mut attr = self.ovl.attr_template();
-            if i < 2 {
-                // The kernel links neither "." nor "..": no lookup is counted.
-                attr.ino = INodeNo(e.ino);
-                if reply.add(INodeNo(e.ino), off, &e.name, &ttl, &attr, Generation(0)) {
-                    break;
-                }
-                continue;
+            if reply.add(p.attr.ino, off, &e.name, &p.ttl, &p.attr, Generation(0)) {
+                // Not sent: the lookup it counted does not happen.
+                break;
             }
-            match self.ovl.lookup(ino.0, &e.name) {
-                Ok((node, st)) if node.ino_is_id() || node.ino() <= 1 || node.is_dir() => {
-                    // As a lookup reply: the node id as `ino`, and no cached
-                    // attributes where the reported number differs.
-                    let (attr, t) = self.entry_attr(&node, &st);
-                    if reply.add(attr.ino, off, &e.name, &t, &attr, Generation(0)) {
-                        // Not sent: the lookup it counted does not happen
-                        // (`node` drops).
-                        break;
-                    }
-                    node.keep();
-                }
-                Ok((node, st)) => {
-                    // fuser sends the node id as d_ino. To show the reported
-                    // number, the entry names that number as its node, and
-                    // expires at once: the kernel's next use of the name
-                    // looks it up again and finds this node. The kernel
-                    // counts a lookup of that id, so we do too if it lives.
-                    // (Not for dirs: replacing a dir's dentry detaches mounts.)
-                    let attr = self.ovl.attr(&node, &st);
-                    drop(node);
-                    let now = Duration::ZERO;
-                    let counted = self
-                        .ovl
-                        .table
-                        .bump(attr.ino.0)
-                        .map(|n| Counted::new(&self.ovl, n));
-                    if reply.add(attr.ino, off, &e.name, &now, &attr, Generation(0)) {
-                        break;
-                    }
-                    counted.map(Counted::keep);
-                }
-                Err(_) => {
-                    // Listed but not looked up (a whiteout in a one-layer
-                    // dir). Node id 0 would hide it (d_ino 0), so it gets an
-                    // id of its own that expires at once: the next lookup
-                    // finds nothing, as on the kernel.
-                    attr.ino = INodeNo(self.ovl.table.unused_id());
-                    attr.kind = e.kind;
-                    let now = Duration::ZERO;
-                    if reply.add(attr.ino, off, &e.name, &now, &attr, Generation(0)) {
-                        break;
-                    }
-                }
-            }
+            p.sent();
         }
         reply.ok();
     }
@@ -741,7 +550,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _r = request::Scope::enter(Op::Releasedir, req.pid(), ino.0);
-        self.dirs.remove(&fh.0);
+        self.dirs.release(fh.0);
         reply.ok();
     }
 
@@ -842,7 +651,7 @@ impl fuser::Filesystem for OverlayFs {
         let r = self.ovl.create_obj(
             parent.0,
             name,
-            self.masked(parent, mode, umask),
+            self.ovl.masked(parent.0, mode, umask, &self.files),
             NewObj::File { flags },
             caller(req),
         );
@@ -864,7 +673,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyCreate,
     ) {
         let _r = request::Scope::enter(Op::Tmpfile, req.pid(), parent.0);
-        let mode = self.masked(parent, mode, umask);
+        let mode = self.ovl.masked(parent.0, mode, umask, &self.files);
         match self.ovl.create_tmpfile(parent.0, mode, flags, caller(req)) {
             Ok((node, st, fd)) => self.reply_created(reply, node, &st, fd, flags),
             Err(e) => reply.error(errno(e)),

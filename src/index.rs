@@ -6,11 +6,11 @@
 //! relative to the index inode's own count (`U+N` or `U-N`), since the
 //! index entry and the lower names that are not yet linked up skew it.
 
+use crate::error::{Error, Result, StartResult};
 use crate::inode::Inode;
 use crate::overlay::{Overlay, Ox};
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, CString};
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -20,20 +20,20 @@ impl Overlay {
     /// first lower root as its origin and `W/index` records the upper root,
     /// so the index is never used with other layers. Checks come before
     /// any change.
-    pub(crate) fn open_index(&self, workdir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    pub(crate) fn open_index(&self, workdir: BorrowedFd<'_>) -> StartResult<OwnedFd> {
         let lower_root = self.layers.get(1).root.clone();
         let upper_root = self.upper_root();
         let lower_fh = self
             .encode_fh(lower_root.as_fd(), false)
-            .ok_or_else(|| io::Error::other("index=on: lower layer has no file handles"))?;
+            .ok_or_else(|| Error::new("index=on: lower layer has no file handles"))?;
         let upper_fh = self
             .encode_fh(upper_root, true)
-            .ok_or_else(|| io::Error::other("index=on: upper layer has no file handles"))?;
+            .ok_or_else(|| Error::new("index=on: upper layer has no file handles"))?;
         let origin = self.xattr(Ox::Origin);
         let upper = self.xattr(Ox::Upper);
         let root_origin = sys::getxattr(upper_root, origin).ok();
         if root_origin.as_ref().is_some_and(|o| *o != lower_fh) {
-            return Err(io::Error::other(
+            return Err(Error::new(
                 "index=on: upper root origin does not match the first lower layer \
                  (the upper dir was used with other lower layers)",
             ));
@@ -46,7 +46,7 @@ impl Overlay {
         let existing = open_index().ok();
         if let Some(fd) = &existing {
             if sys::getxattr(fd.as_fd(), upper).is_ok_and(|u| u != upper_fh) {
-                return Err(io::Error::other(format!(
+                return Err(Error::new(format!(
                     "index=on: {} belongs to another upper dir",
                     index_path.display()
                 )));
@@ -58,24 +58,25 @@ impl Overlay {
             Some(fd) => self.stale_index_entries(fd.as_fd(), &index_path)?,
             None => Vec::new(),
         };
+        let cannot = |e| Error::at("index=on: cannot set up", &index_path, e);
         let fd = match existing {
             Some(fd) => fd,
             None => {
                 match sys::mkdirat(workdir, c"index", 0) {
                     Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(e),
+                    Err(e) if e.raw() == libc::EEXIST => {}
+                    Err(e) => return Err(cannot(e)),
                 }
-                open_index()?
+                open_index().map_err(cannot)?
             }
         };
         if root_origin.is_none() {
-            sys::setxattr(upper_root, origin, &lower_fh, 0)?;
+            sys::setxattr(upper_root, origin, &lower_fh, 0).map_err(cannot)?;
         }
         if sys::getxattr(fd.as_fd(), upper).is_err() {
-            sys::setxattr(fd.as_fd(), upper, &upper_fh, 0)?;
+            sys::setxattr(fd.as_fd(), upper, &upper_fh, 0).map_err(cannot)?;
         }
-        let rd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let rd = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(cannot)?;
         for name in drop {
             log::info!("index: removing {:?}", name);
             if let Err(e) = sys::unlinkat(rd.as_fd(), &name, 0) {
@@ -91,19 +92,20 @@ impl Overlay {
     /// (stale), and entries no name uses any more (orphans: one link, and
     /// a union count of zero). A name that is not a file handle, or a file
     /// without the origin its name says, is an error.
-    fn stale_index_entries(&self, dir: BorrowedFd<'_>, path: &Path) -> io::Result<Vec<CString>> {
+    fn stale_index_entries(&self, dir: BorrowedFd<'_>, path: &Path) -> StartResult<Vec<CString>> {
+        let cannot = |e| Error::at("index=on: cannot read", path, e);
         let bad = |name: &CString, why: &str| {
-            io::Error::other(format!(
+            Error::new(format!(
                 "index=on: {}/{}: {why}; remove the index dir or mount with index=off",
                 path.display(),
                 name.to_string_lossy()
             ))
         };
-        let rd = sys::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let rd = sys::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY).map_err(cannot)?;
         let origin = self.xattr(Ox::Origin);
         let mut drop = Vec::new();
-        for e in sys::read_dir_all(&rd)? {
-            let name = sys::cstr(&e.name)?;
+        for e in sys::read_dir_all(&rd).map_err(cannot)? {
+            let name = sys::cstr(&e.name).map_err(cannot)?;
             let bytes = name.as_bytes();
             if bytes.first() == Some(&b'#') {
                 if e.d_type != libc::DT_DIR {
@@ -114,7 +116,7 @@ impl Overlay {
             let Some(fh) = unhex(bytes).filter(|fh| fh.len() >= 21) else {
                 return Err(bad(&name, "not a file handle"));
             };
-            let st = sys::fstatat(rd.as_fd(), &name)?;
+            let st = sys::fstatat(rd.as_fd(), &name).map_err(cannot)?;
             if sys::is_whiteout(&st) || sys::is_dir(st.st_mode) {
                 continue;
             }
@@ -127,7 +129,7 @@ impl Overlay {
                 Err(_) => return Err(bad(&name, "no origin")),
             }
             if st.st_nlink == 1 {
-                let fd = sys::openat(rd.as_fd(), &name, libc::O_PATH, 0)?;
+                let fd = sys::openat(rd.as_fd(), &name, libc::O_PATH, 0).map_err(cannot)?;
                 if self.decode_origin(&fh).is_none() || self.union_nlink_raw(fd.as_fd(), &st) <= 0 {
                     drop.push(name);
                 }
@@ -142,7 +144,7 @@ impl Overlay {
 
     /// The index dir and entry of an indexed node that has been copied up,
     /// where its lower names find their data.
-    pub fn index_dir_entry(&self, node: &Inode) -> Option<(Arc<OwnedFd>, CString)> {
+    pub(crate) fn index_dir_entry(&self, node: &Inode) -> Option<(Arc<OwnedFd>, CString)> {
         let name = node.index_name()?;
         let dir = self.index.clone()?;
         sys::fstatat(dir.as_fd(), &name).ok()?;
@@ -151,18 +153,18 @@ impl Overlay {
 
     /// Whether copy-up of this lower object goes through the index: a lower
     /// hard link, with index=on.
-    pub fn indexes(&self, st: &Stat) -> bool {
+    pub(crate) fn indexes(&self, st: &Stat) -> bool {
         self.index.is_some() && !sys::is_dir(st.st_mode) && st.st_nlink > 1
     }
 
     /// The index entry name of a lower object: the hex of its file handle.
-    pub fn index_name(&self, lower: BorrowedFd<'_>) -> Option<CString> {
+    pub(crate) fn index_name(&self, lower: BorrowedFd<'_>) -> Option<CString> {
         hex_name(&self.encode_fh(lower, false)?)
     }
 
     /// The link count users see for an indexed object with stat `st`, from
     /// its `nlink` xattr read through `fd`; its own count if that is unusable.
-    pub fn union_nlink(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
+    pub(crate) fn union_nlink(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
         u64::try_from(self.union_nlink_raw(fd, st))
             .ok()
             .filter(|&n| n > 0)
@@ -171,7 +173,7 @@ impl Overlay {
 
     /// Stores the union link count relative to the upper inode's, before a
     /// link, unlink or rename changes both (the kernel's `ovl_nlink_start`).
-    fn set_nlink_upper(&self, fd: BorrowedFd<'_>, union: u64) -> io::Result<()> {
+    fn set_nlink_upper(&self, fd: BorrowedFd<'_>, union: u64) -> Result<()> {
         let st = sys::fstat(fd)?;
         let v = format!("U{:+}", union as i64 - st.st_nlink as i64);
         sys::setxattr(fd, self.xattr(Ox::Nlink), v.as_bytes(), 0)
@@ -180,7 +182,7 @@ impl Overlay {
     /// Before a name of an indexed node is linked, unlinked or renamed
     /// over: link it up, then record the union count (the kernel's
     /// `ovl_nlink_start`). Returns the upper fd to finish with.
-    pub fn nlink_start(&self, node: &Arc<Inode>) -> io::Result<Option<OwnedFd>> {
+    pub(crate) fn nlink_start(&self, node: &Arc<Inode>) -> Result<Option<OwnedFd>> {
         if node.is_dir() || !node.has_index() {
             return Ok(None);
         }
@@ -194,7 +196,7 @@ impl Overlay {
 
     /// After the change: an index entry no name uses any more goes (the
     /// kernel's `ovl_cleanup_index`).
-    pub fn nlink_end(&self, node: &Arc<Inode>, fd: Option<OwnedFd>) {
+    pub(crate) fn nlink_end(&self, node: &Arc<Inode>, fd: Option<OwnedFd>) {
         let Some(fd) = fd else {
             return;
         };
@@ -223,13 +225,13 @@ impl Overlay {
 
     /// Copy-up of a name whose lower inode is already indexed: the index
     /// entry is linked at the name (the kernel's `ovl_link_up`).
-    pub fn link_up(
+    pub(crate) fn link_up(
         &self,
         parent: &Arc<Inode>,
         upper_dir: BorrowedFd<'_>,
         name: &CStr,
         index: (BorrowedFd<'_>, CString),
-    ) -> io::Result<Stat> {
+    ) -> Result<Stat> {
         let pst = sys::fstat(upper_dir)?;
         self.set_impure(parent, upper_dir);
         let (idir, iname) = index;
@@ -246,7 +248,7 @@ impl Overlay {
     /// record the union count, enter it in the index, then move it to its
     /// name. A crash in between leaves an index entry no name uses, which
     /// a later copy-up links up.
-    pub fn install_indexed(
+    pub(crate) fn install_indexed(
         &self,
         work: BorrowedFd<'_>,
         tmp: &CStr,
@@ -254,7 +256,7 @@ impl Overlay {
         index_name: &CStr,
         upper_dir: BorrowedFd<'_>,
         name: &CStr,
-    ) -> io::Result<()> {
+    ) -> Result<()> {
         let idir = self.index_fd().ok_or_else(|| sys::err(libc::EIO))?;
         let fd = sys::openat(work, tmp, libc::O_PATH, 0)?;
         // Two links (index and name) will stand for the lower count.
@@ -269,7 +271,7 @@ impl Overlay {
     }
 
     /// The index entry name for a copied-up upper object with an origin.
-    pub fn index_name_of_upper(&self, fd: BorrowedFd<'_>) -> Option<CString> {
+    pub(crate) fn index_name_of_upper(&self, fd: BorrowedFd<'_>) -> Option<CString> {
         let dir = self.index_fd()?;
         let name = hex_name(&sys::getxattr(fd, self.xattr(Ox::Origin)).ok()?)?;
         sys::fstatat(dir, &name).ok()?;

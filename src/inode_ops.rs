@@ -1,12 +1,12 @@
 //! Inode operations (the kernel's `inode.c`): attributes, setattr with
 //! copy-up, readlink, statfs.
 
+use crate::error::Result;
 use crate::file::Handles;
 use crate::inode::Inode;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
 use std::ffi::OsString;
-use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -24,12 +24,12 @@ pub struct SetAttr {
 }
 
 impl Overlay {
-    pub fn getattr(
+    pub(crate) fn getattr(
         &self,
         nodeid: u64,
         fh: Option<u64>,
         handles: &Handles,
-    ) -> io::Result<(Arc<Inode>, Stat)> {
+    ) -> Result<(Arc<Inode>, Stat)> {
         let node = self.node(nodeid)?;
         if let Some(h) = fh.and_then(|fh| handles.get(fh, nodeid)) {
             let st = sys::fstat(h.fd().as_fd())?;
@@ -45,12 +45,12 @@ impl Overlay {
         }
     }
 
-    pub fn setattr(
+    pub(crate) fn setattr(
         &self,
         nodeid: u64,
         a: &SetAttr,
         handles: &Handles,
-    ) -> io::Result<(Arc<Inode>, Stat)> {
+    ) -> Result<(Arc<Inode>, Stat)> {
         self.check_writable()?;
         let node = self.node(nodeid)?;
         let writable_fh =
@@ -117,7 +117,7 @@ impl Overlay {
     fn upper_entry(
         &self,
         node: &Arc<Inode>,
-    ) -> io::Result<(Arc<std::os::fd::OwnedFd>, std::ffi::CString)> {
+    ) -> Result<(Arc<std::os::fd::OwnedFd>, std::ffi::CString)> {
         if node.nodeid == crate::inode::ROOT {
             return Ok((
                 self.layers.get(crate::layer::UPPER).root.clone(),
@@ -127,7 +127,7 @@ impl Overlay {
         self.entry_in(node, crate::layer::UPPER)
     }
 
-    pub fn readlink(&self, nodeid: u64) -> io::Result<OsString> {
+    pub(crate) fn readlink(&self, nodeid: u64) -> Result<OsString> {
         let node = self.node(nodeid)?;
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
         let (pfd, name) = self.entry_in(&node, top)?;
@@ -135,7 +135,7 @@ impl Overlay {
     }
 
     /// Statistics of the upper layer (the top lower on a read-only mount), as the kernel.
-    pub fn statfs(&self) -> io::Result<libc::statfs> {
+    pub(crate) fn statfs(&self) -> Result<libc::statfs> {
         sys::fstatfs(self.layers.get(0).root.as_fd())
     }
 }

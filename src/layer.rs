@@ -1,7 +1,7 @@
 //! Layers: the upper dir and the lower dirs, each held by a directory fd.
 
+use crate::error::{Errno, Error, Result, StartResult};
 use crate::sys;
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,23 +27,27 @@ pub struct Layer {
 impl Layer {
     /// Opens a lower layer root as a private clone of its mount, so mounts
     /// inside it (the overlay's own mountpoint among them) are never crossed.
-    pub fn open_lower(path: &Path, idmapped_mounts: &[u64]) -> io::Result<Layer> {
+    pub fn open_lower(path: &Path, idmapped_mounts: &[u64]) -> StartResult<Layer> {
         let root = match sys::open_tree_clone(path) {
             Ok(fd) => fd,
             Err(e) => {
                 log::debug!("open_tree({}): {e}; using the path", path.display());
-                sys::open_dir_path(path)?
+                sys::open_dir_path(path).map_err(|e| Error::at("lowerdir", path, e))?
             }
         };
-        let attached = sys::open_dir_path(path)?;
+        let attached = sys::open_dir_path(path).map_err(|e| Error::at("lowerdir", path, e))?;
         Self::with_root(root, attached.as_fd(), path, idmapped_mounts)
+            .map_err(|e| Error::at("lowerdir", path, e))
     }
 
     /// The upper layer, from the root the workdir preparation opened (and
     /// locked): it must share its mount with the workdir for renames, so
     /// it is used as it is.
-    pub fn upper(root: BorrowedFd<'_>, path: &Path, idmapped_mounts: &[u64]) -> io::Result<Layer> {
-        Self::with_root(root.try_clone_to_owned()?, root, path, idmapped_mounts)
+    pub fn upper(root: BorrowedFd<'_>, path: &Path, idmapped_mounts: &[u64]) -> StartResult<Layer> {
+        let root_fd = root.try_clone_to_owned().map_err(Errno::from);
+        root_fd
+            .and_then(|fd| Self::with_root(fd, root, path, idmapped_mounts))
+            .map_err(|e| Error::at("upperdir", path, e))
     }
 
     /// `attached`: the root on the mount it is attached to (the caller's).
@@ -52,7 +56,7 @@ impl Layer {
         attached: BorrowedFd<'_>,
         path: &Path,
         idmapped_mounts: &[u64],
-    ) -> io::Result<Layer> {
+    ) -> Result<Layer> {
         let st = sys::fstat(root.as_fd())?;
         let uuid = sys::fs_uuid(root.as_fd()).unwrap_or([0; 16]);
         let idmapped = sys::mount_id(attached).is_ok_and(|id| idmapped_mounts.contains(&id));

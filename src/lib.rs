@@ -8,6 +8,7 @@
 
 pub mod copyup;
 pub mod dir;
+pub mod error;
 pub mod file;
 pub mod fs;
 pub mod idmap;
@@ -24,6 +25,7 @@ pub mod prepare;
 pub mod readdir;
 pub mod registry;
 pub mod request;
+pub mod resolve;
 pub mod session;
 pub mod stats;
 #[allow(unsafe_code)]

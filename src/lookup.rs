@@ -2,6 +2,7 @@
 //! non-directories, directories merge down to the first opaque one, and
 //! whiteouts hide what lies below.
 
+use crate::error::Result;
 use crate::inode::{Inode, Key, Redirect};
 use crate::layer::LayerIdx;
 use crate::options::RedirectDir;
@@ -10,13 +11,8 @@ use crate::sys::{self, Stat};
 use crate::whiteout::{is_wh_name, Entry};
 use std::borrow::Cow;
 use std::ffi::{CStr, CString, OsStr, OsString};
-use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-
-fn missing(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
-}
 
 /// What a name resolves to in a merged directory.
 pub struct Found {
@@ -51,7 +47,7 @@ struct LookupState {
     layers: Vec<LayerIdx>,
     next: usize,
     /// What the parent's listing says of the target name (for that name).
-    holders: Option<(CString, crate::overlay::Holders)>,
+    holders: Option<(CString, crate::resolve::Holders)>,
     /// What was found so far.
     found: Option<Found>,
 }
@@ -80,7 +76,7 @@ impl Overlay {
     /// Resolves `name` in `parent` without touching the inode table. Like
     /// the kernel's `ovl_lookup`, a directory's redirect xattr moves the
     /// search in the layers below it.
-    pub fn find(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<Option<Found>> {
+    pub(crate) fn find(&self, parent: &Arc<Inode>, name: &CStr) -> Result<Option<Found>> {
         let mut s = LookupState {
             target: Target::Name(name.to_owned()),
             layers: parent.layers(),
@@ -100,12 +96,7 @@ impl Overlay {
     /// One layer of a lookup (the kernel's `ovl_lookup_layer` and the body
     /// of `ovl_lookup`'s loop): finds the target in layer `l`, merges what
     /// is there into `s.found`, and follows an opaque mark or a redirect.
-    fn lookup_layer(
-        &self,
-        parent: &Arc<Inode>,
-        s: &mut LookupState,
-        l: LayerIdx,
-    ) -> io::Result<Step> {
+    fn lookup_layer(&self, parent: &Arc<Inode>, s: &mut LookupState, l: LayerIdx) -> Result<Step> {
         use Step::{Done, Next};
         // As the kernel: with redirect_dir=on an upper dir's redirect is
         // read even in a parent without lower layers (an absolute one
@@ -123,7 +114,7 @@ impl Overlay {
         let (dfd, cname, stop): (_, Cow<'_, CStr>, _) = match &s.target {
             Target::Name(n) => match self.dir_fd(parent, l) {
                 Ok(fd) => (fd, Cow::Borrowed(n.as_c_str()), false),
-                Err(e) if missing(&e) => return Ok(Next),
+                Err(e) if e.is_missing() => return Ok(Next),
                 Err(e) => return Err(e),
             },
             Target::Path(p) => match self.walk_path(l, p) {
@@ -132,7 +123,7 @@ impl Overlay {
                     stop,
                 }) => (fd, Cow::Owned(n), stop),
                 Ok(Walked { at: None, stop }) => return Ok(if stop { Done } else { Next }),
-                Err(e) if missing(&e) => return Ok(Next),
+                Err(e) if e.is_missing() => return Ok(Next),
                 Err(e) => return Err(e),
             },
         };
@@ -220,7 +211,7 @@ impl Overlay {
     /// a time as the kernel's `ovl_lookup_layer` walks it: a whiteout or a
     /// non-directory on the way ends the merge in this layer, and so does
     /// an opaque directory, after this layer is searched.
-    pub fn walk_path(&self, l: LayerIdx, path: &[OsString]) -> io::Result<Walked> {
+    pub(crate) fn walk_path(&self, l: LayerIdx, path: &[OsString]) -> Result<Walked> {
         let (last, dirs) = path.split_last().ok_or_else(|| sys::err(libc::ENOENT))?;
         let mut fd = self.layers.get(l).root.clone();
         let mut stop = false;
@@ -251,20 +242,20 @@ impl Overlay {
     }
 
     /// Whether a directory entry carries the opaque xattr.
-    pub fn is_opaque_at(&self, dir: std::os::fd::BorrowedFd<'_>, name: &CStr) -> bool {
+    pub(crate) fn is_opaque_at(&self, dir: std::os::fd::BorrowedFd<'_>, name: &CStr) -> bool {
         match sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0) {
             Ok(fd) => self.is_opaque_fd(fd.as_fd()),
             Err(_) => false,
         }
     }
 
-    pub fn is_opaque_fd(&self, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    pub(crate) fn is_opaque_fd(&self, fd: std::os::fd::BorrowedFd<'_>) -> bool {
         matches!(sys::getxattr(fd, self.xattr(Ox::Opaque)), Ok(v) if v == b"y")
     }
 
     /// Whether `name` is visible in a lower layer of `parent`: removing it
     /// from the upper layer then needs a whiteout.
-    pub fn lower_positive(&self, parent: &Arc<Inode>, name: &CStr) -> io::Result<bool> {
+    pub(crate) fn lower_positive(&self, parent: &Arc<Inode>, name: &CStr) -> Result<bool> {
         let layers = parent.layers();
         let mut holders = self.holders(parent, &layers, name);
         for l in layers {
@@ -285,7 +276,7 @@ impl Overlay {
     }
 
     /// The key and reported inode number for a found object.
-    pub fn key_of(&self, parent: &Arc<Inode>, name: &OsStr, f: &Found) -> (Key, u64) {
+    pub(crate) fn key_of(&self, parent: &Arc<Inode>, name: &OsStr, f: &Found) -> (Key, u64) {
         let top = f.layers[0];
         let dev = self.layers.get(top).dev;
         let real = f.st.st_ino;
@@ -342,7 +333,7 @@ impl Overlay {
     }
 
     /// The FUSE lookup: resolves and counts a kernel reference.
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(Counted<'_>, Stat)> {
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<(Counted<'_>, Stat)> {
         let parent = self.node(parent)?;
         if !parent.is_dir() {
             return Err(sys::err(libc::ENOTDIR));
@@ -411,7 +402,7 @@ impl Overlay {
 
     /// A lower name of an indexed hard link whose index entry is a
     /// metadata-only copy reads its own lower file: the entry has no data.
-    pub fn own_lower_data(&self, node: &Arc<Inode>) -> Option<Arc<OwnedFd>> {
+    pub(crate) fn own_lower_data(&self, node: &Arc<Inode>) -> Option<Arc<OwnedFd>> {
         let top = node.top()?;
         if self.layers.is_upper(top) || !self.cfg.metacopy || !node.has_index() {
             return None;
@@ -425,7 +416,12 @@ impl Overlay {
     }
 
     /// Enters a found object into the inode table.
-    pub fn instantiate(&self, parent: &Arc<Inode>, name: &OsStr, f: Found) -> (Counted<'_>, Stat) {
+    pub(crate) fn instantiate(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        f: Found,
+    ) -> (Counted<'_>, Stat) {
         let (key, ino) = self.key_of(parent, name, &f);
         let Found {
             st,

@@ -83,15 +83,15 @@ pub fn unmount_retry(p: &Path) -> io::Result<()> {
     for _ in 0..40 {
         match crate::sys::umount2(p, 0) {
             Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e) if e.raw() == libc::EBUSY => {
                 std::thread::sleep(std::time::Duration::from_millis(50))
             }
             // Not a mount point: already gone.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) if e.raw() == libc::EINVAL => return Ok(()),
+            Err(e) => return Err(e.into()),
         }
     }
-    crate::sys::umount2(p, libc::MNT_DETACH)
+    crate::sys::umount2(p, libc::MNT_DETACH).map_err(Into::into)
 }
 
 /// The ids of this process's idmapped mounts (their ids are shown shifted).

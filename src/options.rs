@@ -2,8 +2,8 @@
 //!
 //! Parsing and validation never touch the disk, so bad input changes nothing.
 
+use crate::error::Error;
 use crate::idmap::{IdMap, IdMaps};
-use std::fmt;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -106,30 +106,7 @@ impl MountConfig {
     }
 }
 
-/// A bad mount option or layer; `Display` is one line for stderr.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OptionsError(String);
-
-impl OptionsError {
-    fn new(msg: impl Into<String>) -> Self {
-        OptionsError(msg.into())
-    }
-
-    /// The message without the `rovl: ` prefix.
-    pub fn message(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for OptionsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rovl: {}", self.0)
-    }
-}
-
-impl std::error::Error for OptionsError {}
-
-type Result<T> = std::result::Result<T, OptionsError>;
+type Result<T> = crate::error::StartResult<T>;
 
 /// Generic flags; within a group the last one given wins.
 const VFS_FLAG_GROUPS: &[&[&str]] = &[
@@ -206,11 +183,7 @@ fn unescape(key: &str, s: &str) -> Result<String> {
         if c == '\\' {
             match chars.next() {
                 Some(n) => out.push(n),
-                None => {
-                    return Err(OptionsError::new(format!(
-                        "{key}: trailing backslash in \"{s}\""
-                    )))
-                }
+                None => return Err(Error::new(format!("{key}: trailing backslash in \"{s}\""))),
             }
         } else {
             out.push(c);
@@ -222,21 +195,21 @@ fn unescape(key: &str, s: &str) -> Result<String> {
 /// Splits `lowerdir=` on unescaped `:` and unescapes each component.
 fn split_lowerdir(v: &str) -> Result<Vec<String>> {
     if v.is_empty() {
-        return Err(OptionsError::new("lowerdir is empty"));
+        return Err(Error::new("lowerdir is empty"));
     }
     if v.starts_with(':') {
-        return Err(OptionsError::new(format!(
+        return Err(Error::new(format!(
             "lowerdir \"{v}\" starts with ':' (cannot append a layer)"
         )));
     }
     let raw = split_escaped(v, ':', false);
     if raw.last().is_some_and(|s| s.is_empty()) {
-        return Err(OptionsError::new(format!(
+        return Err(Error::new(format!(
             "unescaped trailing colon in lowerdir \"{v}\""
         )));
     }
     if raw.iter().any(|s| s.is_empty()) {
-        return Err(OptionsError::new(format!(
+        return Err(Error::new(format!(
             "empty component in lowerdir \"{v}\" (data-only layers \"::\" are not supported)"
         )));
     }
@@ -246,25 +219,21 @@ fn split_lowerdir(v: &str) -> Result<Vec<String>> {
     raw.iter().map(|s| unescape("lowerdir", s)).collect()
 }
 
-fn too_many_lowers() -> OptionsError {
-    OptionsError::new(format!("too many lower directories, limit is {MAX_LOWERS}"))
+fn too_many_lowers() -> Error {
+    Error::new(format!("too many lower directories, limit is {MAX_LOWERS}"))
 }
 
 fn need_value<'a>(key: &str, val: Option<&'a str>) -> Result<&'a str> {
     match val {
         Some(v) if !v.is_empty() => Ok(v),
-        _ => Err(OptionsError::new(format!(
-            "mount option \"{key}\" needs a value"
-        ))),
+        _ => Err(Error::new(format!("mount option \"{key}\" needs a value"))),
     }
 }
 
 fn no_value(key: &str, val: Option<&str>) -> Result<()> {
     match val {
         None => Ok(()),
-        Some(_) => Err(OptionsError::new(format!(
-            "mount option \"{key}\" takes no value"
-        ))),
+        Some(_) => Err(Error::new(format!("mount option \"{key}\" takes no value"))),
     }
 }
 
@@ -276,8 +245,8 @@ fn on_off(key: &str, val: Option<&str>) -> Result<bool> {
     }
 }
 
-fn bad_value(key: &str, v: &str, expected: &str) -> OptionsError {
-    OptionsError::new(format!(
+fn bad_value(key: &str, v: &str, expected: &str) -> Error {
+    Error::new(format!(
         "invalid value \"{v}\" for mount option \"{key}\" (expected {expected})"
     ))
 }
@@ -313,7 +282,7 @@ pub fn parse(
     mountpoint: &Path,
     source: Option<&str>,
     cwd: &Path,
-) -> std::result::Result<MountConfig, OptionsError> {
+) -> std::result::Result<MountConfig, Error> {
     let mut lowers: Vec<PathBuf> = Vec::new();
     let mut saw_lowerdir = false;
     let mut upper: Option<PathBuf> = None;
@@ -355,7 +324,7 @@ pub fn parse(
         xattr_permissions: 0,
     };
     if mountpoint.as_os_str().is_empty() {
-        return Err(OptionsError::new("mountpoint is empty"));
+        return Err(Error::new("mountpoint is empty"));
     }
 
     for raw in opts.iter().filter(|o| !o.is_empty()) {
@@ -371,7 +340,7 @@ pub fn parse(
             }
             "lowerdir+" => {
                 if saw_lowerdir {
-                    return Err(OptionsError::new("lowerdir+ cannot follow lowerdir"));
+                    return Err(Error::new("lowerdir+ cannot follow lowerdir"));
                 }
                 // Taken verbatim, like the kernel (no escapes, no ':' split).
                 let v = need_value(key, val)?;
@@ -434,7 +403,7 @@ pub fn parse(
             // fuse-overlayfs' options, with the meaning it gives them.
             "uidmapping" | "gidmapping" => {
                 let ranges = IdMap::parse_ranges(need_value(key, val)?).map_err(|e| {
-                    OptionsError::new(format!("invalid value for mount option \"{key}\": {e}"))
+                    Error::new(format!("invalid value for mount option \"{key}\": {e}"))
                 })?;
                 match key {
                     "uidmapping" => cfg.ids.uid.ranges = ranges,
@@ -479,7 +448,7 @@ pub fn parse(
                 flag01(key, val)?;
             }
             "plugins" => {
-                return Err(OptionsError::new(
+                return Err(Error::new(
                     "mount option \"plugins\" is not supported (rovl reads layers from directories only)",
                 ))
             }
@@ -508,7 +477,7 @@ pub fn parse(
                 ];
                 let group = vfs_group(key);
                 if group.is_none() && !FLAGS.contains(&key) {
-                    return Err(OptionsError::new(format!("unknown mount option \"{key}\"")));
+                    return Err(Error::new(format!("unknown mount option \"{key}\"")));
                 }
                 no_value(key, val)?;
                 match key {
@@ -537,15 +506,15 @@ pub fn parse(
     }
 
     if lowers.is_empty() {
-        return Err(OptionsError::new("missing lowerdir"));
+        return Err(Error::new("missing lowerdir"));
     }
     if cfg.allow_other && cfg.allow_root {
-        return Err(OptionsError::new(
+        return Err(Error::new(
             "allow_other and allow_root are mutually exclusive",
         ));
     }
     match (&upper, &work) {
-        (Some(_), None) => return Err(OptionsError::new("upperdir requires workdir")),
+        (Some(_), None) => return Err(Error::new("upperdir requires workdir")),
         (None, Some(w)) => {
             // The kernel ignores it too.
             log::warn!(
@@ -558,7 +527,7 @@ pub fn parse(
     }
     if upper.is_none() {
         if lowers.len() < 2 {
-            return Err(OptionsError::new(
+            return Err(Error::new(
                 "at least 2 lowerdir are needed without upperdir",
             ));
         }
@@ -615,7 +584,7 @@ fn resolve_features(
         || (!has_upper && cfg.redirect_dir == RedirectDir::Follow);
     if cfg.metacopy && !redirect_ok {
         if set_redirect && set_metacopy {
-            return Err(OptionsError::new(format!(
+            return Err(Error::new(format!(
                 "conflicting options: metacopy=on,redirect_dir={}",
                 redirect_name(cfg.redirect_dir)
             )));
@@ -632,15 +601,13 @@ fn resolve_features(
     }
     if cfg.userxattr {
         if set_redirect && cfg.redirect_dir != RedirectDir::NoFollow {
-            return Err(OptionsError::new(format!(
+            return Err(Error::new(format!(
                 "conflicting options: userxattr,redirect_dir={}",
                 redirect_name(cfg.redirect_dir)
             )));
         }
         if cfg.metacopy && set_metacopy {
-            return Err(OptionsError::new(
-                "conflicting options: userxattr,metacopy=on",
-            ));
+            return Err(Error::new("conflicting options: userxattr,metacopy=on"));
         }
         cfg.redirect_dir = RedirectDir::NoFollow;
         cfg.metacopy = false;
@@ -649,10 +616,9 @@ fn resolve_features(
 }
 
 fn stat_dir(what: &str, p: &Path) -> Result<fs::Metadata> {
-    let md =
-        fs::metadata(p).map_err(|e| OptionsError::new(format!("{what} {}: {e}", p.display())))?;
+    let md = fs::metadata(p).map_err(|e| Error::new(format!("{what} {}: {e}", p.display())))?;
     if !md.is_dir() {
-        return Err(OptionsError::new(format!(
+        return Err(Error::new(format!(
             "{what} {}: not a directory",
             p.display()
         )));
@@ -661,7 +627,7 @@ fn stat_dir(what: &str, p: &Path) -> Result<fs::Metadata> {
 }
 
 fn canonical(what: &str, p: &Path) -> Result<PathBuf> {
-    fs::canonicalize(p).map_err(|e| OptionsError::new(format!("{what} {}: {e}", p.display())))
+    fs::canonicalize(p).map_err(|e| Error::new(format!("{what} {}: {e}", p.display())))
 }
 
 /// The mount id of `p` (statx), when the kernel reports it.
@@ -677,7 +643,7 @@ fn is_read_only_fs(p: &Path) -> bool {
 /// directories, upper/work share a mount and are separate subtrees, no two
 /// layers overlap (as the kernel requires), and no layer lies in the mountpoint
 /// (the daemon would look itself up).
-pub fn validate(cfg: &MountConfig) -> std::result::Result<(), OptionsError> {
+pub fn validate(cfg: &MountConfig) -> std::result::Result<(), Error> {
     stat_dir("mountpoint", &cfg.mountpoint)?;
     let mnt = canonical("mountpoint", &cfg.mountpoint)?;
 
@@ -691,7 +657,7 @@ pub fn validate(cfg: &MountConfig) -> std::result::Result<(), OptionsError> {
         let um = stat_dir("upperdir", u)?;
         let wm = stat_dir("workdir", w)?;
         if is_read_only_fs(u) {
-            return Err(OptionsError::new(format!(
+            return Err(Error::new(format!(
                 "upperdir {}: read-only file system",
                 u.display()
             )));
@@ -701,7 +667,7 @@ pub fn validate(cfg: &MountConfig) -> std::result::Result<(), OptionsError> {
             _ => um.dev() == wm.dev(),
         };
         if um.dev() != wm.dev() || !same_mount {
-            return Err(OptionsError::new(format!(
+            return Err(Error::new(format!(
                 "workdir {} and upperdir {} must reside under the same mount",
                 w.display(),
                 u.display()
@@ -710,7 +676,7 @@ pub fn validate(cfg: &MountConfig) -> std::result::Result<(), OptionsError> {
         let uc = canonical("upperdir", u)?;
         let wc = canonical("workdir", w)?;
         if uc.starts_with(&wc) || wc.starts_with(&uc) {
-            return Err(OptionsError::new(format!(
+            return Err(Error::new(format!(
                 "workdir {} and upperdir {} must be separate subtrees",
                 w.display(),
                 u.display()
@@ -722,7 +688,7 @@ pub fn validate(cfg: &MountConfig) -> std::result::Result<(), OptionsError> {
 
     for (kind, p, c) in &layers {
         if c.starts_with(&mnt) {
-            return Err(OptionsError::new(format!(
+            return Err(Error::new(format!(
                 "{kind} {} is inside the mountpoint {}",
                 p.display(),
                 cfg.mountpoint.display()
@@ -732,7 +698,7 @@ pub fn validate(cfg: &MountConfig) -> std::result::Result<(), OptionsError> {
     for (i, (ki, pi, ci)) in layers.iter().enumerate() {
         for (kj, pj, cj) in &layers[i + 1..] {
             if ci == cj {
-                return Err(OptionsError::new(format!(
+                return Err(Error::new(format!(
                     "conflicting layer paths: {ki} {} and {kj} {} are the same directory",
                     pi.display(),
                     pj.display()
@@ -745,7 +711,7 @@ pub fn validate(cfg: &MountConfig) -> std::result::Result<(), OptionsError> {
             } else {
                 continue;
             };
-            return Err(OptionsError::new(format!(
+            return Err(Error::new(format!(
                 "overlapping layer paths: {} {} is inside {} {}",
                 inner.0,
                 inner.1.display(),

@@ -3,11 +3,11 @@
 //! and modes cannot be set (rootless, `force_mask`), a file carries the
 //! owner, mode and type it stands for as `uid:gid:mode[:type]`.
 
+use crate::error::Result;
 use crate::inode::Inode;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
 use std::ffi::CStr;
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
@@ -92,7 +92,7 @@ fn parse_kind(t: &str) -> Option<(u32, u64)> {
 
 impl Overlay {
     /// The override xattr's name with `xattr_permissions=1|2`.
-    pub fn override_name(&self) -> Option<&'static CStr> {
+    pub(crate) fn override_name(&self) -> Option<&'static CStr> {
         match self.cfg.xattr_permissions {
             1 => Some(c"security.containers.override_stat"),
             2 => Some(c"user.containers.override_stat"),
@@ -101,7 +101,7 @@ impl Overlay {
     }
 
     /// A real stat of `node` with its override applied, if it has one.
-    pub fn overridden(&self, node: &Arc<Inode>, st: &mut Stat) {
+    pub(crate) fn overridden(&self, node: &Arc<Inode>, st: &mut Stat) {
         let Some(name) = self.override_name() else {
             return;
         };
@@ -128,13 +128,13 @@ impl Overlay {
 
     /// Records a change of owner or mode in the override xattr of the
     /// (copied-up) object at `fd`, instead of on the object itself.
-    pub fn set_override(
+    pub(crate) fn set_override(
         &self,
         fd: BorrowedFd<'_>,
         uid: Option<u32>,
         gid: Option<u32>,
         perm: Option<u32>,
-    ) -> io::Result<()> {
+    ) -> Result<()> {
         let name = self.override_name().ok_or_else(|| sys::err(libc::EINVAL))?;
         let st = sys::fstat(fd)?;
         let mut o = sys::getxattr(fd, name)

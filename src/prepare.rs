@@ -3,10 +3,10 @@
 //! options name is opened here, once. Nothing after this resolves a layer
 //! or workdir path; the overlay and the session get these fds.
 
+use crate::error::{Error, StartResult};
 use crate::layer::{Layer, Layers};
 use crate::options::MountConfig;
 use crate::workdir::{self, WorkDir};
-use std::io;
 
 /// What a mount holds from the start: the layer roots (upper first) and,
 /// with an upper layer, the prepared workdir with its locks.
@@ -20,7 +20,7 @@ pub struct Prepared {
 
 /// Opens (and for a writable mount locks and cleans) what `cfg` names.
 /// Call only after [`crate::options::validate`] passed.
-pub fn prepare(cfg: &MountConfig) -> io::Result<Prepared> {
+pub fn prepare(cfg: &MountConfig) -> StartResult<Prepared> {
     // Read once: a layer on an idmapped mount already shows mapped ids.
     let idmapped = crate::mountinfo::idmapped_ids();
     let mut all = Vec::with_capacity(cfg.lowerdirs.len() + 1);
@@ -37,10 +37,11 @@ pub fn prepare(cfg: &MountConfig) -> io::Result<Prepared> {
         all.push(Layer::open_lower(l, &idmapped)?);
     }
     if all.len() > u16::MAX as usize {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} layers: at most {} fit", all.len(), u16::MAX),
-        ));
+        return Err(Error::new(format!(
+            "{} layers: at most {} fit",
+            all.len(),
+            u16::MAX
+        )));
     }
     let has_upper = workdir.is_some();
     Ok(Prepared {

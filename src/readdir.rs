@@ -2,16 +2,19 @@
 //! merged layer, top layer first, de-duplicated, with whiteouts hidden.
 //! A listing is read once at opendir, so an open directory sees a snapshot.
 
+use crate::error::Result;
 use crate::inode::Inode;
-use crate::overlay::{dtype_kind, Overlay, Ox};
+use crate::overlay::{dtype_kind, Counted, Overlay, Ox};
 use crate::sys;
 use crate::whiteout::{hidden_by, is_wh_name};
+use dashmap::DashMap;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 pub struct DirEntry {
     pub name: OsString,
@@ -23,7 +26,7 @@ impl Overlay {
     /// The merged listing of a directory, with `.` and `..` first. As the
     /// kernel, a directory of one layer is listed as it is (whiteouts show
     /// as character devices) unless `all_merged` asks for the merged view.
-    pub fn read_merged(&self, node: &Arc<Inode>, all_merged: bool) -> io::Result<Vec<DirEntry>> {
+    pub fn read_merged(&self, node: &Arc<Inode>, all_merged: bool) -> Result<Vec<DirEntry>> {
         let layers = node.layers();
         let parent_ino = match node.alias() {
             Some((p, _)) => p.ino(),
@@ -132,7 +135,7 @@ impl Overlay {
     }
 
     /// Whether a merged directory holds nothing visible (rmdir's test).
-    pub fn check_empty(&self, node: &Arc<Inode>) -> io::Result<()> {
+    pub(crate) fn check_empty(&self, node: &Arc<Inode>) -> Result<()> {
         if self.read_merged(node, true)?.len() > 2 {
             return Err(sys::err(libc::ENOTEMPTY));
         }
@@ -149,5 +152,127 @@ fn mode_dtype(mode: u32) -> u8 {
         libc::S_IFIFO => libc::DT_FIFO,
         libc::S_IFSOCK => libc::DT_SOCK,
         _ => libc::DT_REG,
+    }
+}
+
+/// The open directories (FUSE dir handles).
+#[derive(Default)]
+pub struct DirHandles {
+    map: DashMap<u64, Arc<DirHandle>>,
+    next: AtomicU64,
+}
+
+/// An open directory. Its listing is read at the first readdir and kept, so
+/// the handle sees a snapshot; a listing the kernel serves from its cache
+/// costs nothing.
+struct DirHandle {
+    node: Arc<Inode>,
+    entries: OnceLock<Arc<Vec<DirEntry>>>,
+}
+
+impl DirHandles {
+    /// A handle for directory `node`.
+    pub fn open(&self, node: Arc<Inode>) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let h = DirHandle {
+            node,
+            entries: OnceLock::new(),
+        };
+        self.map.insert(fh, Arc::new(h));
+        fh
+    }
+
+    /// The listing of an open directory, read at its first readdir.
+    pub fn listing(&self, ovl: &Overlay, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let h = self
+            .map
+            .get(&fh)
+            .map(|h| h.clone())
+            .ok_or_else(|| sys::err(libc::EBADF))?;
+        if let Some(e) = h.entries.get() {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(ovl.read_merged(&h.node, false)?);
+        // The kernel sends one readdir at a time per open directory.
+        let _ = h.entries.set(e.clone());
+        Ok(e)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.map.remove(&fh);
+    }
+}
+
+/// One readdirplus entry: what to send, and the lookup it counts.
+pub struct PlusEntry<'a> {
+    pub attr: fuser::FileAttr,
+    pub ttl: Duration,
+    counted: Option<Counted<'a>>,
+}
+
+impl PlusEntry<'_> {
+    /// The entry went to the kernel, which now counts a lookup of it.
+    pub fn sent(self) {
+        self.counted.map(Counted::keep);
+    }
+}
+
+impl Overlay {
+    /// Entry `i` of directory `dir`'s listing, as readdirplus sends it: a
+    /// lookup reply for the name (dropped unsent, its count goes).
+    pub(crate) fn plus_entry(&self, dir: u64, i: usize, e: &DirEntry) -> PlusEntry<'_> {
+        let mut attr = self.attr_template();
+        let now = Duration::ZERO;
+        if i < 2 {
+            // The kernel links neither "." nor "..": no lookup is counted.
+            attr.ino = fuser::INodeNo(e.ino);
+            let ttl = self.ttl;
+            return PlusEntry {
+                attr,
+                ttl,
+                counted: None,
+            };
+        }
+        match self.lookup(dir, &e.name) {
+            Ok((node, st)) if node.ino_is_id() || node.ino() <= 1 || node.is_dir() => {
+                // As a lookup reply: the node id as `ino`, and no cached
+                // attributes where the reported number differs.
+                let (attr, ttl) = self.entry_attr(&node, &st);
+                PlusEntry {
+                    attr,
+                    ttl,
+                    counted: Some(node),
+                }
+            }
+            Ok((node, st)) => {
+                // fuser sends the node id as d_ino. To show the reported
+                // number, the entry names that number as its node, and
+                // expires at once: the kernel's next use of the name looks
+                // it up again and finds this node. The kernel counts a
+                // lookup of that id, so we do too if it lives. (Not for
+                // dirs: replacing a dir's dentry detaches mounts.)
+                let attr = self.attr(&node, &st);
+                drop(node);
+                let counted = self.table.bump(attr.ino.0).map(|n| Counted::new(self, n));
+                PlusEntry {
+                    attr,
+                    ttl: now,
+                    counted,
+                }
+            }
+            Err(_) => {
+                // Listed but not looked up (a whiteout in a one-layer dir).
+                // Node id 0 would hide it (d_ino 0), so it gets an id of its
+                // own that expires at once: the next lookup finds nothing,
+                // as on the kernel.
+                attr.ino = fuser::INodeNo(self.table.unused_id());
+                attr.kind = e.kind;
+                PlusEntry {
+                    attr,
+                    ttl: now,
+                    counted: None,
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Mounting: builds the filesystem, mounts `/dev/fuse` as `fuse.rovl`, and
 //! runs the multi-threaded FUSE session.
 
+use crate::error::{Error, StartResult};
 use crate::fs::OverlayFs;
 use crate::layer::Layers;
 use crate::options::MountConfig;
@@ -75,7 +76,7 @@ impl Drop for Mounted {
 fn unmount(p: &Path, lazy: bool, helper: bool) -> io::Result<()> {
     if !helper {
         let flags = if lazy { libc::MNT_DETACH } else { 0 };
-        return sys::umount2(p, flags);
+        return sys::umount2(p, flags).map_err(Into::into);
     }
     helper_unmount(p, lazy)
 }
@@ -94,7 +95,7 @@ pub fn helper_unmount(p: &Path, lazy: bool) -> io::Result<()> {
     }
     let msg = String::from_utf8_lossy(&out.stderr);
     if msg.contains("busy") {
-        return Err(sys::err(libc::EBUSY));
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
     }
     let line = msg.lines().next().unwrap_or("failed").trim();
     Err(io::Error::other(line.to_string()))
@@ -128,20 +129,23 @@ fn mount_flags(cfg: &MountConfig, read_only: bool) -> libc::c_ulong {
 
 /// Mounts `cfg` at `cfg.mountpoint` over the layers and workdir
 /// [`crate::prepare`] opened, and completes the FUSE handshake.
-pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> io::Result<Mounted> {
+pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> StartResult<Mounted> {
     // Modes of new files come from the request, never from our umask.
     sys::set_umask(0);
     let fs = OverlayFs::new(Overlay::new(cfg, layers, workdir)?);
+    let cannot = |e| Error::at("cannot mount", &cfg.mountpoint, e);
     let ovl = fs.ovl.clone();
     let read_only = ovl.read_only();
     // Written before the mount is visible, as the kernel does: nothing
     // changes in the layers once it is.
     let new_uuid = ovl.init_upper_uuid();
-    let (fuse, helper) = mount_dev_fuse(cfg, read_only).inspect_err(|_| {
-        if new_uuid {
-            ovl.drop_upper_uuid();
-        }
-    })?;
+    let (fuse, helper) = mount_dev_fuse(cfg, read_only)
+        .map_err(cannot)
+        .inspect_err(|_| {
+            if new_uuid {
+                ovl.drop_upper_uuid();
+            }
+        })?;
     let mut mounted = Mounted {
         session: None,
         ovl: ovl.clone(),
@@ -160,7 +164,13 @@ pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> io
     config.n_threads = Some(threads);
     config.clone_fd = true;
     // The handshake happens here; on failure `mounted` unmounts on drop.
-    let session = fuser::Session::from_fd(fs, fuse, SessionACL::All, config)?;
+    let session = fuser::Session::from_fd(fs, fuse, SessionACL::All, config).map_err(|e| {
+        // fuser says "disconnected" without an errno: unmounted before INIT.
+        match e.kind() {
+            io::ErrorKind::NotConnected => cannot(io::Error::from_raw_os_error(libc::ENOTCONN)),
+            _ => cannot(e),
+        }
+    })?;
     let _ = ovl.notifier.set(session.notifier());
     mounted.session = Some(session);
     raise_readahead(&cfg.mountpoint);
@@ -194,18 +204,18 @@ fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bo
         Ok(fd) => return Ok((fd, false)),
         Err(e) => e,
     };
-    match e.raw_os_error() {
-        Some(libc::EPERM | libc::EACCES) => {}
-        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
+    match e.raw() {
+        libc::EPERM | libc::EACCES => {}
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => {
             return Err(io::Error::new(
-                e.kind(),
+                io::Error::from(e).kind(),
                 format!(
                     "/dev/fuse is not available ({e}): load the fuse module (modprobe fuse), \
                      or give the container --device /dev/fuse"
                 ),
             ))
         }
-        _ => return Err(e),
+        _ => return Err(e.into()),
     }
     // Not permitted to mount: the setuid helper mounts for us.
     log::info!("mount(2) not permitted ({e}): mounting through {FUSERMOUNT}");
@@ -227,14 +237,14 @@ fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bo
     match sys::fusermount(FUSERMOUNT, &opts.join(","), &cfg.mountpoint) {
         Ok(fd) => Ok((fd, true)),
         Err(h) if h.kind() == io::ErrorKind::NotFound => Err(io::Error::new(
-            e.kind(),
+            io::Error::from(e).kind(),
             format!(
                 "{e}: mounting needs root, or {FUSERMOUNT} for unprivileged users \
                  (apt-get install fuse3)"
             ),
         )),
-        Err(h) if e.raw_os_error() == Some(libc::EACCES) => Err(io::Error::new(
-            e.kind(),
+        Err(h) if e.raw() == libc::EACCES => Err(io::Error::new(
+            io::Error::from(e).kind(),
             format!(
                 "cannot open /dev/fuse ({e}) and {FUSERMOUNT} failed ({h}): \
                  distributions ship /dev/fuse with mode 0666 (chmod 0666 /dev/fuse), or run as root"

@@ -8,44 +8,41 @@
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
+
+pub use crate::error::{Errno, Result};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 pub type Stat = libc::stat;
 
-/// Converts a libc return value into `io::Result`.
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+/// Converts a libc return value into a [`Result`].
+fn check(ret: libc::c_int) -> Result<libc::c_int> {
     if ret < 0 {
-        Err(io::Error::last_os_error())
+        Err(Errno::last())
     } else {
         Ok(ret)
     }
 }
 
-fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
+fn check_size(ret: libc::ssize_t) -> Result<usize> {
     if ret < 0 {
-        Err(io::Error::last_os_error())
+        Err(Errno::last())
     } else {
         Ok(ret as usize)
     }
 }
 
-pub fn err(errno: i32) -> io::Error {
-    io::Error::from_raw_os_error(errno)
+pub fn err(errno: i32) -> Errno {
+    Errno::new(errno)
 }
 
-/// The errno of an error, EIO when it carries none.
-pub fn errno_of(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
-}
-
-pub fn cstr(name: &OsStr) -> io::Result<CString> {
+pub fn cstr(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| err(libc::EINVAL))
 }
 
 /// `openat` with `O_NOFOLLOW | O_CLOEXEC` always added.
-pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = check(unsafe {
         libc::openat(
@@ -61,7 +58,7 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Re
 
 /// Opens `path` (mount time only: layer roots and the workdir, whose
 /// symlinks are followed as the kernel's option parsing does).
-pub fn open_path(path: &std::path::Path, flags: i32) -> io::Result<OwnedFd> {
+pub fn open_path(path: &std::path::Path, flags: i32) -> Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     // SAFETY: a valid C string; the new fd is owned at once.
     let fd = check(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) })?;
@@ -70,7 +67,7 @@ pub fn open_path(path: &std::path::Path, flags: i32) -> io::Result<OwnedFd> {
 }
 
 /// Opens a directory by absolute path (mount time only).
-pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
+pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = check(unsafe {
@@ -86,7 +83,7 @@ pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
 /// A private, non-recursive clone of the mount at `path` (`open_tree`
 /// with `OPEN_TREE_CLONE`): the dir as its own filesystem has it, with no
 /// mounts stacked inside it, the way kernel overlayfs sees a layer.
-pub fn open_tree_clone(path: &std::path::Path) -> io::Result<OwnedFd> {
+pub fn open_tree_clone(path: &std::path::Path) -> Result<OwnedFd> {
     // The syscall number is the same on every architecture.
     const SYS_OPEN_TREE: libc::c_long = 428;
     const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -101,7 +98,7 @@ pub fn open_tree_clone(path: &std::path::Path) -> io::Result<OwnedFd> {
         )
     };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(Errno::last());
     }
     // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
@@ -109,7 +106,7 @@ pub fn open_tree_clone(path: &std::path::Path) -> io::Result<OwnedFd> {
 
 /// Re-opens an `O_PATH` fd with real access flags, through its /proc magic link
 /// (which names the inode, not a path inside the layer).
-pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> Result<OwnedFd> {
     let p = proc_path(fd);
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let r = check(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) })?;
@@ -121,7 +118,7 @@ pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
 
-pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> Result<Stat> {
     let mut st = MaybeUninit::<Stat>::uninit();
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
@@ -137,7 +134,7 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
 }
 
 /// The id of the mount `fd` is on (`statx` with `STATX_MNT_ID`).
-pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub fn mount_id(fd: BorrowedFd<'_>) -> Result<u64> {
     // SAFETY: statx only writes into `stx`; the path is an empty C string.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
@@ -156,7 +153,7 @@ pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(stx.stx_mnt_id)
 }
 
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+pub fn fstat(fd: BorrowedFd<'_>) -> Result<Stat> {
     let mut st = MaybeUninit::<Stat>::uninit();
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -164,22 +161,22 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
-pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
 }
 
-pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
 }
 
-pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
 }
 
-pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> Result<OsString> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let n = check_size(unsafe {
@@ -194,7 +191,7 @@ pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
     Ok(OsString::from_vec(buf))
 }
 
-pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<()> {
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
 }
@@ -205,7 +202,7 @@ pub fn renameat2(
     newdir: BorrowedFd<'_>,
     new: &CStr,
     flags: u32,
-) -> io::Result<()> {
+) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::renameat2(
@@ -224,7 +221,7 @@ pub fn linkat(
     old: &CStr,
     newdir: BorrowedFd<'_>,
     new: &CStr,
-) -> io::Result<()> {
+) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::linkat(
@@ -240,7 +237,7 @@ pub fn linkat(
 
 /// Gives the object behind `fd` the name `newdir/new`, through its /proc
 /// magic link: how an O_TMPFILE file (still linkable) gets its first name.
-pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, new: &CStr) -> io::Result<()> {
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, new: &CStr) -> Result<()> {
     let p = proc_path(fd);
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
@@ -255,7 +252,7 @@ pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, new: &CStr) -> io::Re
     .map(drop)
 }
 
-pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::fchownat(
@@ -270,7 +267,7 @@ pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Res
 }
 
 /// chmod of the inode an fd (O_PATH allowed) refers to.
-pub fn fchmod_any(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+pub fn fchmod_any(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
     let p = proc_path(fd);
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
@@ -278,13 +275,13 @@ pub fn fchmod_any(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 
 /// chown of the object behind `fd` (an unlinked file too), through its
 /// /proc magic link.
-pub fn fchown_any(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+pub fn fchown_any(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<()> {
     let p = proc_path(fd);
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::chown(p.as_ptr(), uid, gid) }).map(drop)
 }
 
-pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
+pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::utimensat(
@@ -298,18 +295,18 @@ pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) 
 }
 
 /// Sets times of the inode an fd (O_PATH allowed) refers to.
-pub fn futimens_any(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
+pub fn futimens_any(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> Result<()> {
     let p = proc_path(fd);
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }).map(drop)
 }
 
-pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
 }
 
-pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
     let r = if datasync {
         // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         unsafe { libc::fdatasync(fd.as_raw_fd()) }
@@ -321,7 +318,7 @@ pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
     check(r).map(drop)
 }
 
-pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
     check_size(unsafe {
         // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         libc::pread(
@@ -333,7 +330,7 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> 
     })
 }
 
-pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize> {
     // SAFETY: live fds for the call; the kernel reads and writes only the given lengths.
     check_size(unsafe {
         libc::pwrite(
@@ -345,17 +342,17 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
     })
 }
 
-pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> io::Result<()> {
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) })
         .map(drop)
 }
 
-pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> io::Result<i64> {
+pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> Result<i64> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
     if r < 0 {
-        Err(io::Error::last_os_error())
+        Err(Errno::last())
     } else {
         // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         Ok(r)
@@ -368,7 +365,7 @@ pub fn copy_file_range(
     fd_out: BorrowedFd<'_>,
     off_out: &mut i64,
     len: usize,
-) -> io::Result<usize> {
+) -> Result<usize> {
     // SAFETY: live fds for the call; the kernel reads and writes only the given lengths.
     check_size(unsafe {
         libc::copy_file_range(
@@ -382,12 +379,12 @@ pub fn copy_file_range(
     })
 }
 
-pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }).map(drop)
 }
 
-pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
+pub fn fstatfs(fd: BorrowedFd<'_>) -> Result<libc::statfs> {
     let mut st = MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -395,7 +392,7 @@ pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     Ok(unsafe { st.assume_init() })
 }
 
-pub fn faccessat(dir: BorrowedFd<'_>, name: &CStr, mask: i32) -> io::Result<()> {
+pub fn faccessat(dir: BorrowedFd<'_>, name: &CStr, mask: i32) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
         libc::faccessat(
@@ -413,12 +410,12 @@ pub fn faccessat(dir: BorrowedFd<'_>, name: &CStr, mask: i32) -> io::Result<()> 
 
 /// Runs a size-probing call (`buf` empty asks for the size) until the value
 /// fits: the value may grow between the two calls.
-fn read_sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+fn read_sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> Result<Vec<u8>> {
     // Most values and lists are small: one call usually does.
     let mut small = [0u8; 256];
     match check_size(call(&mut small)) {
         Ok(n) => return Ok(small[..n].to_vec()),
-        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+        Err(e) if e.raw() == libc::ERANGE => {}
         Err(e) => return Err(e),
     }
     loop {
@@ -429,13 +426,13 @@ fn read_sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Ve
                 buf.truncate(n);
                 return Ok(buf);
             }
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) if e.raw() == libc::ERANGE => continue,
             Err(e) => return Err(e),
         }
     }
 }
 
-pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> Result<Vec<u8>> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let p = proc_path(fd);
     // SAFETY: a valid C string; the kernel writes at most the buffer's length into it.
@@ -444,7 +441,7 @@ pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     })
 }
 
-pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
     let p = proc_path(fd);
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe {
@@ -459,7 +456,7 @@ pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io
     .map(drop)
 }
 
-pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> Result<()> {
     let p = proc_path(fd);
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
@@ -478,8 +475,8 @@ struct XattrArgs {
 
 static NO_XATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-fn xattrat_missing(e: &io::Error) -> bool {
-    if e.raw_os_error() == Some(libc::ENOSYS) {
+fn xattrat_missing(e: &Errno) -> bool {
+    if e.raw() == libc::ENOSYS {
         NO_XATTRAT.store(true, std::sync::atomic::Ordering::Relaxed);
         return true;
     }
@@ -488,7 +485,7 @@ fn xattrat_missing(e: &io::Error) -> bool {
 
 /// `getxattr` of `dir/name` without following a symlink, in one system call
 /// where the kernel has `getxattrat`.
-pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<Vec<u8>> {
+pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> Result<Vec<u8>> {
     if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
         let r = read_sized(|b| {
             let mut args = XattrArgs {
@@ -519,7 +516,7 @@ pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<
 }
 
 /// `listxattr` of `dir/name` without following a symlink.
-pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Vec<u8>> {
     if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
         // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         let r = read_sized(|b| unsafe {
@@ -542,7 +539,7 @@ pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
 }
 
 /// The raw NUL-separated name list.
-pub fn listxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+pub fn listxattr(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
     // SAFETY: a live fd and valid C strings; the kernel writes at most the buffer's length into it.
     let p = proc_path(fd);
     // SAFETY: a valid C string; the kernel writes at most the buffer's length into it.
@@ -557,7 +554,7 @@ pub struct RawDirent {
 }
 
 /// Reads all entries of a directory (opened O_RDONLY|O_DIRECTORY), "." and ".." excluded.
-pub fn read_dir_all(fd: &OwnedFd) -> io::Result<Vec<RawDirent>> {
+pub fn read_dir_all(fd: &OwnedFd) -> Result<Vec<RawDirent>> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -571,7 +568,7 @@ pub fn read_dir_all(fd: &OwnedFd) -> io::Result<Vec<RawDirent>> {
             )
         };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(Errno::last());
         }
         if n == 0 {
             break;
@@ -606,7 +603,7 @@ pub fn read_dir_all(fd: &OwnedFd) -> io::Result<Vec<RawDirent>> {
 }
 
 /// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: (handle type, handle bytes).
-pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
+pub fn file_handle(fd: BorrowedFd<'_>) -> Result<(i32, Vec<u8>)> {
     const MAX: usize = 128;
     #[repr(C)]
     struct Fh {
@@ -635,7 +632,7 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
 }
 
 /// `open_by_handle_at` (needs CAP_DAC_READ_SEARCH), as an `O_PATH` fd.
-pub fn open_by_handle(mount: BorrowedFd<'_>, typ: i32, handle: &[u8]) -> io::Result<OwnedFd> {
+pub fn open_by_handle(mount: BorrowedFd<'_>, typ: i32, handle: &[u8]) -> Result<OwnedFd> {
     let mut buf = Vec::with_capacity(8 + handle.len());
     buf.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
     buf.extend_from_slice(&typ.to_ne_bytes());
@@ -649,13 +646,13 @@ pub fn open_by_handle(mount: BorrowedFd<'_>, typ: i32, handle: &[u8]) -> io::Res
         )
     };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(Errno::last());
     }
     // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub fn flock(fd: BorrowedFd<'_>, op: i32) -> io::Result<()> {
+pub fn flock(fd: BorrowedFd<'_>, op: i32) -> Result<()> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     check(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
 }
@@ -752,7 +749,7 @@ fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let n = loop {
         // SAFETY: `msg` describes valid buffers (see above).
         let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+        if n < 0 && Errno::last().raw() == libc::EINTR {
             continue;
         }
         break n;
@@ -782,7 +779,7 @@ pub fn mount_fuse(
     fstype: &CStr,
     flags: libc::c_ulong,
     data: impl FnOnce(RawFd) -> String,
-) -> io::Result<OwnedFd> {
+) -> Result<OwnedFd> {
     // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
     let fd = check(unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
     // SAFETY: `fd` is a fresh descriptor we own.
@@ -825,23 +822,23 @@ pub fn set_umask(mask: u32) -> u32 {
     unsafe { libc::umask(mask as libc::mode_t) }
 }
 
-pub fn umount2(path: &std::path::Path, flags: i32) -> io::Result<()> {
+pub fn umount2(path: &std::path::Path, flags: i32) -> Result<()> {
     let c = cstr(path.as_os_str())?;
     // SAFETY: a valid C string.
     check(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
 }
 
-pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
+pub fn kill(pid: u32, sig: i32) -> Result<()> {
     // SAFETY: kill has no memory-safety preconditions.
     check(unsafe { libc::kill(pid as libc::pid_t, sig) }).map(drop)
 }
 
 /// Fills `buf` from the kernel's random source.
-pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+pub fn getrandom(buf: &mut [u8]) -> Result<()> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(Errno::last());
     }
     if n as usize != buf.len() {
         return Err(err(libc::EIO));
@@ -897,7 +894,7 @@ pub fn mount_id_of_path(path: &std::path::Path) -> Option<u64> {
     (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
 }
 
-pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
+pub fn statvfs(path: &std::path::Path) -> Result<libc::statvfs> {
     let c = cstr(path.as_os_str())?;
     let mut sv = MaybeUninit::<libc::statvfs>::zeroed();
     // SAFETY: statvfs writes into `sv`.
@@ -913,7 +910,7 @@ pub fn zeroed_stat() -> Stat {
 }
 
 /// `FS_IOC_GETFSUUID` of the fs holding the dir `fd`.
-pub fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> Result<[u8; 16]> {
     #[repr(C)]
     struct FsUuid2 {
         len: u8,
@@ -970,7 +967,7 @@ impl SigSet {
 }
 
 /// A pipe, both ends close-on-exec: (read, write).
-pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills `fds` with two new descriptors on success.
     check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
@@ -994,7 +991,7 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
 }
 
 /// Makes `fd` the standard descriptor `target` (0, 1 or 2).
-pub fn dup_onto_std(fd: BorrowedFd<'_>, target: i32) -> io::Result<()> {
+pub fn dup_onto_std(fd: BorrowedFd<'_>, target: i32) -> Result<()> {
     assert!((0..3).contains(&target), "only the standard descriptors");
     // SAFETY: dup2 onto a standard descriptor, which std never owns.
     check(unsafe { libc::dup2(fd.as_raw_fd(), target) }).map(drop)
@@ -1024,13 +1021,13 @@ pub fn close_inherited_except(keep: BorrowedFd<'_>) {
     }
 }
 
-pub fn setsid() -> io::Result<()> {
+pub fn setsid() -> Result<()> {
     // SAFETY: setsid has no preconditions.
     check(unsafe { libc::setsid() }).map(drop)
 }
 
 /// Waits for child `pid`; its raw wait status.
-pub fn waitpid(pid: u32) -> io::Result<i32> {
+pub fn waitpid(pid: u32) -> Result<i32> {
     let mut status = 0;
     // SAFETY: reaps our own child; `status` is written on success.
     check(unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) })?;

@@ -8,12 +8,12 @@
 //!
 //! Names starting with `.wh.` are markers: never listed, looked up or created.
 
+use crate::error::Result;
 use crate::inode::Redirect;
 use crate::layer::LayerIdx;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, CString};
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
 /// The AUFS whiteout prefix.
@@ -60,18 +60,14 @@ pub struct DirMarks {
     pub redirect: Option<Redirect>,
 }
 
-fn missing(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
-}
-
 impl Overlay {
     /// What layer dir `dir` holds under `name`, whiteouts of every format
     /// recognised. A missing name costs one more probe, for `.wh.NAME`.
-    pub fn probe(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> io::Result<Entry> {
+    pub(crate) fn probe(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> Result<Entry> {
         match sys::fstatat(dir, name) {
             Ok(st) if self.is_whiteout_at(dir, name, &st, l) => Ok(Entry::Whiteout),
             Ok(st) => Ok(Entry::Present(st)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Err(e) if e.raw() == libc::ENOENT => {
                 let marked = marker_for(name).is_some_and(|m| sys::fstatat(dir, &m).is_ok());
                 Ok(if marked {
                     Entry::Whiteout
@@ -79,14 +75,20 @@ impl Overlay {
                     Entry::Missing
                 })
             }
-            Err(e) if missing(&e) => Ok(Entry::Missing),
+            Err(e) if e.is_missing() => Ok(Entry::Missing),
             Err(e) => Err(e),
         }
     }
 
     /// A 0/0 character device, or a zero-size file with the whiteout xattr
     /// (as the kernel's lookup, whether or not its dir is marked).
-    pub fn is_whiteout_at(&self, dir: BorrowedFd<'_>, name: &CStr, st: &Stat, l: LayerIdx) -> bool {
+    pub(crate) fn is_whiteout_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        st: &Stat,
+        l: LayerIdx,
+    ) -> bool {
         sys::is_whiteout(st)
             || (sys::mode_type(st.st_mode) == libc::S_IFREG
                 && st.st_size == 0
@@ -109,7 +111,7 @@ impl Overlay {
 
     /// The opaque flag and redirect of a directory entry: one `listxattr`,
     /// then values only of the names present, then the opaque markers.
-    pub fn dir_marks(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> DirMarks {
+    pub(crate) fn dir_marks(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> DirMarks {
         let mut marks = DirMarks::default();
         let list = sys::listxattr_at(dir, name).unwrap_or_default();
         let has = |x: &CStr| list.split(|&b| b == 0).any(|n| n == x.to_bytes());
@@ -147,7 +149,7 @@ impl Overlay {
 
     /// Whether a layer's directory is marked as holding xattr whiteouts
     /// (`opaque=x`): readdir then checks its empty files.
-    pub fn has_xwhiteouts(&self, dir: BorrowedFd<'_>, l: LayerIdx) -> bool {
+    pub(crate) fn has_xwhiteouts(&self, dir: BorrowedFd<'_>, l: LayerIdx) -> bool {
         self.layout_names(&self.xattrs.opaque, l)
             .iter()
             .any(|x| matches!(sys::getxattr(dir, x), Ok(v) if v == b"x"))
@@ -157,9 +159,9 @@ impl Overlay {
     /// or, where mknod is refused (some user namespaces and filesystems),
     /// the kernel's xattr whiteout; its dir must then be marked `opaque=x`
     /// ([`Overlay::mark_xwhiteouts`]). Returns whether it is an xattr whiteout.
-    pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+    pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<bool> {
         match sys::mknodat(dir, name, libc::S_IFCHR, 0) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
+            Err(e) if matches!(e.raw(), libc::EPERM | libc::EOPNOTSUPP) => {
                 log::debug!("mknod of a whiteout refused ({e}): writing an xattr whiteout");
             }
             r => return r.map(|()| false),
@@ -180,7 +182,7 @@ impl Overlay {
     }
 
     /// Marks an upper dir as holding xattr whiteouts, unless it is opaque.
-    pub fn mark_xwhiteouts(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+    pub(crate) fn mark_xwhiteouts(&self, dir: BorrowedFd<'_>) -> Result<()> {
         let opaque = &self.xattrs.opaque[0];
         match sys::getxattr(dir, opaque) {
             Ok(v) if v == b"y" || v == b"x" => Ok(()),
@@ -190,7 +192,7 @@ impl Overlay {
 
     /// Removes the whiteouts of every format inside upper dir `dir/name`,
     /// which holds nothing else (else ENOTEMPTY).
-    pub fn clear_whiteouts(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    pub(crate) fn clear_whiteouts(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         let l = crate::layer::UPPER;
         let d = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         for e in sys::read_dir_all(&d)? {
@@ -207,7 +209,7 @@ impl Overlay {
 
     /// Refuses new names in the `.wh.` format, as fuse-overlayfs does: they
     /// would be hidden, and other tools read them as whiteouts.
-    pub fn check_new_name(name: &CStr) -> io::Result<()> {
+    pub(crate) fn check_new_name(name: &CStr) -> Result<()> {
         if is_wh_name(name.to_bytes()) {
             return Err(sys::err(libc::EINVAL));
         }

@@ -5,9 +5,9 @@
 //! Leftovers in `W/work` come from interrupted copy-ups and are removed
 //! without following symlinks.
 
+use crate::error::{Errno, Error, Result, StartResult};
 use crate::sys;
 use std::ffi::{CStr, CString};
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
@@ -53,25 +53,22 @@ impl WorkDir {
 
     /// Creates `W/work/incompat/volatile` as the kernel does for `volatile`
     /// mounts; it makes later mounts of this workdir fail until removed.
-    pub fn mark_volatile(&self) -> io::Result<()> {
+    pub fn mark_volatile(&self) -> StartResult<()> {
         let incompat = c"incompat";
-        mkdir_if_missing(self.work.as_fd(), incompat)?;
-        let dir = open_dir_force(self.work.as_fd(), incompat)?;
-        mkdir_if_missing(dir.as_fd(), c"volatile")
+        mkdir_if_missing(self.work.as_fd(), incompat)
+            .and_then(|()| open_dir_force(self.work.as_fd(), incompat))
+            .and_then(|dir| mkdir_if_missing(dir.as_fd(), c"volatile"))
+            .map_err(|e| Error::because("cannot mark workdir volatile", e))
     }
-}
-
-fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
 }
 
 /// Opens a layer root by path (following symlinks, like the kernel's
 /// lookup); readable, since `flock` needs more than `O_PATH`.
-fn open_root(what: &str, p: &Path) -> io::Result<OwnedFd> {
-    sys::open_path(p, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| with_path(e, what, p))
+fn open_root(what: &str, p: &Path) -> StartResult<OwnedFd> {
+    sys::open_path(p, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| Error::at(what, p, e))
 }
 
-fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> io::Result<()> {
+fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> StartResult<()> {
     // A daemon whose mount was just unmounted may take a moment to exit and
     // drop its lock: give it up to two seconds before calling the dir busy.
     let mut tries = 40;
@@ -81,54 +78,54 @@ fn lock(fd: BorrowedFd<'_>, what: &str, p: &Path) -> io::Result<()> {
             Err(e) => e,
         };
         tries -= 1;
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || tries == 0 {
+        if e.raw() != libc::EWOULDBLOCK || tries == 0 {
             break e;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!("{what} is busy: {} is in use by another mount", p.display()),
-        ))
+    if e.raw() == libc::EWOULDBLOCK {
+        Err(Error::busy(format!(
+            "{what} is busy: {} is in use by another mount",
+            p.display()
+        )))
     } else {
-        Err(with_path(e, what, p))
+        Err(Error::at(what, p, e))
     }
 }
 
 /// Opens a directory entry of `dir` for reading, without following a symlink.
-fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
     sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
 }
 
 /// `lstat` relative to `dir`; `None` if the entry does not exist.
-fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
+fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<libc::stat>> {
     match sys::fstatat(dir, name) {
         Ok(st) => Ok(Some(st)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw() == libc::ENOENT => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-fn mkdir_if_missing(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+fn mkdir_if_missing(dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
     // Mode 0, like the kernel's work dirs (`d---------`).
     match sys::mkdirat(dir, name, 0) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.raw() == libc::EEXIST => Ok(()),
         r => r,
     }
 }
 
 /// Lets us (not root) enter a mode-0 dir we left behind; root never needs it.
-fn make_accessible(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+fn make_accessible(parent: BorrowedFd<'_>, name: &CStr) -> Result<()> {
     // An O_PATH|O_NOFOLLOW fd pins the entry, so a swapped-in symlink is never chmod'ed through.
     let fd = sys::openat(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
     sys::fchmod_any(fd.as_fd(), 0o700)
 }
 
 /// [`open_dir`], making a mode-0 dir accessible first if we lack the capability.
-fn open_dir_force(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+fn open_dir_force(parent: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
     match open_dir(parent, name) {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+        Err(e) if e.raw() == libc::EACCES => {
             make_accessible(parent, name)?;
             open_dir(parent, name)
         }
@@ -137,7 +134,7 @@ fn open_dir_force(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
 }
 
 /// Names in a freshly opened `dir`, except `.` and `..`.
-fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+fn list_dir(dir: &OwnedFd) -> Result<Vec<CString>> {
     sys::read_dir_all(dir)?
         .into_iter()
         .map(|e| sys::cstr(&e.name))
@@ -145,7 +142,7 @@ fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
 }
 
 /// Removes everything below a freshly opened `dir`, never following symlinks.
-fn empty_dir(dir: &OwnedFd) -> io::Result<()> {
+fn empty_dir(dir: &OwnedFd) -> Result<()> {
     for name in list_dir(dir)? {
         remove_entry(dir.as_fd(), &name)?;
     }
@@ -153,14 +150,14 @@ fn empty_dir(dir: &OwnedFd) -> io::Result<()> {
 }
 
 /// Removes `name` in `parent` (recursively if a directory); missing is fine.
-fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> Result<()> {
     let Some(st) = lstat_at(parent, name)? else {
         return Ok(());
     };
     if sys::is_dir(st.st_mode) {
         let sub = open_dir_force(parent, name)?;
         if let Err(e) = empty_dir(&sub) {
-            if e.kind() != io::ErrorKind::PermissionDenied {
+            if e.raw() != libc::EACCES {
                 return Err(e);
             }
             // Opened without read/write permission (mode 0, not root).
@@ -176,31 +173,29 @@ fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
 
 /// The kernel refuses a workdir whose `work/incompat/` has entries
 /// (e.g. `volatile` from an unclean volatile mount); checked before removing anything.
-fn check_incompat(base: BorrowedFd<'_>, workdir: &Path) -> io::Result<()> {
-    let Some(st) = lstat_at(base, c"work")? else {
+fn check_incompat(base: BorrowedFd<'_>, workdir: &Path) -> StartResult<()> {
+    let cannot = |e: Errno| Error::at("cannot read", &workdir.join(WORK_NAME), e);
+    let Some(st) = lstat_at(base, c"work").map_err(cannot)? else {
         return Ok(());
     };
     if !sys::is_dir(st.st_mode) {
         return Ok(());
     }
-    let work = open_dir_force(base, c"work")?;
-    let Some(st) = lstat_at(work.as_fd(), c"incompat")? else {
+    let work = open_dir_force(base, c"work").map_err(cannot)?;
+    let Some(st) = lstat_at(work.as_fd(), c"incompat").map_err(cannot)? else {
         return Ok(());
     };
     if !sys::is_dir(st.st_mode) {
         return Ok(());
     }
-    let incompat = open_dir_force(work.as_fd(), c"incompat")?;
-    if let Some(feature) = list_dir(&incompat)?.first() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
+    let incompat = open_dir_force(work.as_fd(), c"incompat").map_err(cannot)?;
+    if let Some(feature) = list_dir(&incompat).map_err(cannot)?.first() {
+        return Err(Error::new(format!(
                 "workdir {}: overlay with incompat feature '{}' cannot be mounted (remove {}/work to reuse it)",
                 workdir.display(),
                 feature.to_string_lossy(),
                 workdir.display()
-            ),
-        ));
+        )));
     }
     Ok(())
 }
@@ -208,7 +203,7 @@ fn check_incompat(base: BorrowedFd<'_>, workdir: &Path) -> io::Result<()> {
 /// Locks `workdir` and `upperdir` (failing with `ResourceBusy` if another mount
 /// holds them), then recreates `W/work` empty with mode 0000 as the kernel does.
 /// Call only after [`crate::options::validate`] passed.
-pub fn prepare(workdir: &Path, upperdir: &Path) -> io::Result<WorkDir> {
+pub fn prepare(workdir: &Path, upperdir: &Path) -> StartResult<WorkDir> {
     let base = open_root("workdir", workdir)?;
     lock(base.as_fd(), "workdir", workdir)?;
     let upper = open_root("upperdir", upperdir)?;
@@ -216,15 +211,15 @@ pub fn prepare(workdir: &Path, upperdir: &Path) -> io::Result<WorkDir> {
 
     check_incompat(base.as_fd(), workdir)?;
     let created = lstat_at(base.as_fd(), c"work")
-        .map_err(|e| with_path(e, "cannot stat", &workdir.join(WORK_NAME)))?
+        .map_err(|e| Error::at("cannot stat", &workdir.join(WORK_NAME), e))?
         .is_none();
     remove_entry(base.as_fd(), c"work")
-        .map_err(|e| with_path(e, "cannot clean up workdir", &workdir.join(WORK_NAME)))?;
+        .map_err(|e| Error::at("cannot clean up workdir", &workdir.join(WORK_NAME), e))?;
     mkdir_if_missing(base.as_fd(), c"work")
-        .map_err(|e| with_path(e, "cannot create", &workdir.join(WORK_NAME)))?;
+        .map_err(|e| Error::at("cannot create", &workdir.join(WORK_NAME), e))?;
     // Without CAP_DAC_OVERRIDE a mode-0 dir would be unusable: then it gets 0700.
     let work = open_dir_force(base.as_fd(), c"work")
-        .map_err(|e| with_path(e, "cannot open", &workdir.join(WORK_NAME)))?;
+        .map_err(|e| Error::at("cannot open", &workdir.join(WORK_NAME), e))?;
     Ok(WorkDir {
         work,
         base,
@@ -249,7 +244,7 @@ pub fn trusted_xattrs_usable(work: Option<&WorkDir>) -> bool {
             true
         }
         // An upper fs without xattrs at all fails either way.
-        Err(e) => !matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)),
+        Err(e) => !matches!(e.raw(), libc::EPERM | libc::EACCES),
     }
 }
 
@@ -333,14 +328,14 @@ mod tests {
         let u2 = t.path().join("u2");
         fs::create_dir(&u2).unwrap();
         let e = prepare(&w, &u2).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert_eq!(e.errno(), Some(libc::EBUSY));
         assert!(e.to_string().contains("workdir is busy"), "{e}");
 
         // Same upper, another workdir.
         let w2 = t.path().join("w2");
         fs::create_dir(&w2).unwrap();
         let e = prepare(&w2, &u).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert_eq!(e.errno(), Some(libc::EBUSY));
         assert!(e.to_string().contains("upperdir is busy"), "{e}");
         // The failed attempt changed nothing and released the workdir lock.
         assert!(!w2.join(WORK_NAME).exists());

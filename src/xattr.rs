@@ -2,17 +2,17 @@
 //! are hidden; a name in the overlay namespace set through the mount is
 //! stored escaped (`trusted.overlay.overlay.X`), as kernels since 6.7 do.
 
+use crate::error::Result;
 use crate::file::Handles;
 use crate::overlay::Overlay;
 use crate::sys;
 use std::ffi::{CString, OsStr};
-use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
 impl Overlay {
     /// The real xattr name behind a name seen through the mount.
-    fn real_xattr_name(&self, name: &OsStr) -> io::Result<CString> {
+    fn real_xattr_name(&self, name: &OsStr) -> Result<CString> {
         let b = name.as_bytes();
         let p = self.xattr_prefix.as_bytes();
         if b.starts_with(p) {
@@ -25,14 +25,14 @@ impl Overlay {
     }
 
     /// fuse-overlayfs' `noxattrs=1`.
-    fn check_xattrs(&self) -> io::Result<()> {
+    fn check_xattrs(&self) -> Result<()> {
         if self.cfg.noxattrs {
             return Err(sys::err(libc::EOPNOTSUPP));
         }
         Ok(())
     }
 
-    pub fn getxattr(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> io::Result<Vec<u8>> {
+    pub(crate) fn getxattr(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> Result<Vec<u8>> {
         self.check_xattrs()?;
         let r = self.getxattr_real(nodeid, name, handles);
         // The kernel asks this only when SELinux is not active (the LSM
@@ -41,7 +41,7 @@ impl Overlay {
         match r {
             Err(e)
                 if self.cfg.selinux_enotsup
-                    && e.raw_os_error() == Some(libc::ENODATA)
+                    && e.raw() == libc::ENODATA
                     && name.as_bytes() == b"security.selinux" =>
             {
                 Err(sys::err(libc::EOPNOTSUPP))
@@ -50,7 +50,7 @@ impl Overlay {
         }
     }
 
-    fn getxattr_real(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> io::Result<Vec<u8>> {
+    fn getxattr_real(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> Result<Vec<u8>> {
         let node = self.node(nodeid)?;
         let real = self.real_xattr_name(name)?;
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
@@ -64,7 +64,7 @@ impl Overlay {
         r.or_else(|e| sys::getxattr(self.open_file_fd(&node, handles, e)?.as_fd(), &real))
     }
 
-    pub fn listxattr(&self, nodeid: u64, handles: &Handles) -> io::Result<Vec<u8>> {
+    pub(crate) fn listxattr(&self, nodeid: u64, handles: &Handles) -> Result<Vec<u8>> {
         self.check_xattrs()?;
         let node = self.node(nodeid)?;
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
@@ -94,14 +94,14 @@ impl Overlay {
         Ok(out)
     }
 
-    pub fn setxattr(
+    pub(crate) fn setxattr(
         &self,
         nodeid: u64,
         name: &OsStr,
         value: &[u8],
         flags: i32,
         handles: &Handles,
-    ) -> io::Result<()> {
+    ) -> Result<()> {
         self.check_xattrs()?;
         self.check_writable()?;
         let node = self.node(nodeid)?;
@@ -111,7 +111,7 @@ impl Overlay {
         sys::setxattr(fd.as_fd(), &real, value, flags)
     }
 
-    pub fn removexattr(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> io::Result<()> {
+    pub(crate) fn removexattr(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> Result<()> {
         self.check_xattrs()?;
         self.check_writable()?;
         let node = self.node(nodeid)?;

@@ -39,8 +39,7 @@ mod layers;
 mod ops;
 #[path = "differential/rng.rs"]
 mod rng;
-#[path = "differential/sys.rs"]
-mod sys;
+use common::sys;
 #[path = "differential/tree.rs"]
 mod tree;
 

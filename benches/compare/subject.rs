@@ -2,14 +2,14 @@
 //! /proc/self/mountinfo shows it at the mountpoint with the right type, so a
 //! subject that fails to mount is never timed against the bare directory.
 
+use crate::child::Mounted;
 use rovl::mountinfo::MountInfo;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a FUSE daemon may take to mount, or to exit once unmounted.
 const DAEMON_WAIT: Duration = Duration::from_secs(10);
@@ -176,33 +176,24 @@ impl Mount {
         fstype: &str,
         log: Option<PathBuf>,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + DAEMON_WAIT;
-        loop {
-            match mounted(&self.mnt) {
-                Some(e) if accepts(&e) => return Ok(()),
-                Some(e) => {
-                    return Err(format!(
-                        "mounted as {} (source {}), expected {fstype}",
-                        e.fstype, e.source
-                    ))
-                }
-                None => {}
-            }
-            let exited = match &mut self.daemon {
-                Some(d) => d.child.try_wait().ok().flatten(),
-                None => return Err("mount command succeeded but nothing is mounted".into()),
+        let Some(d) = &mut self.daemon else {
+            return match mounted(&self.mnt) {
+                Some(e) if accepts(&e) => Ok(()),
+                Some(e) => Err(wrong_type(&e, fstype)),
+                None => Err("mount command succeeded but nothing is mounted".into()),
             };
-            if let Some(st) = exited {
+        };
+        match crate::child::wait_mounted(&mut d.child, &self.mnt, DAEMON_WAIT, |_| true) {
+            Mounted::Up(e) if accepts(&e) => Ok(()),
+            Mounted::Up(e) => Err(wrong_type(&e, fstype)),
+            Mounted::Exited(st) => {
                 let out = log.map(|l| fs::read_to_string(l).unwrap_or_default());
-                return Err(format!(
+                Err(format!(
                     "daemon exited ({st}) before mounting: {}",
                     out.unwrap_or_default().trim()
-                ));
+                ))
             }
-            if Instant::now() > deadline {
-                return Err(format!("not mounted after {DAEMON_WAIT:?}"));
-            }
-            sleep(Duration::from_millis(5));
+            Mounted::TimedOut => Err(format!("not mounted after {DAEMON_WAIT:?}")),
         }
     }
 
@@ -212,37 +203,27 @@ impl Mount {
     }
 
     fn release(&mut self) -> Result<(), String> {
-        let mut result = Ok(());
-        if mounted_type(&self.mnt).is_some() {
-            if let Err(e) = umount_retry(&self.mnt) {
-                result = Err(format!("umount {}: {e}", self.mnt.display()));
+        let Some(mut d) = self.daemon.take() else {
+            if mounted_type(&self.mnt).is_some() {
+                return umount_retry(&self.mnt)
+                    .map_err(|e| format!("umount {}: {e}", self.mnt.display()));
             }
+            return Ok(());
+        };
+        match crate::child::stop(&mut d.child, &self.mnt, DAEMON_WAIT) {
+            (Err(e), ..) => Err(format!("umount {}: {e}", self.mnt.display())),
+            (Ok(()), _, false) => Err("daemon did not exit after unmount; killed".into()),
+            (Ok(()), st, true) if !st.success() => Err(format!("daemon exited with {st}")),
+            (Ok(()), ..) => Ok(()),
         }
-        if let Some(mut d) = self.daemon.take() {
-            let deadline = Instant::now() + DAEMON_WAIT;
-            loop {
-                match d.child.try_wait() {
-                    Ok(Some(st)) => {
-                        if !st.success() && result.is_ok() {
-                            result = Err(format!("daemon exited with {st}"));
-                        }
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(5)),
-                    _ => {
-                        // Our own child, by PID.
-                        let _ = d.child.kill();
-                        let _ = d.child.wait();
-                        if result.is_ok() {
-                            result = Err("daemon did not exit after unmount; killed".into());
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-        result
     }
+}
+
+fn wrong_type(e: &MountInfo, fstype: &str) -> String {
+    format!(
+        "mounted as {} (source {}), expected {fstype}",
+        e.fstype, e.source
+    )
 }
 
 impl Drop for Mount {

@@ -1,10 +1,16 @@
 //! What both examples share: finding the rovl binary, printing steps, and a
 //! `rovl mount -f` child that is always unmounted.
 
+#[path = "../../tests/common/child.rs"]
+mod child;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+/// How long the daemon may take to mount, or to exit once unmounted.
+const WAIT: Duration = Duration::from_secs(10);
 
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -95,21 +101,15 @@ impl Mount {
             child: Some(child),
             mountpoint,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if mounted_fstype(&m.mountpoint).is_some_and(|t| t == "fuse.rovl") {
-                return Ok(m);
+        let c = m.child.as_mut().expect("just set");
+        let rovl_up = |i: &rovl::mountinfo::MountInfo| i.fstype == "fuse.rovl";
+        match child::wait_mounted(c, &m.mountpoint, WAIT, rovl_up) {
+            child::Mounted::Up(_) => Ok(m),
+            child::Mounted::Exited(st) => {
+                m.child = None;
+                Err(format!("rovl exited before the mount was ready ({st})"))
             }
-            if let Some(c) = m.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    m.child = None;
-                    return Err(format!("rovl exited before the mount was ready ({st})"));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err("rovl did not mount within 10 s".to_string());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            child::Mounted::TimedOut => Err(format!("rovl did not mount within {WAIT:?}")),
         }
     }
 
@@ -123,48 +123,21 @@ impl Mount {
         if !st.success() {
             return Err(format!("rovl umount failed ({st})"));
         }
-        let st = self.wait(Duration::from_secs(10))?;
-        if !st.success() {
-            return Err(format!("the rovl daemon exited with {st}"));
-        }
-        Ok(())
-    }
-
-    fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
         let Some(mut c) = self.child.take() else {
             return Err("no daemon to wait for".to_string());
         };
-        let deadline = Instant::now() + limit;
-        loop {
-            match c.try_wait() {
-                Ok(Some(st)) => return Ok(st),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    // Ours to end: by PID, then reap.
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    return Err("the rovl daemon did not exit after unmount".to_string());
-                }
-                Err(e) => return Err(format!("waiting for rovl: {e}")),
-            }
+        match child::wait_bounded(&mut c, WAIT) {
+            (st, true) if st.success() => Ok(()),
+            (st, true) => Err(format!("the rovl daemon exited with {st}")),
+            (_, false) => Err("the rovl daemon did not exit after unmount".to_string()),
         }
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if self.child.is_none() {
-            return;
-        }
-        if mounted_fstype(&self.mountpoint).is_some() {
-            let _ = rovl::mountinfo::unmount_retry(&self.mountpoint);
-        }
-        if self.wait(Duration::from_secs(10)).is_err() && mounted_fstype(&self.mountpoint).is_some()
-        {
-            // The daemon was killed: detach its dead mount.
-            let _ = rovl::sys::umount2(&self.mountpoint, libc::MNT_DETACH);
+        if let Some(mut c) = self.child.take() {
+            let _ = child::stop(&mut c, &self.mountpoint, WAIT);
         }
     }
 }

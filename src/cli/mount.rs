@@ -7,7 +7,6 @@ use super::{init_logger, open_log_file, CmdResult};
 use rovl::options::{self, MountConfig};
 use rovl::sys::{umount2, SigSet};
 use std::ffi::OsString;
-use std::io;
 use std::path::{Path, PathBuf};
 
 pub fn mount_cmd(mut common: Common, opts: &[String], mut args: Vec<OsString>) -> CmdResult {
@@ -90,13 +89,13 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
     let rovl::prepare::Prepared { layers, workdir } = match rovl::prepare::prepare(cfg) {
         Ok(p) => p,
         Err(e) => {
-            reporter.failed(&format!("rovl: {e}"));
+            reporter.failed(&e.to_string());
             return Err(Reported);
         }
     };
     if let (Some(w), true) = (&workdir, cfg.volatile) {
         if let Err(e) = w.mark_volatile() {
-            reporter.failed(&format!("rovl: cannot mark workdir volatile: {e}"));
+            reporter.failed(&e.to_string());
             return Err(Reported);
         }
     }
@@ -113,7 +112,7 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
         Ok(s) => s,
         // Unmounted (by umount or a signal) between mount(2) and the
         // kernel's INIT: the mount's life ended as any unmount ends it.
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+        Err(e) if e.errno() == Some(libc::ENOTCONN) => {
             log::info!(
                 "{} was unmounted before it was ready",
                 cfg.mountpoint.display()
@@ -125,10 +124,7 @@ fn serve(cfg: &MountConfig, opts: &[String], reporter: Reporter) -> Result<(), R
             if let Some(w) = workdir {
                 w.abandon();
             }
-            reporter.failed(&format!(
-                "rovl: cannot mount {}: {e}",
-                cfg.mountpoint.display()
-            ));
+            reporter.failed(&e.to_string());
             return Err(Reported);
         }
     };
@@ -268,10 +264,8 @@ fn clear_dead_mount(mountpoint: &Path) -> CmdResult {
         ));
     }
     let r = match umount2(mountpoint, libc::MNT_DETACH) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            rovl::session::helper_unmount(mountpoint, true)
-        }
-        r => r,
+        Err(e) if e.raw() == libc::EPERM => rovl::session::helper_unmount(mountpoint, true),
+        r => r.map_err(Into::into),
     };
     r.map_err(|e| {
         format!(

@@ -37,13 +37,13 @@ pub fn umount_cmd(mountpoint: &Path, lazy: bool) -> CmdResult {
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     match umount2(&target, flags) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&target, lazy),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(format!(
+        Err(e) if e.raw() == libc::EPERM => fusermount_unmount(&target, lazy),
+        Err(e) if e.raw() == libc::EBUSY => Err(format!(
             "rovl: cannot unmount {}: busy (files open or a process's cwd inside; \
              see fuser -vm {0}, or detach now with rovl umount -l)",
             mountpoint.display()
         )),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        Err(e) if e.raw() == libc::EINVAL => {
             Err(format!("rovl: {}: not mounted", mountpoint.display()))
         }
         Err(e) => Err(format!(

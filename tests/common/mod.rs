@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -318,24 +316,7 @@ pub fn unmount_path(p: &Path) -> io::Result<()> {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// Waits up to `limit` for `child`; kills it by PID (SIGKILL) if still running.
-/// Returns the status and whether it exited on its own.
-pub fn wait_bounded(child: &mut Child, limit: Duration) -> (ExitStatus, bool) {
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return (st, true),
-            Ok(None) if start.elapsed() < limit => std::thread::sleep(POLL),
-            _ => break,
-        }
-    }
-    let _ = child.kill();
-    // Never panics (it runs in Drop): a failed wait reports "killed".
-    let st = child
-        .wait()
-        .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
-    (st, false)
-}
+pub use child::wait_bounded;
 
 /// Sends `sig` to a process we started.
 pub fn signal(child: &Child, sig: libc::c_int) {
@@ -435,12 +416,11 @@ fn start_watchdog(pid: u32, reaping: Arc<Mutex<bool>>) {
     });
 }
 
-/// Whether a FUSE mount is up at `p`. When a mount was there before (a
+/// Whether `m` is the FUSE mount at `p`. When a mount was there before (a
 /// dead one, which the new daemon replaces; mount ids are reused), only
 /// once the mountpoint answers.
-fn fuse_mount_up(p: &Path, was_mounted: bool) -> bool {
-    mount_at(p).is_some_and(|m| m.fstype.starts_with("fuse"))
-        && (!was_mounted || fs::metadata(p).is_ok())
+fn fuse_mount_up(m: &MountInfo, p: &Path, was_mounted: bool) -> bool {
+    m.fstype.starts_with("fuse") && (!was_mounted || fs::metadata(p).is_ok())
 }
 
 impl RovlMount {
@@ -477,32 +457,23 @@ impl RovlMount {
             done: false,
             reaping,
         };
-        let start = Instant::now();
-        loop {
-            if fuse_mount_up(&m.mountpoint, was_mounted) {
-                return Ok(m);
-            }
-            if let Ok(Some(st)) = m.child.try_wait() {
+        let up = |i: &MountInfo| fuse_mount_up(i, &m.mountpoint, was_mounted);
+        let why = match child::wait_mounted(&mut m.child, &m.mountpoint, MOUNT_TIMEOUT, up) {
+            child::Mounted::Up(_) => return Ok(m),
+            child::Mounted::Exited(st) => format!("rovl exited before mounting ({st})"),
+            child::Mounted::TimedOut => {
                 m.stop_watchdog();
-                m.done = true;
-                return Err(io::Error::other(format!(
-                    "rovl exited before mounting ({st}); stderr: {}",
-                    m.stderr_text().trim_end()
-                )));
+                // It may mount just as it is killed: `stop` unmounts too.
+                let (_, st, _) = child::stop(&mut m.child, &m.mountpoint, Duration::ZERO);
+                format!("rovl did not mount within {MOUNT_TIMEOUT:?} (killed, {st})")
             }
-            if start.elapsed() > MOUNT_TIMEOUT {
-                m.stop_watchdog();
-                let (st, _) = wait_bounded(&mut m.child, Duration::ZERO);
-                m.done = true;
-                // It may have mounted just as we killed it.
-                let _ = unmount_path(&m.mountpoint);
-                return Err(io::Error::other(format!(
-                    "rovl did not mount within {MOUNT_TIMEOUT:?} (killed, {st}); stderr: {}",
-                    m.stderr_text().trim_end()
-                )));
-            }
-            std::thread::sleep(POLL);
-        }
+        };
+        m.stop_watchdog();
+        m.done = true;
+        Err(io::Error::other(format!(
+            "{why}; stderr: {}",
+            m.stderr_text().trim_end()
+        )))
     }
 
     /// What the daemon wrote on stderr so far.
@@ -520,8 +491,7 @@ impl RovlMount {
         }
         self.stop_watchdog();
         self.done = true;
-        let _ = unmount_path(&self.mountpoint);
-        Some(wait_bounded(&mut self.child, EXIT_TIMEOUT).0)
+        Some(child::stop(&mut self.child, &self.mountpoint, EXIT_TIMEOUT).1)
     }
 
     /// Unmounts and waits for the daemon (killed by PID if it does not exit).
@@ -742,8 +712,14 @@ macro_rules! both_backends {
 // ---------------------------------------------------------------------------
 // File helpers (all panic with the path on unexpected failure)
 
-pub fn cstr(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+pub mod child;
+pub mod sys;
+
+pub use sys::cpath as cstr;
+
+/// A raw-errno result as an `io::Result`.
+fn io<T>(r: sys::Sys<T>) -> io::Result<T> {
+    r.map_err(io::Error::from_raw_os_error)
 }
 
 /// The errno of a failed result; None if it succeeded.
@@ -751,14 +727,6 @@ pub fn errno<T>(r: io::Result<T>) -> Option<i32> {
     match r {
         Ok(_) => None,
         Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
-    }
-}
-
-fn check(r: libc::c_int) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
@@ -794,11 +762,7 @@ pub fn symlink(target: impl AsRef<Path>, p: impl AsRef<Path>) {
 }
 
 pub fn try_lstat(p: impl AsRef<Path>) -> io::Result<libc::stat> {
-    let c = cstr(p.as_ref());
-    // SAFETY: zeroed stat is a valid out-buffer; c is a valid path.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::lstat(c.as_ptr(), &mut st) })?;
-    Ok(st)
+    io(sys::lstat(p.as_ref()))
 }
 
 pub fn lstat(p: impl AsRef<Path>) -> libc::stat {
@@ -823,9 +787,7 @@ pub fn is_whiteout(p: impl AsRef<Path>) -> bool {
 }
 
 pub fn try_mknod(p: impl AsRef<Path>, mode: libc::mode_t, dev: libc::dev_t) -> io::Result<()> {
-    let c = cstr(p.as_ref());
-    // SAFETY: valid path.
-    check(unsafe { libc::mknod(c.as_ptr(), mode, dev) })
+    io(sys::mknod(p.as_ref(), mode, dev))
 }
 
 pub fn mknod(p: impl AsRef<Path>, mode: libc::mode_t, dev: libc::dev_t) {
@@ -861,9 +823,7 @@ pub fn chmod(p: impl AsRef<Path>, mode: u32) {
 }
 
 pub fn try_lchown(p: impl AsRef<Path>, uid: u32, gid: u32) -> io::Result<()> {
-    let c = cstr(p.as_ref());
-    // SAFETY: valid path.
-    check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })
+    io(sys::chown(p.as_ref(), uid, gid, true))
 }
 
 pub fn lchown(p: impl AsRef<Path>, uid: u32, gid: u32) {
@@ -873,26 +833,8 @@ pub fn lchown(p: impl AsRef<Path>, uid: u32, gid: u32) {
 
 /// Sets atime and mtime (seconds, nanoseconds) without following symlinks.
 pub fn try_set_times(p: impl AsRef<Path>, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
-    let c = cstr(p.as_ref());
-    let ts = [
-        libc::timespec {
-            tv_sec: atime.0,
-            tv_nsec: atime.1,
-        },
-        libc::timespec {
-            tv_sec: mtime.0,
-            tv_nsec: mtime.1,
-        },
-    ];
-    // SAFETY: valid path and a two-element timespec array.
-    check(unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
+    let ts = |(tv_sec, tv_nsec)| libc::timespec { tv_sec, tv_nsec };
+    io(sys::utimens(p.as_ref(), [ts(atime), ts(mtime)], true))
 }
 
 pub fn set_times(p: impl AsRef<Path>, atime: (i64, i64), mtime: (i64, i64)) {
@@ -916,23 +858,7 @@ pub fn readlink(p: impl AsRef<Path>) -> PathBuf {
 // --- xattrs (l* variants: never follow symlinks)
 
 pub fn try_getxattr(p: impl AsRef<Path>, name: &str) -> io::Result<Vec<u8>> {
-    let c = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: buf is valid for buf.len() bytes.
-    let r = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
+    io(sys::lgetxattr(p.as_ref(), name))
 }
 
 /// The xattr's value, None if absent (ENODATA); panics on other errors.
@@ -946,18 +872,7 @@ pub fn getxattr(p: impl AsRef<Path>, name: &str) -> Option<Vec<u8>> {
 }
 
 pub fn try_setxattr(p: impl AsRef<Path>, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
-    let c = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    // SAFETY: value is valid for value.len() bytes.
-    check(unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr() as *const libc::c_void,
-            value.len(),
-            flags,
-        )
-    })
+    io(sys::lsetxattr(p.as_ref(), name, value, flags))
 }
 
 pub fn setxattr(p: impl AsRef<Path>, name: &str, value: &[u8]) {
@@ -966,29 +881,11 @@ pub fn setxattr(p: impl AsRef<Path>, name: &str, value: &[u8]) {
 }
 
 pub fn try_removexattr(p: impl AsRef<Path>, name: &str) -> io::Result<()> {
-    let c = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid strings.
-    check(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) })
+    io(sys::lremovexattr(p.as_ref(), name))
 }
 
 pub fn try_listxattr(p: impl AsRef<Path>) -> io::Result<Vec<String>> {
-    let c = cstr(p.as_ref());
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: buf is valid for buf.len() bytes.
-    let r =
-        unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    let mut names: Vec<String> = buf
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    names.sort();
-    Ok(names)
+    io(sys::llistxattr(p.as_ref()))
 }
 
 /// Sorted xattr names of `p`.
@@ -1010,34 +907,10 @@ pub struct Dirent {
 /// All entries of `p` via opendir/readdir, including `.` and `..`, in the
 /// order returned.
 pub fn try_readdir_raw(p: impl AsRef<Path>) -> io::Result<Vec<Dirent>> {
-    let c = cstr(p.as_ref());
-    // SAFETY: valid path; the DIR* is closed below; entries are copied out
-    // before the next readdir call.
-    unsafe {
-        let d = libc::opendir(c.as_ptr());
-        if d.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        let mut v = Vec::new();
-        loop {
-            *libc::__errno_location() = 0;
-            let e = libc::readdir(d);
-            if e.is_null() {
-                let err = *libc::__errno_location();
-                libc::closedir(d);
-                if err != 0 {
-                    return Err(io::Error::from_raw_os_error(err));
-                }
-                return Ok(v);
-            }
-            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr());
-            v.push(Dirent {
-                name: String::from_utf8_lossy(name.to_bytes()).into_owned(),
-                d_type: (*e).d_type,
-                ino: (*e).d_ino,
-            });
-        }
-    }
+    let v = io(sys::readdir_raw(p.as_ref()))?;
+    Ok(v.into_iter()
+        .map(|(name, d_type, ino)| Dirent { name, d_type, ino })
+        .collect())
 }
 
 pub fn readdir_raw(p: impl AsRef<Path>) -> Vec<Dirent> {
@@ -1057,24 +930,7 @@ pub fn names(p: impl AsRef<Path>) -> Vec<String> {
 }
 
 pub fn try_renameat2(from: impl AsRef<Path>, to: impl AsRef<Path>, flags: u32) -> io::Result<()> {
-    let a = cstr(from.as_ref());
-    let b = cstr(to.as_ref());
-    // SAFETY: valid paths; renameat2 via raw syscall (glibc wrapper may be absent).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            flags,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    io(sys::renameat2(from.as_ref(), to.as_ref(), flags))
 }
 
 // ---------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-//! Thin libc wrappers returning raw errnos: the comparison is about exact
-//! errno values, which `std::io` would partly hide (e.g. d_type fallbacks).
+//! The tests' one set of libc wrappers, returning raw errnos: the
+//! differential comparison is about exact errno values, which `std::io`
+//! would partly hide (e.g. d_type fallbacks). `common`'s `try_*` helpers
+//! are these with an `io::Error`.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -315,8 +317,18 @@ pub fn readdir(p: &Path) -> Sys<Vec<(String, u8)>> {
 
 /// Sorted (name, d_type, d_ino) without `.` and `..`.
 pub fn readdir_ino(p: &Path) -> Sys<Vec<(String, u8, u64)>> {
+    let mut out = readdir_raw(p)?;
+    out.retain(|(n, _, _)| n != "." && n != "..");
+    out.sort();
+    Ok(out)
+}
+
+/// Every (name, d_type, d_ino) as readdir(3) returns them, `.` and `..`
+/// included, in its order.
+pub fn readdir_raw(p: &Path) -> Sys<Vec<(String, u8, u64)>> {
     let c = cpath(p);
-    // SAFETY: valid C string; the DIR stream is closed on every path below.
+    // SAFETY: valid C string; the DIR stream is closed on every path below,
+    // and each entry is copied out before the next readdir.
     unsafe {
         let dir = libc::opendir(c.as_ptr());
         if dir.is_null() {
@@ -332,18 +344,14 @@ pub fn readdir_ino(p: &Path) -> Sys<Vec<(String, u8, u64)>> {
                 if e != 0 {
                     return Err(e);
                 }
-                break;
+                return Ok(out);
             }
             let name = CStr::from_ptr((*ent).d_name.as_ptr());
             let name = OsStr::from_bytes(name.to_bytes())
                 .to_string_lossy()
                 .into_owned();
-            if name != "." && name != ".." {
-                out.push((name, (*ent).d_type, (*ent).d_ino));
-            }
+            out.push((name, (*ent).d_type, (*ent).d_ino));
         }
-        out.sort();
-        Ok(out)
     }
 }
 

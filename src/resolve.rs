@@ -1,0 +1,441 @@
+//! From a node to its real objects (the kernel's `ovl_path_real` and
+//! friends in `util.c`): a node's dir fd in each layer, walked one
+//! `openat(O_NOFOLLOW)` per component and cached; the parent fd and name
+//! of an entry (through its index entry or redirect); its real `stat`.
+//! Also the lower listings that tell a lookup which layers can hold a
+//! name. Name lookup itself (a name to a node) is `lookup`.
+
+use crate::error::Result;
+use crate::inode::{Inode, Key, Redirect, ROOT};
+use crate::layer::LayerIdx;
+use crate::overlay::{cstr_of, Overlay};
+use crate::sys::{self, Stat};
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+/// The resolution caches of a mount.
+pub(crate) struct DirCache {
+    /// LRU of directory fds by (node id, layer): name resolution without
+    /// walking from the layer root each time. Bounded by `cache_entries`.
+    fds: Mutex<LruCache<(u64, LayerIdx), Arc<OwnedFd>>>,
+    /// Names in a merged dir's lower layers (which never change), so a
+    /// lookup over many layers probes only those that hold the name.
+    listings: Mutex<NameCache>,
+}
+
+impl DirCache {
+    /// At most `fds` dir fds, and listings of about `entries` * 4 names.
+    pub(crate) fn new(fds: usize, entries: usize) -> DirCache {
+        DirCache {
+            fds: Mutex::new(LruCache::new(
+                NonZeroUsize::new(fds).unwrap_or(NonZeroUsize::MIN),
+            )),
+            listings: Mutex::new(NameCache {
+                lru: LruCache::unbounded(),
+                weight: 0,
+                // Names, not dirs: memory stays bounded however big the dirs.
+                cap: entries.saturating_mul(4).max(1024),
+            }),
+        }
+    }
+
+    /// Dir fds and listed names held now.
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.fds.lock().len(), self.listings.lock().weight)
+    }
+}
+
+/// Which lower layers of a merged directory hold each name. Lower layers
+/// never change, so one listing per dir answers every lookup in it: a name
+/// missing from 50 layers costs one hash probe. Layers are listed as
+/// lookups first need them.
+#[derive(Default)]
+pub struct DirNames {
+    inner: RwLock<NamesInner>,
+}
+
+#[derive(Default)]
+struct NamesInner {
+    names: HashMap<Box<OsStr>, Held>,
+    /// The layers listed, a bit per layer index.
+    listed: Bits,
+    /// Names added by the layers listed: the entry's weight in the cache.
+    weight: usize,
+}
+
+/// A set of layer indices (the upper layer and up to `MAX_LOWERS` lowers),
+/// copied by value: a lookup takes a snapshot without allocating.
+#[derive(Clone, Copy, Default)]
+struct Bits([u64; (crate::options::MAX_LOWERS + 1).div_ceil(64)]);
+
+impl Bits {
+    fn has(&self, l: LayerIdx) -> bool {
+        let l = l as usize;
+        self.0.get(l / 64).is_some_and(|w| w & (1 << (l % 64)) != 0)
+    }
+
+    /// A layer beyond the set's range stays out of it, and is probed.
+    fn set(&mut self, l: LayerIdx) {
+        let l = l as usize;
+        if let Some(w) = self.0.get_mut(l / 64) {
+            *w |= 1 << (l % 64);
+        }
+    }
+}
+
+/// The lower layers holding one name (most names are in one).
+#[derive(Clone)]
+enum Held {
+    One(LayerIdx),
+    Many(Box<[LayerIdx]>),
+}
+
+impl Held {
+    fn contains(&self, l: LayerIdx) -> bool {
+        match self {
+            Held::One(x) => *x == l,
+            Held::Many(v) => v.contains(&l),
+        }
+    }
+
+    fn add(&mut self, l: LayerIdx) {
+        if self.contains(l) {
+            return;
+        }
+        *self = match self {
+            Held::One(x) => Held::Many(Box::new([*x, l])),
+            Held::Many(v) => Held::Many(v.iter().copied().chain([l]).collect()),
+        };
+    }
+}
+
+/// What a directory's listing says of one name, as of the layers listed.
+pub struct Holders {
+    dir: Option<Arc<DirNames>>,
+    held: Option<Held>,
+    listed: Bits,
+}
+
+/// Dir listings by node id, bounded by the number of names they hold.
+struct NameCache {
+    lru: LruCache<u64, Arc<DirNames>>,
+    weight: usize,
+    cap: usize,
+}
+
+impl NameCache {
+    /// Records that `dir`, `id`'s listing, grew by `added` names (caching
+    /// it if it is not), then evicts the least recently used entries while
+    /// over the bound.
+    fn grew(&mut self, id: u64, dir: &Arc<DirNames>, added: usize) {
+        match self.lru.peek(&id) {
+            Some(d) if Arc::ptr_eq(d, dir) => self.weight += added,
+            _ => {
+                if let Some(old) = self.lru.put(id, dir.clone()) {
+                    self.weight -= old.inner.read().weight;
+                }
+                self.weight += dir.inner.read().weight;
+            }
+        }
+        while self.weight > self.cap && self.lru.len() > 1 {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.weight -= old.inner.read().weight,
+                None => break,
+            }
+        }
+    }
+
+    fn pop(&mut self, id: u64) {
+        if let Some(old) = self.lru.pop(&id) {
+            self.weight -= old.inner.read().weight;
+        }
+    }
+}
+
+impl Overlay {
+    /// The fd of directory `node` in `layer` (O_PATH). Walks up the parents,
+    /// one `openat(O_NOFOLLOW)` per component, filling the cache.
+    pub(crate) fn dir_fd(&self, node: &Arc<Inode>, layer: LayerIdx) -> Result<Arc<OwnedFd>> {
+        if node.nodeid == ROOT {
+            return Ok(self.layers.get(layer).root.clone());
+        }
+        if let Some(fd) = self.cache.fds.lock().get(&(node.nodeid, layer)) {
+            return Ok(fd.clone());
+        }
+        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
+        // A renamed directory is found in the lower layers where it was.
+        let redirect = if self.layers.is_upper(layer) {
+            None
+        } else {
+            node.redirect()
+        };
+        let (pfd, c) = match redirect {
+            Some(Redirect::Abs(p)) => self
+                .walk_path(layer, &p)?
+                .at
+                .ok_or_else(|| sys::err(libc::ENOENT))?,
+            Some(Redirect::Rel(n)) => (self.dir_fd(&parent, layer)?, sys::cstr(&n)?),
+            None => (self.dir_fd(&parent, layer)?, sys::cstr(&name)?),
+        };
+        let fd = Arc::new(sys::openat(
+            pfd.as_fd(),
+            &c,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?);
+        self.cache.fds.lock().put((node.nodeid, layer), fd.clone());
+        Ok(fd)
+    }
+
+    /// Drops cached fds and listings of a directory (after rmdir, rename or forget).
+    pub(crate) fn forget_dir_fds(&self, nodeid: u64) {
+        {
+            let mut c = self.cache.fds.lock();
+            for l in self.layers.indices() {
+                c.pop(&(nodeid, l));
+            }
+        }
+        self.cache.listings.lock().pop(nodeid);
+    }
+
+    /// What `node`'s listing says of `name`. Listings are kept for dirs
+    /// merged from several lower layers, where they save most probes.
+    pub(crate) fn holders(&self, node: &Arc<Inode>, layers: &[LayerIdx], name: &CStr) -> Holders {
+        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
+        if lowers < 2 {
+            return Holders {
+                dir: None,
+                held: None,
+                listed: Bits::default(),
+            };
+        }
+        // Cached once a layer is listed (see `list_layer`).
+        let cached = self.cache.listings.lock().lru.get(&node.nodeid).cloned();
+        let dir = cached.unwrap_or_default();
+        let (held, listed) = {
+            let g = dir.inner.read();
+            (g.names.get(cstr_of(name)).cloned(), g.listed)
+        };
+        Holders {
+            dir: Some(dir),
+            held,
+            listed,
+        }
+    }
+
+    /// Whether lower layer `l` of `node` may hold `name`: false only when
+    /// its listing lacks the name. A layer not listed yet is listed now; one
+    /// that cannot be read is probed.
+    pub(crate) fn may_hold(
+        &self,
+        h: &mut Holders,
+        node: &Arc<Inode>,
+        l: LayerIdx,
+        name: &CStr,
+    ) -> bool {
+        if self.layers.is_upper(l) {
+            return true;
+        }
+        let Some(dir) = &h.dir else {
+            return true;
+        };
+        if !h.listed.has(l) {
+            let dir = dir.clone();
+            self.list_layer(&dir, node, l);
+            let g = dir.inner.read();
+            h.held = g.names.get(cstr_of(name)).cloned();
+            h.listed = g.listed;
+            if !h.listed.has(l) {
+                return true;
+            }
+        }
+        h.held.as_ref().is_some_and(|x| x.contains(l))
+    }
+
+    /// Adds lower layer `l` of `node` to its listing.
+    fn list_layer(&self, dir: &Arc<DirNames>, node: &Arc<Inode>, l: LayerIdx) {
+        let entries = self.dir_fd(node, l).and_then(|dfd| {
+            let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            sys::read_dir_all(&rd)
+        });
+        let Ok(entries) = entries else {
+            return;
+        };
+        let added = entries.len();
+        {
+            let mut g = dir.inner.write();
+            if g.listed.has(l) {
+                return;
+            }
+            for e in entries {
+                // A `.wh.NAME` marker: this layer may hide NAME (the probe tells).
+                let name = match crate::whiteout::hidden_by(e.name.as_bytes()) {
+                    Some(n) => OsStr::from_bytes(n).into(),
+                    None => e.name.into_boxed_os_str(),
+                };
+                match g.names.entry(name) {
+                    Entry::Occupied(mut o) => o.get_mut().add(l),
+                    Entry::Vacant(v) => {
+                        v.insert(Held::One(l));
+                    }
+                }
+            }
+            g.listed.set(l);
+            g.weight += added;
+        }
+        self.cache.listings.lock().grew(node.nodeid, dir, added);
+    }
+
+    /// The parent dir fd in `layer` and the name of a non-root node.
+    pub(crate) fn entry_in(
+        &self,
+        node: &Arc<Inode>,
+        layer: LayerIdx,
+    ) -> Result<(Arc<OwnedFd>, CString)> {
+        // A lower hard link's names read its index entry once there is one.
+        if self.index.is_some() && !self.layers.is_upper(layer) && node.has_index() {
+            if let Some(e) = self.index_dir_entry(node) {
+                return Ok(e);
+            }
+        }
+        // Its names went away since the kernel looked it up: see `check_same`.
+        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ESTALE))?;
+        Ok((self.dir_fd(&parent, layer)?, sys::cstr(&name)?))
+    }
+
+    /// An O_PATH fd of the node's real object in its top layer.
+    pub(crate) fn path_fd(&self, node: &Arc<Inode>) -> Result<OwnedFd> {
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        self.path_fd_in(node, top)
+    }
+
+    pub(crate) fn path_fd_in(&self, node: &Arc<Inode>, layer: LayerIdx) -> Result<OwnedFd> {
+        if node.nodeid == ROOT {
+            return sys::openat(self.layers.get(layer).root.as_fd(), c".", libc::O_PATH, 0);
+        }
+        match self.entry_in(node, layer) {
+            Ok((pfd, name)) => sys::openat(pfd.as_fd(), &name, libc::O_PATH, 0),
+            Err(e) => Ok(node.held().ok_or(e)?.try_clone()?),
+        }
+    }
+
+    /// Real stat of the node's top layer object.
+    pub(crate) fn real_stat(&self, node: &Arc<Inode>) -> Result<Stat> {
+        let (top, key) = node.top_and_key();
+        let top = top.ok_or_else(|| sys::err(libc::ENOENT))?;
+        if node.nodeid == ROOT {
+            return sys::fstat(self.layers.get(top).root.as_fd());
+        }
+        let (pfd, name) = match self.entry_in(node, top) {
+            Ok(e) => e,
+            Err(e) => return sys::fstat(node.held().ok_or(e)?.as_fd()),
+        };
+        let st = sys::fstatat(pfd.as_fd(), &name)?;
+        self.check_same(node, &key, &st)?;
+        Ok(st)
+    }
+
+    /// Whether `st`, found by the node's name, is still the object the node
+    /// stands for. A concurrent rename or unlink can put another object, or
+    /// a whiteout, under the name between two requests: the answer is then
+    /// ESTALE, and the kernel looks the name up again (path calls retry
+    /// once), as it does for any filesystem whose objects moved.
+    pub(crate) fn check_same(&self, node: &Arc<Inode>, key: &Key, st: &Stat) -> Result<()> {
+        // A node's type never changes (a freed inode number may come back
+        // as a whiteout).
+        if sys::mode_type(st.st_mode) != node.kind {
+            return Err(sys::err(libc::ESTALE));
+        }
+        let Key::Real(dev, ino) = key else {
+            return Ok(());
+        };
+        // Dirs are held by cached fds; an indexed or metadata-only file
+        // reads another object by design.
+        if node.is_dir() || node.has_index() || node.has_lowerdata() {
+            return Ok(());
+        }
+        if st.st_ino == *ino && st.st_dev == *dev {
+            Ok(())
+        } else {
+            Err(sys::err(libc::ESTALE))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(listed: &[LayerIdx], held: &[(&str, &[LayerIdx])]) -> Arc<DirNames> {
+        let mut g = NamesInner::default();
+        for &l in listed {
+            g.listed.set(l);
+            g.weight += 1;
+        }
+        for (n, ls) in held {
+            let mut h = Held::One(ls[0]);
+            for &l in &ls[1..] {
+                h.add(l);
+            }
+            g.names.insert(OsStr::new(n).into(), h);
+        }
+        Arc::new(DirNames {
+            inner: RwLock::new(g),
+        })
+    }
+
+    #[test]
+    fn held_and_bits() {
+        let mut h = Held::One(3);
+        h.add(130);
+        h.add(7);
+        assert!(h.contains(3) && h.contains(7) && h.contains(130) && !h.contains(4));
+        let mut b = Bits::default();
+        b.set(0);
+        b.set(200);
+        assert!(b.has(0) && b.has(200) && !b.has(1) && !b.has(64) && !b.has(499));
+        // Out of range: not set, so probed.
+        b.set(600);
+        assert!(!b.has(600));
+    }
+
+    #[test]
+    fn name_cache_is_bounded_by_weight() {
+        let mut c = NameCache {
+            lru: LruCache::unbounded(),
+            weight: 0,
+            cap: 10,
+        };
+        let dirs: Vec<Arc<DirNames>> = (0..5).map(|_| names(&[], &[])).collect();
+        let grow = |c: &mut NameCache, id: u64, n: usize| {
+            for _ in 0..n {
+                dirs[id as usize].inner.write().weight += 1;
+                c.grew(id, &dirs[id as usize], 1);
+            }
+        };
+        grow(&mut c, 1, 4);
+        grow(&mut c, 2, 4);
+        assert_eq!(c.weight, 8);
+        // A weight of 12 over the bound of 10: the oldest dir went.
+        grow(&mut c, 3, 4);
+        assert_eq!(c.weight, 8);
+        assert!(c.lru.peek(&1).is_none() && c.lru.peek(&3).is_some());
+        c.pop(2);
+        c.pop(2);
+        assert_eq!(c.weight, 4);
+        // An evicted dir that grows again comes back with all its layers.
+        grow(&mut c, 1, 1);
+        assert_eq!(c.weight, 9);
+        // One entry heavier than the bound is still kept.
+        grow(&mut c, 4, 50);
+        assert_eq!(c.lru.len(), 1);
+        assert_eq!(c.weight, 50);
+    }
+}
