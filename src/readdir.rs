@@ -213,7 +213,9 @@ pub struct PlusEntry<'a> {
 impl PlusEntry<'_> {
     /// The entry went to the kernel, which now counts a lookup of it.
     pub fn sent(self) {
-        self.counted.map(Counted::keep);
+        if let Some(c) = self.counted {
+            c.keep();
+        }
     }
 }
 

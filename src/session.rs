@@ -133,19 +133,17 @@ pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> St
     // Modes of new files come from the request, never from our umask.
     sys::set_umask(0);
     let fs = OverlayFs::new(Overlay::new(cfg, layers, workdir)?);
-    let cannot = |e| Error::at("cannot mount", &cfg.mountpoint, e);
+    let cannot = |e: io::Error| Error::at("cannot mount", &cfg.mountpoint, e);
     let ovl = fs.ovl.clone();
     let read_only = ovl.read_only();
     // Written before the mount is visible, as the kernel does: nothing
     // changes in the layers once it is.
     let new_uuid = ovl.init_upper_uuid();
-    let (fuse, helper) = mount_dev_fuse(cfg, read_only)
-        .map_err(cannot)
-        .inspect_err(|_| {
-            if new_uuid {
-                ovl.drop_upper_uuid();
-            }
-        })?;
+    let (fuse, helper) = mount_dev_fuse(cfg, read_only).inspect_err(|_| {
+        if new_uuid {
+            ovl.drop_upper_uuid();
+        }
+    })?;
     let mut mounted = Mounted {
         session: None,
         ovl: ovl.clone(),
@@ -180,9 +178,12 @@ pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> St
 /// Mounts `/dev/fuse` with mount(2) where we may (root, or mapped root
 /// owning the mount namespace); else through `fusermount3`, as libfuse
 /// does for unprivileged users. Returns the fd and whether the helper mounted.
-fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bool)> {
-    let src = sys::cstr(std::ffi::OsStr::new(&cfg.source))?;
-    let target = sys::cstr(cfg.mountpoint.as_os_str())?;
+fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> StartResult<(OwnedFd, bool)> {
+    let mp = &cfg.mountpoint;
+    let cannot = |msg: String| Error::new(format!("cannot mount {}: {msg}", mp.display()));
+    let src = sys::cstr(std::ffi::OsStr::new(&cfg.source))
+        .map_err(|e| Error::at("cannot mount", mp, e))?;
+    let target = sys::cstr(mp.as_os_str()).map_err(|e| Error::at("cannot mount", mp, e))?;
     let (uid, gid) = (sys::uid(), sys::gid());
     let context = selinux_context(cfg);
     let direct = sys::mount_fuse(
@@ -207,15 +208,12 @@ fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bo
     match e.raw() {
         libc::EPERM | libc::EACCES => {}
         libc::ENOENT | libc::ENODEV | libc::ENXIO => {
-            return Err(io::Error::new(
-                io::Error::from(e).kind(),
-                format!(
-                    "/dev/fuse is not available ({e}): load the fuse module (modprobe fuse), \
-                     or give the container --device /dev/fuse"
-                ),
-            ))
+            return Err(cannot(format!(
+                "/dev/fuse is not available ({e}): load the fuse module (modprobe fuse), \
+                 or give the container --device /dev/fuse"
+            )))
         }
-        _ => return Err(e.into()),
+        _ => return Err(Error::at("cannot mount", mp, e)),
     }
     // Not permitted to mount: the setuid helper mounts for us.
     log::info!("mount(2) not permitted ({e}): mounting through {FUSERMOUNT}");
@@ -234,23 +232,17 @@ fn mount_dev_fuse(cfg: &MountConfig, read_only: bool) -> io::Result<(OwnedFd, bo
     }
     opts.extend(cfg.vfs_flags.iter().cloned());
     opts.extend(context.strip_prefix(',').map(str::to_string));
-    match sys::fusermount(FUSERMOUNT, &opts.join(","), &cfg.mountpoint) {
+    match sys::fusermount(FUSERMOUNT, &opts.join(","), mp) {
         Ok(fd) => Ok((fd, true)),
-        Err(h) if h.kind() == io::ErrorKind::NotFound => Err(io::Error::new(
-            io::Error::from(e).kind(),
-            format!(
-                "{e}: mounting needs root, or {FUSERMOUNT} for unprivileged users \
-                 (apt-get install fuse3)"
-            ),
-        )),
-        Err(h) if e.raw() == libc::EACCES => Err(io::Error::new(
-            io::Error::from(e).kind(),
-            format!(
-                "cannot open /dev/fuse ({e}) and {FUSERMOUNT} failed ({h}): \
-                 distributions ship /dev/fuse with mode 0666 (chmod 0666 /dev/fuse), or run as root"
-            ),
-        )),
-        Err(h) => Err(io::Error::new(h.kind(), format!("{FUSERMOUNT}: {h}"))),
+        Err(h) if h.kind() == io::ErrorKind::NotFound => Err(cannot(format!(
+            "{e}: mounting needs root, or {FUSERMOUNT} for unprivileged users \
+             (apt-get install fuse3)"
+        ))),
+        Err(h) if e.raw() == libc::EACCES => Err(cannot(format!(
+            "cannot open /dev/fuse ({e}) and {FUSERMOUNT} failed ({h}): \
+             distributions ship /dev/fuse with mode 0666 (chmod 0666 /dev/fuse), or run as root"
+        ))),
+        Err(h) => Err(cannot(format!("{FUSERMOUNT}: {h}"))),
     }
 }
 
