@@ -118,11 +118,11 @@ pub enum Passthrough {
 impl Overlay {
     /// Picks the data path of a new handle. All opens of an inode share
     /// one backing file, as the kernel requires. Upper files go through the
-    /// kernel's passthrough (`passthrough=upper`, the default); lower files
-    /// stay cached, so that an open read-only file follows a later copy-up
-    /// as in the kernel overlay. With `passthrough=all` read-only opens of
-    /// lower files pass through too, and a write gets a new inode instead
-    /// of sharing their backing (which would write the lower file). An
+    /// kernel's passthrough, and so do read-only opens of lower files with
+    /// `passthrough=all` (the default); a write then gets a new inode
+    /// instead of sharing their backing (which would write the lower file).
+    /// `passthrough=upper` keeps lower files cached, so that an open
+    /// read-only file follows a later copy-up as in the kernel overlay. An
     /// inode with cached opens keeps new ones cached, as the kernel does
     /// not mix the two.
     pub(crate) fn passthrough(

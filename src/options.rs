@@ -76,7 +76,8 @@ pub struct MountConfig {
     /// `selinux_missing=enotsup|enodata`: how a missing `security.selinux`
     /// is reported. `enotsup` (the default) lets `ls -l` stop asking.
     pub selinux_enotsup: bool,
-    /// `passthrough=off|upper|all`: FUSE passthrough, where the kernel offers it.
+    /// `passthrough=off|upper|all`: FUSE passthrough, where the kernel offers
+    /// it. `all` by default: lower files read at the lower fs's speed.
     pub passthrough: PassthroughMode,
     /// fuse-overlayfs' `uidmapping=`, `gidmapping=`, `squash_to_*`.
     pub ids: IdMaps,
@@ -312,7 +313,7 @@ pub fn parse(
         xino: Xino::Auto,
         volatile: false,
         selinux_enotsup: true,
-        passthrough: PassthroughMode::Upper,
+        passthrough: PassthroughMode::All,
         ids: IdMaps::default(),
         fsync: true,
         noxattrs: false,
@@ -771,7 +772,7 @@ mod tests {
         assert_eq!(c.redirect_dir, RedirectDir::On);
         assert!(!c.index && !c.metacopy && !c.userxattr && !c.volatile && !c.read_only);
         assert!(c.selinux_enotsup);
-        assert_eq!(c.passthrough, PassthroughMode::Upper);
+        assert_eq!(c.passthrough, PassthroughMode::All);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! ROVL_DIFF_HANG_SECS (default 120: an op that long is reported as a hang),
 //! ROVL_DIFF_PROGRAM=/usr/bin/fuse-overlayfs (compare another FUSE overlay,
 //! run as `PROGRAM -f -o OPTS MNT`, instead of rovl).
-//! ROVL_DIFF_ROVL_OPTS=passthrough=all (appended to rovl's options only).
+//! ROVL_DIFF_ROVL_OPTS=passthrough=upper (appended to rovl's options only).
 //! Issue 4 (also read by the selftest):
 //! ROVL_DIFF_MOUNT_OPTS=redirect_dir=on,index=on,metacopy=on (appended to
 //! every mount's options, both sides, remounts and cross mounts),

@@ -1,6 +1,7 @@
-//! Data paths: a read-only file open across a copy-up, with the default
+//! Data paths: a read-only file open across a copy-up, with
 //! `passthrough=upper` (kernel behaviour: it follows the copy-up) and with
-//! `passthrough=all` (lower files pass through; it keeps the lower data).
+//! the default `passthrough=all` (lower files pass through; it keeps the
+//! lower data, as the kernel's did before 4.19).
 //! The scenarios run on kernel overlayfs too; where rovl's `all` mode
 //! differs by design, the test says so.
 
@@ -16,13 +17,14 @@ both_backends!(reader_follows_copy_up, truncate_while_reader_open,);
 /// Which data path rovl uses in a scenario.
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
-    Default,
+    Upper,
+    /// The default, `passthrough=all`.
     All,
 }
 
 fn mount_mode(b: Backend, l: &Layers, m: Mode) -> AnyMount {
     match (b, m) {
-        (Backend::Rovl, Mode::All) => mount_opts(b, l, "passthrough=all"),
+        (Backend::Rovl, Mode::Upper) => mount_opts(b, l, "passthrough=upper"),
         _ => mount(b, l),
     }
 }
@@ -76,11 +78,11 @@ fn writer_and_reader(b: Backend, m: Mode) {
 }
 
 fn reader_follows_copy_up(b: Backend) {
-    writer_and_reader(b, Mode::Default);
+    writer_and_reader(b, Mode::Upper);
 }
 
 fn truncate_while_reader_open(b: Backend) {
-    for m in [Mode::Default, Mode::All] {
+    for m in [Mode::Upper, Mode::All] {
         let l = Layers::new(1);
         write(l.l(0, "t"), "0123456789");
         write(l.l(0, "o"), "abcdef");
