@@ -13,14 +13,14 @@
 //! - `open-close`: `openat` + `close` of an existing file (OPEN, and
 //!   FLUSH/RELEASE as the filesystem asks).
 //!
-//! Between two calls the loop does 2 µs of busy work, as a real caller
-//! does; without it a bare loop of calls gets a third of the unpinned time
-//! here, which no workload sees.
+//! A tight loop from one process is the best case: real callers (`tar`,
+//! `ls`, an interpreter) see several times these figures unpinned here,
+//! because their requests wake the daemon on the other, idle vCPU
+//! (docs/benchmarks.md, "One round trip").
 //!
 //! Printed: the median time per call over the rounds, in µs, and the ratio
 //! to the best FUSE subject of each column. Environment:
 //! - `ROVL_BENCH_ROUNDS` (default 5), `ROVL_BENCH_CALLS` (default 20000),
-//!   `ROVL_BENCH_THINK_US` (default 2),
 //! - `ROVL_BIN` (default the binary cargo built),
 //! - `ROVL_BENCH_PASSTHROUGH_HP` (default /opt/libfuse/bin/passthrough_hp;
 //!   see docs/benchmarks.md for how to build it),
@@ -408,9 +408,13 @@ fn time_loop(l: Loop, dir: &Path, n: usize) -> Result<Duration, String> {
     let f = c"f";
     let xname = c"user.rovl.roundtrip";
     let stamp = UNIX_EPOCH.elapsed().unwrap().as_nanos();
-    let names: Vec<CString> = (0..n + n / 10)
-        .map(|i| cstr(format!("n{stamp}.{i}").as_bytes()))
-        .collect();
+    // Fresh names, made before the clock starts, for the LOOKUP loop only.
+    let names: Vec<CString> = match l {
+        Loop::StatNew => (0..n + n / 10)
+            .map(|i| cstr(format!("n{stamp}.{i}").as_bytes()))
+            .collect(),
+        _ => Vec::new(),
+    };
     let one = |i: usize| -> Result<(), String> {
         // SAFETY: valid fds and C strings; results checked.
         unsafe {
@@ -456,26 +460,12 @@ fn time_loop(l: Loop, dir: &Path, n: usize) -> Result<Duration, String> {
     for i in 0..warm {
         one(n + i)?;
     }
-    // A real caller works between calls (`ls`, `tar`, an interpreter):
-    // THINK of busy work each time, which changes where the scheduler
-    // wakes the daemon; a bare loop of calls gets a third of the time
-    // unpinned. The think time is taken off the result.
-    let think = Duration::from_micros(env_num("ROVL_BENCH_THINK_US", THINK_US) as u64);
-    let mut thought = Duration::ZERO;
     let start = Instant::now();
     for i in 0..n {
         one(i)?;
-        let t = Instant::now();
-        while t.elapsed() < think {
-            std::hint::spin_loop();
-        }
-        thought += t.elapsed();
     }
-    Ok(start.elapsed().saturating_sub(thought) / n as u32)
+    Ok(start.elapsed() / n as u32)
 }
-
-/// Busy work between two calls of a loop, in µs (`ROVL_BENCH_THINK_US`).
-const THINK_US: usize = 2;
 
 fn median(v: &mut [Duration]) -> Option<Duration> {
     if v.is_empty() {
