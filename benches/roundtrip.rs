@@ -49,8 +49,8 @@ enum Kind {
     Kernel,
     /// rovl with these options added.
     Rovl(String),
-    /// This bench, re-run as `--serve-minimal MNT`.
-    FuserMinimal,
+    /// This bench, re-run as `--serve-minimal MNT [io_uring]`.
+    FuserMinimal(bool),
     /// libfuse's example, with these arguments, over the lower dir.
     PassthroughHp(PathBuf, Vec<&'static str>),
     FuseOverlayfs(PathBuf),
@@ -78,7 +78,8 @@ const LOOPS: [(Loop, &str); 3] = [
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--serve-minimal") {
-        return minimal::serve(Path::new(&args[i + 1]));
+        let uring = args.get(i + 2).is_some_and(|a| a == "io_uring");
+        return minimal::serve(Path::new(&args[i + 1]), uring);
     }
     // `cargo test --all-targets` runs benches without `--bench`.
     if !args.iter().any(|a| a == "--bench") {
@@ -150,9 +151,20 @@ fn subjects(uring: bool) -> Vec<Subject> {
     let mut v = vec![
         sub("kernel", Kind::Kernel),
         sub("rovl", Kind::Rovl(String::new())),
-        sub("rovl threads=1", Kind::Rovl("threads=1".into())),
-        sub("fuser minimal", Kind::FuserMinimal),
+        sub(
+            "rovl threads=1",
+            Kind::Rovl("threads=1,io_uring=off".into()),
+        ),
+        sub("fuser minimal", Kind::FuserMinimal(false)),
     ];
+    // rovl's default is io_uring where the kernel offers it.
+    if uring {
+        v.insert(
+            2,
+            sub("rovl io_uring=off", Kind::Rovl("io_uring=off".into())),
+        );
+        v.push(sub("fuser minimal io_uring", Kind::FuserMinimal(true)));
+    }
     let hp = env_path(
         "ROVL_BENCH_PASSTHROUGH_HP",
         "/opt/libfuse/bin/passthrough_hp",
@@ -344,9 +356,12 @@ fn mount(s: &Subject, lower: &Path, run: &Path, mnt: &Path) -> Result<Mount, Str
             c.args(["mount", "-f", "-o", &opts]).arg(mnt);
             c
         }
-        Kind::FuserMinimal => {
+        Kind::FuserMinimal(uring) => {
             let mut c = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
             c.arg("--serve-minimal").arg(mnt);
+            if *uring {
+                c.arg("io_uring");
+            }
             c
         }
         Kind::PassthroughHp(bin, args) => {
@@ -542,7 +557,8 @@ mod minimal {
 
     const TTL: Duration = Duration::from_secs(86400);
 
-    struct Minimal;
+    /// Asks for FUSE-over-io_uring when true.
+    struct Minimal(bool);
 
     fn attr(ino: u64) -> FileAttr {
         let dir = ino != 3;
@@ -570,6 +586,13 @@ mod minimal {
     }
 
     impl fuser::Filesystem for Minimal {
+        fn init(&mut self, _: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+            if self.0 {
+                let _ = config.add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING);
+            }
+            Ok(())
+        }
+
         fn lookup(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
             match (parent.0, name.as_encoded_bytes()) {
                 (1, b"d") => reply.entry(&TTL, &attr(2), Generation(0)),
@@ -612,7 +635,7 @@ mod minimal {
         }
     }
 
-    pub fn serve(mnt: &Path) {
+    pub fn serve(mnt: &Path, uring: bool) {
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::FSName("rt-minimal".into()),
@@ -626,7 +649,7 @@ mod minimal {
                 .max(2),
         );
         config.clone_fd = true;
-        if let Err(e) = fuser::mount(Minimal, mnt, &config) {
+        if let Err(e) = fuser::mount(Minimal(uring), mnt, &config) {
             eprintln!("minimal: {e}");
             std::process::exit(1);
         }

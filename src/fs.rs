@@ -173,6 +173,10 @@ impl fuser::Filesystem for OverlayFs {
         {
             self.ovl.passthrough.store(true, Ordering::Relaxed);
         }
+        // Requests then wake a thread on the caller's CPU (fuser's rings).
+        if self.ovl.cfg.io_uring && have.contains(InitFlags::FUSE_OVER_IO_URING) {
+            let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+        }
         Ok(())
     }
 

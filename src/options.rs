@@ -79,6 +79,9 @@ pub struct MountConfig {
     /// `passthrough=off|upper|all`: FUSE passthrough, where the kernel offers
     /// it. `all` by default: lower files read at the lower fs's speed.
     pub passthrough: PassthroughMode,
+    /// `io_uring=on|off`: FUSE over io_uring where the kernel offers it
+    /// (6.14+, `enable_uring`); `/dev/fuse` otherwise.
+    pub io_uring: bool,
     /// fuse-overlayfs' `uidmapping=`, `gidmapping=`, `squash_to_*`.
     pub ids: IdMaps,
     /// fuse-overlayfs' `fsync=0`: no syncs, as `volatile` without its mark.
@@ -314,6 +317,7 @@ pub fn parse(
         volatile: false,
         selinux_enotsup: true,
         passthrough: PassthroughMode::All,
+        io_uring: true,
         ids: IdMaps::default(),
         fsync: true,
         noxattrs: false,
@@ -374,6 +378,7 @@ pub fn parse(
                 set_redirect = true;
             }
             "index" => cfg.index = on_off(key, val)?,
+            "io_uring" => cfg.io_uring = on_off(key, val)?,
             "passthrough" => {
                 cfg.passthrough = match need_value(key, val)? {
                     "off" => PassthroughMode::Off,
@@ -937,6 +942,9 @@ mod tests {
             assert_eq!(c.passthrough, m);
         }
         assert!(err("lowerdir=/a:/b,passthrough=lower").contains("passthrough"));
+        assert!(p("lowerdir=/a:/b").unwrap().io_uring);
+        assert!(!p("lowerdir=/a:/b,io_uring=off").unwrap().io_uring);
+        assert!(err("lowerdir=/a:/b,io_uring=1").contains("io_uring"));
         for (v, r) in [
             ("on", RedirectDir::On),
             ("follow", RedirectDir::Follow),

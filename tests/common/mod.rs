@@ -65,6 +65,59 @@ pub fn require_kernel_overlay() -> bool {
     true
 }
 
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Holders of `UringOn` in this test process, and the setting before the first.
+static URING: Mutex<(usize, Option<String>)> = Mutex::new((0, None));
+
+/// FUSE-over-io_uring switched on (`enable_uring`, kernel 6.14+) while any
+/// holder in this test process lives; put back as it was after the last.
+/// Mounts other tests make meanwhile may use it too: both transports must
+/// behave the same.
+pub struct UringOn(());
+
+impl UringOn {
+    pub fn new() -> Option<UringOn> {
+        let mut g = URING.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 == 0 {
+            let was = match fs::read_to_string(ENABLE_URING) {
+                Ok(s) => s.trim().to_string(),
+                Err(_) => {
+                    drop(g);
+                    missing(&format!(
+                        "FUSE over io_uring: {ENABLE_URING} is missing (kernel 6.14+ with CONFIG_FUSE_IO_URING)"
+                    ));
+                    return None;
+                }
+            };
+            if was != "Y" {
+                if let Err(e) = fs::write(ENABLE_URING, "Y") {
+                    drop(g);
+                    missing(&format!(
+                        "FUSE over io_uring: cannot write {ENABLE_URING}: {e}"
+                    ));
+                    return None;
+                }
+            }
+            g.1 = Some(was);
+        }
+        g.0 += 1;
+        Some(UringOn(()))
+    }
+}
+
+impl Drop for UringOn {
+    fn drop(&mut self) {
+        let mut g = URING.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 -= 1;
+        if g.0 == 0 {
+            if let Some(was) = g.1.take().filter(|w| w != "Y") {
+                let _ = fs::write(ENABLE_URING, was);
+            }
+        }
+    }
+}
+
 /// The path of an installed program, or a skip (a failure under CI=true).
 pub fn require_program(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
@@ -437,11 +490,26 @@ impl RovlMount {
     /// Like `start_args` for any FUSE program that stays in the foreground
     /// (used to check the harness itself with fuse-overlayfs).
     pub fn start_program(program: &Path, args: &[&str], mnt: &Path) -> io::Result<RovlMount> {
+        Self::start_logged(program, args, mnt, None)
+    }
+
+    /// Like `start_program`, with the daemon's `RUST_LOG` set (its stderr
+    /// then shows what it logs).
+    pub fn start_logged(
+        program: &Path,
+        args: &[&str],
+        mnt: &Path,
+        rust_log: Option<&str>,
+    ) -> io::Result<RovlMount> {
         let mountpoint = canonical_no_follow_last(mnt);
         let was_mounted = is_mounted(&mountpoint);
         let stderr = stderr_file();
-        let child = Command::new(program)
-            .env_remove("RUST_LOG")
+        let mut cmd = Command::new(program);
+        match rust_log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .args(args)
             .arg(&mountpoint)

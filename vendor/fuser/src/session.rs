@@ -139,6 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// FUSE_OVER_IO_URING was negotiated: `run` serves through rings, with
+    /// the ring payload size (max_write, at least max_readahead).
+    uring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +189,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -214,6 +218,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -252,9 +257,10 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring_payload,
         } = self;
 
-        let n_threads = config.n_threads.unwrap_or(1);
+        let mut n_threads = config.n_threads.unwrap_or(1);
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
             // TODO: check whether it works on macOS/FreeBSD and enable if it works.
@@ -263,11 +269,28 @@ impl<FS: Filesystem> Session<FS> {
             ));
         }
 
+        let mut filesystem = Arc::new(filesystem);
+
+        // With rings ready, /dev/fuse carries only FORGET and INTERRUPT.
+        #[cfg(target_os = "linux")]
+        let rings = uring_payload.map(|payload| {
+            let (rings, res) =
+                crate::uring::Rings::start(&ch, &filesystem, allowed, session_owner, payload);
+            match res {
+                Ok(()) => {
+                    info!("serving FUSE requests through io_uring");
+                    n_threads = 1;
+                }
+                Err(e) => warn!("FUSE over io_uring unavailable ({e}): serving /dev/fuse"),
+            }
+            rings
+        });
+        #[cfg(not(target_os = "linux"))]
+        let _ = uring_payload;
+
         let Some(n_threads_minus_one) = n_threads.checked_sub(1) else {
             return Err(io::Error::other("n_threads"));
         };
-
-        let mut filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
 
@@ -315,6 +338,15 @@ impl<FS: Filesystem> Session<FS> {
                 }
             };
             if let Err(e) = res {
+                if reply.is_ok() {
+                    reply = Err(e);
+                }
+            }
+        }
+
+        #[cfg(target_os = "linux")]
+        if let Some(rings) = rings {
+            if let Err(e) = rings.join() {
                 if reply.is_ok() {
                     reply = Err(e);
                 }
@@ -431,6 +463,10 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+                let readahead = config.max_readahead as usize;
+                self.uring_payload = Some((config.max_write as usize).max(readahead));
+            }
 
             // Log capability status for debugging
             for bit in 0..64 {

@@ -1,0 +1,339 @@
+//! FUSE over io_uring (issue 13): with the kernel's `enable_uring` on, rovl
+//! serves requests through one ring per CPU; `io_uring=off` keeps
+//! `/dev/fuse`. A workload whose requests and replies fill the ring's
+//! buffers (large reads, writes, directories and xattrs, data through rovl
+//! with `passthrough=off`) runs on rovl and on kernel overlayfs over
+//! identical layers: outcomes, merged trees and upper dirs must match.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+const SERVING: &str = "serving FUSE requests through io_uring";
+
+fn mount_logged(l: &Layers, extra: &str) -> RovlMount {
+    let opts = format!("{},{extra}", l.opts());
+    RovlMount::start_logged(
+        &rovl_bin(),
+        &["mount", "-f", "-o", &opts],
+        &l.merged,
+        Some("fuser=info"),
+    )
+    .expect("mount rovl")
+}
+
+/// Names of the daemon's threads.
+fn threads(m: &RovlMount) -> Vec<String> {
+    let dir = format!("/proc/{}/task", m.child.id());
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .expect("read the daemon's tasks")
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn possible_cpus() -> usize {
+    let s = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    s.trim()
+        .split(',')
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            b.parse::<usize>().unwrap() + 1 - a.parse::<usize>().unwrap()
+        })
+        .sum()
+}
+
+/// Deterministic bytes (no two 4 KiB pages alike).
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn lower_content(l: &Layers) {
+    let d = l.l(0, "many");
+    fs::create_dir(&d).unwrap();
+    for i in 0..3000 {
+        write(d.join(format!("entry-with-a-longish-name-{i:05}")), "");
+    }
+    write(l.l(0, "big"), pattern(3 << 20, 1));
+    write(l.l(0, "small"), "lower\n");
+    write(l.l(0, "gone"), "x");
+    write(l.l(0, "dir/inner"), "in\n");
+    write(l.l(0, "olddir/f"), "f\n");
+}
+
+fn outcome<T>(what: &str, r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => format!("{what}: ok"),
+        Err(e) => format!("{what}: errno {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// The operations, each with its outcome; data read back is checked here.
+fn workload(m: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut names: Vec<String> = fs::read_dir(m.join("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    out.push(format!(
+        "many: {} entries, last {:?}",
+        names.len(),
+        names.last()
+    ));
+
+    // Reads larger than a request: several READs through the payload.
+    let mut big = Vec::new();
+    fs::File::open(m.join("big"))
+        .unwrap()
+        .read_to_end(&mut big)
+        .unwrap();
+    assert!(big == pattern(3 << 20, 1), "big: data read back differs");
+
+    // 1 MiB writes and a write at an offset, read back.
+    let data = pattern(2 << 20, 2);
+    let mut f = fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .mode(0o640)
+        .open(m.join("new"))
+        .unwrap();
+    for c in data.chunks(1 << 20) {
+        f.write_all(c).unwrap();
+    }
+    f.seek(SeekFrom::Start(12345)).unwrap();
+    f.write_all(b"in the middle").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut back = Vec::new();
+    f.read_to_end(&mut back).unwrap();
+    let mut want = data;
+    want[12345..12345 + 13].copy_from_slice(b"in the middle");
+    assert!(back == want, "new: data read back differs");
+    drop(f);
+
+    let mut a = fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("small"))
+        .unwrap();
+    a.write_all(b"appended\n").unwrap();
+    drop(a);
+    out.push(outcome("unlink gone", fs::remove_file(m.join("gone"))));
+    out.push(outcome(
+        "unlink gone again",
+        fs::remove_file(m.join("gone")),
+    ));
+    out.push(outcome("rmdir dir", fs::remove_dir(m.join("dir"))));
+    out.push(outcome(
+        "unlink dir/inner",
+        fs::remove_file(m.join("dir/inner")),
+    ));
+    out.push(outcome("rmdir dir", fs::remove_dir(m.join("dir"))));
+    out.push(outcome("mkdir dir", fs::create_dir(m.join("dir"))));
+    out.push(outcome(
+        "rename olddir",
+        fs::rename(m.join("olddir"), m.join("newdir")),
+    ));
+    out.push(outcome(
+        "symlink",
+        std::os::unix::fs::symlink("small", m.join("link")),
+    ));
+    out.push(outcome(
+        "hard link",
+        fs::hard_link(m.join("small"), m.join("small2")),
+    ));
+    let long = "n".repeat(255);
+    out.push(outcome(
+        "create long name",
+        fs::write(m.join(&long), "long"),
+    ));
+    out.push(outcome(
+        "mkfifo",
+        try_mknod(m.join("fifo"), libc::S_IFIFO | 0o600, 0),
+    ));
+    // An xattr value as large as ext4 keeps, set and read back; list; remove.
+    let value = pattern(3000, 3);
+    out.push(outcome(
+        "setxattr",
+        try_setxattr(m.join("new"), "user.big", &value, 0),
+    ));
+    assert!(
+        getxattr(m.join("new"), "user.big") == Some(value),
+        "user.big read back differs"
+    );
+    out.push(format!("listxattr: {:?}", listxattr(m.join("new"))));
+    out.push(outcome(
+        "removexattr",
+        try_removexattr(m.join("new"), "user.big"),
+    ));
+    out.push(outcome(
+        "truncate",
+        fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("big"))
+            .and_then(|f| f.set_len(4096)),
+    ));
+    out.push(outcome("missing", fs::metadata(m.join("no/such"))));
+    out
+}
+
+/// What a tree holds: per path, type, mode, size, content (files) or
+/// target (links), and the rdev of devices (whiteouts in an upper dir).
+fn snapshot(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let ft = md.file_type();
+            let what = if ft.is_dir() {
+                stack.push(p.clone());
+                "dir".to_string()
+            } else if ft.is_symlink() {
+                format!("link -> {}", fs::read_link(&p).unwrap().display())
+            } else if ft.is_file() {
+                let data = fs::read(&p).unwrap();
+                let sum = data
+                    .iter()
+                    .fold(0u64, |h, &b| h.wrapping_mul(31).wrapping_add(b as u64));
+                format!("file {} sum {sum:x}", data.len())
+            } else if ft.is_char_device() {
+                format!("chr {}", md.rdev())
+            } else {
+                "other".to_string()
+            };
+            out.insert(rel, format!("{what} mode {:o}", md.mode() & 0o7777));
+        }
+    }
+    out
+}
+
+/// Says whether `m` serves through rings; call after a request was answered
+/// (the daemon sets the rings up before it reads `/dev/fuse`).
+fn assert_uring(m: &RovlMount) {
+    assert!(
+        m.stderr_text().contains(SERVING),
+        "rovl did not serve through io_uring; stderr:\n{}",
+        m.stderr_text()
+    );
+    let rings = threads(m)
+        .iter()
+        .filter(|t| t.starts_with("fuser-ring-"))
+        .count();
+    assert_eq!(rings, possible_cpus(), "one ring thread per CPU");
+}
+
+#[test]
+fn serves_through_io_uring_as_the_kernel_overlay_behaves() {
+    if !require_root_fuse() || !require_kernel_overlay() {
+        return;
+    }
+    let Some(_on) = UringOn::new() else { return };
+
+    let k = Layers::new(1);
+    lower_content(&k);
+    // rovl's redirect_dir default is on, the kernel's build default off.
+    let km = KernelMount::start(&format!("{},redirect_dir=on", k.opts()), &k.merged)
+        .expect("kernel overlay mount");
+    let k_out = workload(&k.merged);
+    let k_merged = snapshot(&k.merged);
+    km.unmount();
+
+    let r = Layers::new(1);
+    lower_content(&r);
+    let m = mount_logged(&r, "passthrough=off,redirect_dir=on");
+    let r_out = workload(&r.merged);
+    let r_merged = snapshot(&r.merged);
+    // The rings are up before the first request is read.
+    assert_uring(&m);
+    let st = m.unmount();
+    // The daemon ends once the kernel has given every ring entry back.
+    assert!(st.success(), "rovl exited with {st}");
+
+    assert_eq!(r_out, k_out, "outcomes differ from the kernel overlay's");
+    assert_eq!(r_merged, k_merged, "merged trees differ");
+    assert_eq!(snapshot(&r.upper), snapshot(&k.upper), "upper dirs differ");
+}
+
+/// Requests from several threads at once: each CPU's queue and several
+/// entries of one queue are in use together.
+#[test]
+fn parallel_callers() {
+    if !require_root_fuse() {
+        return;
+    }
+    let Some(_on) = UringOn::new() else { return };
+    let l = Layers::new(1);
+    for i in 0..4 {
+        write(l.l(0, &format!("t{i}/seed")), format!("{i}"));
+    }
+    let m = mount_logged(&l, "passthrough=off");
+    assert_eq!(read_string(l.m("t0/seed")), "0");
+    assert_uring(&m);
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let dir = l.m(&format!("t{i}"));
+            s.spawn(move || {
+                for j in 0..300 {
+                    let p = dir.join(format!("f{j}"));
+                    let data = pattern(1000 + j * 37, (i * 1000 + j) as u64);
+                    fs::write(&p, &data).unwrap();
+                    assert!(
+                        fs::read(&p).unwrap() == data,
+                        "{}: data differs",
+                        p.display()
+                    );
+                    assert_eq!(
+                        errno(fs::metadata(dir.join(format!("no{j}")))),
+                        Some(libc::ENOENT)
+                    );
+                }
+                assert_eq!(fs::read_dir(&dir).unwrap().count(), 301);
+            });
+        }
+    });
+    for i in 0..4 {
+        assert_eq!(
+            fs::read_dir(l.u(&format!("t{i}"))).unwrap().count(),
+            300,
+            "t{i} in the upper dir"
+        );
+    }
+    assert!(m.unmount().success());
+}
+
+#[test]
+fn io_uring_off_keeps_dev_fuse() {
+    if !require_root_fuse() {
+        return;
+    }
+    let Some(_on) = UringOn::new() else { return };
+    let l = Layers::new(1);
+    write(l.l(0, "f"), "lower\n");
+    let m = mount_logged(&l, "io_uring=off");
+    assert_eq!(read_string(l.m("f")), "lower\n");
+    assert!(!m.stderr_text().contains(SERVING), "{}", m.stderr_text());
+    assert!(
+        !threads(&m).iter().any(|t| t.starts_with("fuser-ring-")),
+        "{:?}",
+        threads(&m)
+    );
+    assert!(m.unmount().success());
+}
