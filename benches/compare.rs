@@ -22,7 +22,9 @@
 //! - `ROVL_BENCH_ROVL_VARIANTS=opts;opts` (default `passthrough=all`): more rovl subjects,
 //!   each with these mount options added; empty for none,
 //! - `ROVL_BENCH_JSON` (default `<target>/bench-compare.json`),
-//! - `ROVL_BENCH_TIMEOUT` seconds per command (default 120).
+//! - `ROVL_BENCH_TIMEOUT` seconds per command (default 120),
+//! - `ROVL_BENCH_URING=1`: FUSE-over-io_uring on for the run (rovl then uses
+//!   it by default; add the variant `io_uring=off` to measure `/dev/fuse` too).
 
 #[path = "../tests/common/child.rs"]
 mod child;
@@ -34,6 +36,8 @@ mod report;
 mod runner;
 #[path = "compare/subject.rs"]
 mod subject;
+#[path = "uring_switch.rs"]
+mod uring_switch;
 
 use data::{DataSet, Dest, Sizes, STAT_LOWERS, TREE_SUB, TREE_TOP};
 use report::{Sample, Status, SubjectResult, WorkloadResult};
@@ -1200,6 +1204,11 @@ fn main() -> ExitCode {
         }
     };
     install_signal_handlers();
+    let uring = uring_switch::Uring::setup();
+    eprintln!(
+        "compare: FUSE over io_uring is {} (ROVL_BENCH_URING=1 turns it on for the run)",
+        if uring.on() { "on" } else { "off" }
+    );
     match run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

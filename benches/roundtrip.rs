@@ -31,6 +31,8 @@
 
 #[path = "../tests/common/child.rs"]
 mod child;
+#[path = "uring_switch.rs"]
+mod uring_switch;
 
 use std::ffi::CString;
 use std::fs;
@@ -40,9 +42,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, UNIX_EPOCH};
+use uring_switch::Uring;
 
 const WAIT: Duration = Duration::from_secs(10);
-const URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
 #[derive(Clone)]
 enum Kind {
@@ -234,34 +236,6 @@ fn tempdir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("rovl-rt.{}.{nanos}", std::process::id()));
     fs::create_dir(&d).unwrap();
     d
-}
-
-/// FUSE-over-io_uring on for the run when asked, as it was after.
-struct Uring(Option<String>);
-
-impl Uring {
-    fn setup() -> Uring {
-        let was = fs::read_to_string(URING).ok().map(|s| s.trim().to_string());
-        if std::env::var("ROVL_BENCH_URING").as_deref() == Ok("1") && was.as_deref() == Some("N") {
-            if fs::write(URING, "Y").is_ok() {
-                return Uring(Some("N".into()));
-            }
-            eprintln!("roundtrip: cannot turn on {URING}");
-        }
-        Uring(None)
-    }
-
-    fn on(&self) -> bool {
-        fs::read_to_string(URING).is_ok_and(|s| s.trim() == "Y")
-    }
-}
-
-impl Drop for Uring {
-    fn drop(&mut self) {
-        if let Some(was) = &self.0 {
-            let _ = fs::write(URING, was);
-        }
-    }
 }
 
 /// A mounted subject; dropping it unmounts and reaps its daemon.

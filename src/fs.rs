@@ -173,6 +173,9 @@ impl fuser::Filesystem for OverlayFs {
         {
             self.ovl.passthrough.store(true, Ordering::Relaxed);
         }
+        // Writes come in at most max_pages (1 MiB by default) whatever
+        // this says; it also sizes each io_uring entry's payload buffer.
+        let _ = config.set_max_write(1 << 20);
         // Requests then wake a thread on the caller's CPU (fuser's rings).
         if self.ovl.cfg.io_uring && have.contains(InitFlags::FUSE_OVER_IO_URING) {
             let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);

@@ -961,6 +961,24 @@ fn rovl_matches_kernel_overlay() {
     assert_clean(&report);
 }
 
+/// The same with FUSE over io_uring switched on (rovl then serves through
+/// its rings; tests/uring.rs checks that it does).
+#[test]
+fn rovl_matches_kernel_over_io_uring() {
+    if !common::require_kernel_overlay() || !common::require_root_fuse() {
+        return;
+    }
+    let Some(_on) = common::UringOn::new() else {
+        return;
+    };
+    let nops = env_num("ROVL_DIFF_OPS", 200) as usize;
+    let seeds: Vec<u64> = (0..env_num("ROVL_DIFF_SEEDS", 6))
+        .map(|s| 900 + s)
+        .collect();
+    let report = run(&seeds, nops, &Second::Rovl, &Config::from_env());
+    assert_clean(&report);
+}
+
 /// Remounting both sides in the middle of the sequence (same options, same
 /// workdir): each side must read back what it wrote, and go on as before.
 #[test]

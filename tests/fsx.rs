@@ -397,3 +397,28 @@ fsx_tests! {
     // FUSE passthrough is rovl's alone (`all` is the default).
     passthrough_upper: "passthrough=upper", false;
 }
+
+/// Over FUSE over io_uring, with data through rovl's rings (not passed
+/// through): large reads and writes fill the entries' payload buffers.
+mod io_uring {
+    use super::*;
+
+    fn run_on_rings(lower: bool) {
+        if !require_root_fuse() {
+            return;
+        }
+        if let Some(_on) = UringOn::new() {
+            run(Backend::Rovl, "passthrough=off", lower);
+        }
+    }
+
+    #[test]
+    fn new_file_rovl() {
+        run_on_rings(false);
+    }
+
+    #[test]
+    fn lower_file_rovl() {
+        run_on_rings(true);
+    }
+}
