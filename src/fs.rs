@@ -539,7 +539,14 @@ impl fuser::Filesystem for OverlayFs {
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let p = self.ovl.plus_entry(ino.0, i, e);
             let off = i as u64 + 1;
-            if reply.add(p.attr.ino, off, &e.name, &p.ttl, &p.attr, Generation(0)) {
+            if reply.add(
+                INodeNo(p.d_ino),
+                off,
+                &e.name,
+                &p.ttl,
+                &p.attr,
+                Generation(0),
+            ) {
                 // Not sent: the lookup it counted does not happen.
                 break;
             }

@@ -418,12 +418,6 @@ impl InodeTable {
         self.nodes.get(&nodeid).map(|n| n.clone())
     }
 
-    /// A node id no node has or will have: for a name the kernel must not
-    /// keep (it gets no lookup count here, and its forget is ignored).
-    pub fn unused_id(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed)
-    }
-
     /// Gives back the maps' memory once most nodes are gone: a hash map
     /// keeps the capacity of its largest size, which after a walk of a
     /// million files is most of the daemon's memory.
@@ -434,14 +428,6 @@ impl InodeTable {
         if self.keys.len() * 4 < self.keys.capacity() {
             self.keys.shrink_to_fit();
         }
-    }
-
-    /// Counts one more kernel lookup of a live node; false if there is none.
-    /// Counts a lookup of a live node; the node, if it lives.
-    pub fn bump(&self, nodeid: u64) -> Option<Arc<Inode>> {
-        let n = self.nodes.get(&nodeid)?;
-        n.lookups.fetch_add(1, Ordering::Relaxed);
-        Some(n.clone())
     }
 
     /// The node a key maps to, without counting a lookup.

@@ -207,6 +207,8 @@ impl DirHandles {
 pub struct PlusEntry<'a> {
     pub attr: fuser::FileAttr,
     pub ttl: Duration,
+    /// The entry's `d_ino`: the number the file reports, whatever its node id.
+    pub d_ino: u64,
     counted: Option<Counted<'a>>,
 }
 
@@ -224,54 +226,37 @@ impl Overlay {
     /// lookup reply for the name (dropped unsent, its count goes).
     pub(crate) fn plus_entry(&self, dir: u64, i: usize, e: &DirEntry) -> PlusEntry<'_> {
         let mut attr = self.attr_template();
-        let now = Duration::ZERO;
         if i < 2 {
             // The kernel links neither "." nor "..": no lookup is counted.
             attr.ino = fuser::INodeNo(e.ino);
-            let ttl = self.ttl;
             return PlusEntry {
                 attr,
-                ttl,
+                ttl: self.ttl,
+                d_ino: e.ino,
                 counted: None,
             };
         }
         match self.lookup(dir, &e.name) {
-            Ok((node, st)) if node.ino_is_id() || node.ino() <= 1 || node.is_dir() => {
+            Ok((node, st)) => {
                 // As a lookup reply: the node id as `ino`, and no cached
                 // attributes where the reported number differs.
                 let (attr, ttl) = self.entry_attr(&node, &st);
                 PlusEntry {
                     attr,
                     ttl,
+                    d_ino: node.ino(),
                     counted: Some(node),
                 }
             }
-            Ok((node, st)) => {
-                // fuser sends the node id as d_ino. To show the reported
-                // number, the entry names that number as its node, and
-                // expires at once: the kernel's next use of the name looks
-                // it up again and finds this node. The kernel counts a
-                // lookup of that id, so we do too if it lives. (Not for
-                // dirs: replacing a dir's dentry detaches mounts.)
-                let attr = self.attr(&node, &st);
-                drop(node);
-                let counted = self.table.bump(attr.ino.0).map(|n| Counted::new(self, n));
-                PlusEntry {
-                    attr,
-                    ttl: now,
-                    counted,
-                }
-            }
             Err(_) => {
-                // Listed but not looked up (a whiteout in a one-layer dir).
-                // Node id 0 would hide it (d_ino 0), so it gets an id of its
-                // own that expires at once: the next lookup finds nothing,
-                // as on the kernel.
-                attr.ino = fuser::INodeNo(self.table.unused_id());
+                // Listed but not looked up (a whiteout in a one-layer dir):
+                // node id 0 links nothing, and the next lookup finds
+                // nothing, as on the kernel.
                 attr.kind = e.kind;
                 PlusEntry {
                     attr,
-                    ttl: now,
+                    ttl: Duration::ZERO,
+                    d_ino: e.ino,
                     counted: None,
                 }
             }
