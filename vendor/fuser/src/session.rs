@@ -272,6 +272,7 @@ impl<FS: Filesystem> Session<FS> {
         let mut filesystem = Arc::new(filesystem);
 
         // With rings ready, /dev/fuse carries only FORGET and INTERRUPT.
+        let mut lazy = false;
         #[cfg(target_os = "linux")]
         let rings = uring_payload.map(|payload| {
             let (rings, res) =
@@ -280,6 +281,7 @@ impl<FS: Filesystem> Session<FS> {
                 Ok(()) => {
                     info!("serving FUSE requests through io_uring");
                     n_threads = 1;
+                    lazy = true;
                 }
                 Err(e) => warn!("FUSE over io_uring unavailable ({e}): serving /dev/fuse"),
             }
@@ -309,7 +311,14 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
-        channels.push(ch);
+        if lazy {
+            // Its own fd, non-blocking: see `SessionEventLoop::event_loop`.
+            let own = ch.clone_fd()?;
+            own.set_nonblocking()?;
+            channels.push(own);
+        } else {
+            channels.push(ch);
+        }
 
         let mut threads = Vec::with_capacity(n_threads);
 
@@ -325,7 +334,7 @@ impl<FS: Filesystem> Session<FS> {
             threads.push(
                 thread::Builder::new()
                     .name(thread_name)
-                    .spawn(move || event_loop.event_loop())?,
+                    .spawn(move || event_loop.event_loop(lazy))?,
             );
         }
 
@@ -557,15 +566,40 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
-    fn event_loop(&self) -> io::Result<()> {
+    /// Serves requests until the connection ends. `lazy`: the channel is
+    /// non-blocking and carries only FORGET and INTERRUPT (io_uring serves
+    /// the rest); it is read in rounds, sleeping in between (10 ms, growing
+    /// to 250 ms while idle), so that queueing a FORGET wakes no thread,
+    /// which on a VM costs the process that dropped the inode more than the
+    /// request itself. The kernel batches the FORGETs meanwhile.
+    fn event_loop(&self, lazy: bool) -> io::Result<()> {
+        const NAP: std::time::Duration = std::time::Duration::from_millis(10);
+        const MAX_NAP: std::time::Duration = std::time::Duration::from_millis(250);
+        let mut nap = NAP;
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
         loop {
+            let got = if lazy {
+                match self.ch.receive(buf) {
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        thread::sleep(nap);
+                        nap = (nap * 2).min(MAX_NAP);
+                        continue;
+                    }
+                    Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR) => continue,
+                    got => {
+                        nap = NAP;
+                        got
+                    }
+                }
+            } else {
+                self.ch.receive_retrying(buf)
+            };
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
+            match got {
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
