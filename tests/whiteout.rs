@@ -18,6 +18,7 @@ both_backends!(
     mkdir_over_removed_lower_dir_is_opaque,
     mkdir_over_removed_lower_file_is_opaque,
     unlink_in_lower_subdir_copies_up_parent,
+    whiteout_listed_in_one_layer_dir,
 );
 
 fn assert_whiteout(p: &std::path::Path) {
@@ -185,4 +186,18 @@ fn unlink_in_lower_subdir_copies_up_parent(b: Backend) {
     assert_eq!(lstat(l.u("a/b")).st_mode, libc::S_IFDIR | 0o750);
     assert!(!is_opaque(l.u("a/b")));
     assert_eq!(names(l.m("a/b")), vec!["g"]);
+}
+
+/// A dir in one layer only lists a whiteout in it as a character device,
+/// with the whiteout's own inode number as `d_ino`.
+fn whiteout_listed_in_one_layer_dir(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "keep"), "k");
+    mkdir(l.u("d"));
+    mknod_whiteout(l.u("d/w"));
+    let ino = lstat(l.u("d/w")).st_ino;
+    let _m = mount(b, &l);
+    assert_eq!(names(&l.m("d")), ["w"]);
+    assert_eq!(d_ino(&l.m("d"), "w"), ino, "d_ino of the listed whiteout");
+    assert_eq!(errno(try_lstat(l.m("d/w"))), Some(libc::ENOENT));
 }
