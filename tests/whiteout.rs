@@ -197,7 +197,7 @@ fn whiteout_listed_in_one_layer_dir(b: Backend) {
     mknod_whiteout(l.u("d/w"));
     let ino = lstat(l.u("d/w")).st_ino;
     let _m = mount(b, &l);
-    assert_eq!(names(&l.m("d")), ["w"]);
+    assert_eq!(names(l.m("d")), ["w"]);
     assert_eq!(d_ino(&l.m("d"), "w"), ino, "d_ino of the listed whiteout");
     assert_eq!(errno(try_lstat(l.m("d/w"))), Some(libc::ENOENT));
 }
