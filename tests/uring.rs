@@ -225,9 +225,14 @@ fn snapshot(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// Says whether `m` serves through rings; call after a request was answered
-/// (the daemon sets the rings up before it reads `/dev/fuse`).
+/// Says whether `m` serves through rings; call after a request was answered.
+/// The daemon logs the line once every ring has registered, which may come
+/// just after a ring answered a first request: wait for it (bounded).
 fn assert_uring(m: &RovlMount) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !m.stderr_text().contains(SERVING) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(
         m.stderr_text().contains(SERVING),
         "rovl did not serve through io_uring; stderr:\n{}",
