@@ -12,11 +12,14 @@ use fuser::SessionACL;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 /// A mounted overlay. Serve it with [`Mounted::run`]; dropped unrun, it unmounts.
 pub struct Mounted {
     session: Option<fuser::Session<OverlayFs>>,
     ovl: std::sync::Arc<crate::overlay::Overlay>,
+    /// Set by the session once it serves through io_uring.
+    io_uring: std::sync::Arc<std::sync::atomic::AtomicBool>,
     mountpoint: PathBuf,
     /// Mounted by `fusermount3`: only it can unmount.
     helper: bool,
@@ -52,7 +55,8 @@ impl Mounted {
     /// The counters and cache sizes now (`rovl stats`).
     pub fn stats(&self) -> impl Fn() -> crate::stats::Snapshot + Send + 'static {
         let ovl = self.ovl.clone();
-        move || crate::stats::Snapshot::take(&ovl)
+        let io_uring = self.io_uring.clone();
+        move || crate::stats::Snapshot::take(&ovl, io_uring.load(Ordering::Relaxed))
     }
 
     /// Serves requests until the filesystem is unmounted.
@@ -147,6 +151,7 @@ pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> St
     let mut mounted = Mounted {
         session: None,
         ovl: ovl.clone(),
+        io_uring: Default::default(),
         mountpoint: cfg.mountpoint.clone(),
         helper,
     };
@@ -170,6 +175,7 @@ pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> St
         }
     })?;
     let _ = ovl.notifier.set(session.notifier());
+    mounted.io_uring = session.io_uring_active();
     mounted.session = Some(session);
     raise_readahead(&cfg.mountpoint);
     Ok(mounted)

@@ -92,10 +92,13 @@ pub struct Snapshot {
     pub dir_fds: usize,
     pub listings: usize,
     pub cache_entries: usize,
+    /// How requests come: "io_uring" or "/dev/fuse".
+    #[serde(default)]
+    pub transport: String,
 }
 
 impl Snapshot {
-    pub fn take(ovl: &crate::overlay::Overlay) -> Snapshot {
+    pub fn take(ovl: &crate::overlay::Overlay, io_uring: bool) -> Snapshot {
         let c = &COUNTERS;
         let seen = |a: &[AtomicU64; N]| {
             a.iter()
@@ -115,6 +118,7 @@ impl Snapshot {
             dir_fds,
             listings,
             cache_entries: ovl.cfg.cache_entries,
+            transport: if io_uring { "io_uring" } else { "/dev/fuse" }.to_string(),
         }
     }
 }

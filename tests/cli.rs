@@ -247,6 +247,10 @@ fn log_file_and_stats_of_a_daemon() {
     assert_eq!(s["copy_ups"], 1, "{s}");
     assert_eq!(s["copy_up_bytes"], 100_000, "{s}");
     assert!(s["requests"]["open"].as_u64() >= Some(1), "{s}");
+    assert!(
+        ["io_uring", "/dev/fuse"].contains(&s["transport"].as_str().unwrap_or("")),
+        "{s}"
+    );
     let text = run_rovl(&["stats", l.merged.to_str().unwrap()]).stdout;
     assert!(text.contains("copy-ups: 1 (97.7 KiB of data)"), "{text}");
     assert!(run_rovl(&["umount", l.merged.to_str().unwrap()])

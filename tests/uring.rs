@@ -243,6 +243,15 @@ fn assert_uring(m: &RovlMount) {
         .filter(|t| t.starts_with("fuser-ring-"))
         .count();
     assert_eq!(rings, possible_cpus(), "one ring thread per CPU");
+    assert_eq!(transport(m), "io_uring", "rovl stats");
+}
+
+/// The transport `rovl stats` reports.
+fn transport(m: &RovlMount) -> String {
+    let r = run_rovl(&["stats", "--json", m.mountpoint.to_str().unwrap()]);
+    assert!(r.status.success(), "rovl stats: {}", r.stderr);
+    let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats JSON");
+    s["transport"].as_str().unwrap_or_default().to_string()
 }
 
 #[test]
@@ -335,6 +344,7 @@ fn io_uring_off_keeps_dev_fuse() {
     let m = mount_logged(&l, "io_uring=off");
     assert_eq!(read_string(l.m("f")), "lower\n");
     assert!(!m.stderr_text().contains(SERVING), "{}", m.stderr_text());
+    assert_eq!(transport(&m), "/dev/fuse", "rovl stats");
     assert!(
         !threads(&m).iter().any(|t| t.starts_with("fuser-ring-")),
         "{:?}",

@@ -20,6 +20,9 @@ fn show(mountpoint: &Path, s: &Snapshot) {
     let total: u64 = s.requests.values().sum();
     let errors: u64 = s.errors.values().sum();
     println!("{} (pid {})", mountpoint.display(), s.pid);
+    if !s.transport.is_empty() {
+        println!("transport: {}", s.transport);
+    }
     println!("requests: {total} ({errors} failed)");
     let mut by_count: Vec<_> = s.requests.iter().collect();
     by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));

@@ -142,6 +142,8 @@ pub struct Session<FS: Filesystem> {
     /// FUSE_OVER_IO_URING was negotiated: `run` serves through rings, with
     /// the ring payload size (max_write, at least max_readahead).
     uring_payload: Option<usize>,
+    /// Set once `run` serves through io_uring.
+    uring_active: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -190,6 +192,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             uring_payload: None,
+            uring_active: Arc::default(),
         };
 
         session.handshake()?;
@@ -219,6 +222,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             uring_payload: None,
+            uring_active: Arc::default(),
         };
 
         session.handshake()?;
@@ -258,6 +262,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             uring_payload,
+            uring_active,
         } = self;
 
         let mut n_threads = config.n_threads.unwrap_or(1);
@@ -280,6 +285,7 @@ impl<FS: Filesystem> Session<FS> {
             match res {
                 Ok(()) => {
                     info!("serving FUSE requests through io_uring");
+                    uring_active.store(true, std::sync::atomic::Ordering::Relaxed);
                     n_threads = 1;
                     lazy = true;
                 }
@@ -537,6 +543,11 @@ impl<FS: Filesystem> Session<FS> {
     /// Returns an object that can be used to send notifications to the kernel
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.ch.sender())
+    }
+
+    /// True once `run` serves requests through FUSE-over-io_uring (rovl).
+    pub fn io_uring_active(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.uring_active.clone()
     }
 }
 
