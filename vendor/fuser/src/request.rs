@@ -63,11 +63,10 @@ impl<'a> RequestWithSender<'a> {
     /// A request from an io_uring entry; its reply goes to `ring`.
     #[cfg(target_os = "linux")]
     pub(crate) fn with_ring(
-        ch: ChannelSender,
         ring: crate::uring::RingReply,
         data: &'a [u8],
     ) -> Option<RequestWithSender<'a>> {
-        let mut r = Self::new(ch, data)?;
+        let mut r = Self::new(ring.ch.clone(), data)?;
         r.ring = Some(ring);
         Some(r)
     }

@@ -264,7 +264,8 @@ struct Queue<FS: Filesystem> {
     ents: Vec<RingEnt>,
     /// Entries the kernel holds (a command submitted, no final completion).
     outstanding: usize,
-    slot: Arc<Mutex<Slot>>,
+    /// The reply sink every request of this queue gets a clone of.
+    reply: RingReply,
     se: SessionEventLoop<FS>,
     /// A request copied out when its op header would leave it unaligned.
     scratch: Vec<u64>,
@@ -282,7 +283,10 @@ impl<FS: Filesystem> Queue<FS> {
             ring,
             ents: (0..QUEUE_DEPTH).map(|_| RingEnt::new(payload)).collect(),
             outstanding: 0,
-            slot: Arc::new(Mutex::new(Slot::default())),
+            reply: RingReply {
+                slot: Arc::default(),
+                ch: se.ch.sender(),
+            },
             se,
             scratch: Vec::new(),
         })
@@ -438,12 +442,8 @@ impl<FS: Filesystem> Queue<FS> {
             s
         };
 
-        self.slot.lock().open = true;
-        let reply = RingReply {
-            slot: self.slot.clone(),
-            ch: self.se.ch.sender(),
-        };
-        match RequestWithSender::with_ring(self.se.ch.sender(), reply, data) {
+        self.reply.slot.lock().open = true;
+        match RequestWithSender::with_ring(self.reply.clone(), data) {
             Some(req) => {
                 if let Ok(Operation::Destroy(_)) = req.request.operation() {
                     req.reply::<ReplyEmpty>().ok();
@@ -453,7 +453,7 @@ impl<FS: Filesystem> Queue<FS> {
             }
             None => warn!("io_uring: undecodable request {unique}"),
         }
-        let mut s = self.slot.lock();
+        let mut s = self.reply.slot.lock();
         s.open = false;
         let e = &mut self.ents[idx];
         if std::mem::take(&mut s.replied) {
