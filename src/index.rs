@@ -285,7 +285,7 @@ fn hex_name(fh: &[u8]) -> Option<CString> {
 }
 
 /// Bytes from lower-case or upper-case hex; None if it is not hex.
-fn unhex(s: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &[u8]) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -295,7 +295,7 @@ fn unhex(s: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// `U+3`, `L-1`: the base and the difference.
-fn parse_nlink(v: &[u8]) -> Option<(u8, i64)> {
+pub(crate) fn parse_nlink(v: &[u8]) -> Option<(u8, i64)> {
     let base = *v.first()?;
     if base != b'U' && base != b'L' {
         return None;

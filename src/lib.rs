@@ -6,11 +6,14 @@
 
 #![deny(unsafe_code)]
 
+pub mod apply;
 pub mod copyup;
+pub mod diff;
 pub mod dir;
 pub mod error;
 pub mod file;
 pub mod fs;
+pub mod fsck;
 pub mod idmap;
 pub mod index;
 pub mod inode;
@@ -18,6 +21,7 @@ pub mod inode_ops;
 pub mod layer;
 pub mod lookup;
 pub mod mountinfo;
+pub mod ondisk;
 pub mod options;
 pub mod overlay;
 pub mod override_stat;

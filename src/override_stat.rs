@@ -11,6 +11,14 @@ use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
+/// Every name the override is stored under, as `xattr_permissions=1|2`
+/// write it and as fuse-overlayfs before 1.14 wrote it.
+pub const NAMES: [&CStr; 3] = [
+    c"security.containers.override_stat",
+    c"user.containers.override_stat",
+    c"user.fuseoverlayfs.override_stat",
+];
+
 /// What one override xattr says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OverrideStat {
@@ -94,8 +102,8 @@ impl Overlay {
     /// The override xattr's name with `xattr_permissions=1|2`.
     pub(crate) fn override_name(&self) -> Option<&'static CStr> {
         match self.cfg.xattr_permissions {
-            1 => Some(c"security.containers.override_stat"),
-            2 => Some(c"user.containers.override_stat"),
+            1 => Some(NAMES[0]),
+            2 => Some(NAMES[1]),
             _ => None,
         }
     }
@@ -118,7 +126,7 @@ impl Overlay {
         };
         // fuse-overlayfs before 1.14 wrote its own name.
         let v = read(name).or_else(|e| match self.cfg.xattr_permissions {
-            2 => read(c"user.fuseoverlayfs.override_stat"),
+            2 => read(NAMES[2]),
             _ => Err(e),
         });
         if let Some(o) = v.ok().and_then(|v| OverrideStat::parse(&v)) {

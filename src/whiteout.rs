@@ -21,7 +21,7 @@ pub const WH_PREFIX: &[u8] = b".wh.";
 /// Markers that make the directory holding them opaque.
 const WH_OPAQUE: [&CStr; 2] = [c".wh..wh..opq", c".wh..opq"];
 /// Opaque xattrs written by other tools, read in every layer.
-const FOREIGN_OPAQUE: &CStr = c"user.fuseoverlayfs.opaque";
+pub const FOREIGN_OPAQUE: &CStr = c"user.fuseoverlayfs.opaque";
 
 /// Whether `name` is reserved for the `.wh.` format.
 pub fn is_wh_name(name: &[u8]) -> bool {
@@ -35,7 +35,7 @@ pub fn hidden_by(marker: &[u8]) -> Option<&[u8]> {
 }
 
 /// `.wh.NAME`, or None when it would not fit in a name.
-fn marker_for(name: &CStr) -> Option<CString> {
+pub fn marker_for(name: &CStr) -> Option<CString> {
     let n = name.to_bytes();
     if n.len() + WH_PREFIX.len() > crate::overlay::NAME_MAX {
         return None;
@@ -43,6 +43,55 @@ fn marker_for(name: &CStr) -> Option<CString> {
     let mut v = WH_PREFIX.to_vec();
     v.extend_from_slice(n);
     CString::new(v).ok()
+}
+
+/// Whether directory `dir/name` holds an AUFS opaque marker.
+pub fn has_opaque_marker(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    let Ok(d) = sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0) else {
+        return false;
+    };
+    WH_OPAQUE.iter().any(|m| sys::fstatat(d.as_fd(), m).is_ok())
+}
+
+/// Whether the (zero-size, regular) file `dir/name` carries one of the
+/// whiteout xattrs `names`: the kernel's xattr whiteout.
+pub fn is_xattr_whiteout(dir: BorrowedFd<'_>, name: &CStr, names: &[CString]) -> bool {
+    names.iter().any(|x| sys::getxattr_at(dir, name, x).is_ok())
+}
+
+/// Makes a whiteout at `dir/name`: a 0/0 device as the kernel makes it,
+/// or, where mknod is refused (some user namespaces and filesystems),
+/// the kernel's xattr whiteout (`whiteout` set); its dir must then be
+/// marked with [`mark_xwhiteouts`]. Returns whether it is an xattr whiteout.
+pub fn make_whiteout(dir: BorrowedFd<'_>, name: &CStr, whiteout: &CStr) -> Result<bool> {
+    match sys::mknodat(dir, name, libc::S_IFCHR, 0) {
+        Err(e) if matches!(e.raw(), libc::EPERM | libc::EOPNOTSUPP) => {
+            log::debug!("mknod of a whiteout refused ({e}): writing an xattr whiteout");
+        }
+        r => return r.map(|()| false),
+    }
+    let fd = sys::openat(
+        dir,
+        name,
+        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+        0o000,
+    )?;
+    let r = sys::setxattr(fd.as_fd(), whiteout, b"y", 0);
+    drop(fd);
+    if let Err(e) = r {
+        let _ = sys::unlinkat(dir, name, 0);
+        return Err(e);
+    }
+    Ok(true)
+}
+
+/// Marks dir `dir` as holding xattr whiteouts (`opaque` set to `x`),
+/// unless it is opaque.
+pub fn mark_xwhiteouts(dir: BorrowedFd<'_>, opaque: &CStr) -> Result<()> {
+    match sys::getxattr(dir, opaque) {
+        Ok(v) if v == b"y" || v == b"x" => Ok(()),
+        _ => sys::setxattr(dir, opaque, b"x", 0),
+    }
 }
 
 /// What one layer's directory holds under a name.
@@ -92,10 +141,7 @@ impl Overlay {
         sys::is_whiteout(st)
             || (sys::mode_type(st.st_mode) == libc::S_IFREG
                 && st.st_size == 0
-                && self
-                    .layout_names(&self.xattrs.whiteout, l)
-                    .iter()
-                    .any(|x| sys::getxattr_at(dir, name, x).is_ok()))
+                && is_xattr_whiteout(dir, name, self.layout_names(&self.xattrs.whiteout, l)))
     }
 
     /// Format markers read in layer `l`: in a lower layer, those of every
@@ -134,17 +180,9 @@ impl Overlay {
                 .and_then(|v| Redirect::parse(&v));
         }
         if marks.redirect.is_none() {
-            marks.opaque = self.has_opaque_marker(dir, name);
+            marks.opaque = has_opaque_marker(dir, name);
         }
         marks
-    }
-
-    /// Whether `dir/name` holds an AUFS opaque marker.
-    fn has_opaque_marker(&self, dir: BorrowedFd<'_>, name: &CStr) -> bool {
-        let Ok(d) = sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0) else {
-            return false;
-        };
-        WH_OPAQUE.iter().any(|m| sys::fstatat(d.as_fd(), m).is_ok())
     }
 
     /// Whether a layer's directory is marked as holding xattr whiteouts
@@ -155,39 +193,14 @@ impl Overlay {
             .any(|x| matches!(sys::getxattr(dir, x), Ok(v) if v == b"x"))
     }
 
-    /// Makes a whiteout at `dir/name`: a 0/0 device as the kernel makes it,
-    /// or, where mknod is refused (some user namespaces and filesystems),
-    /// the kernel's xattr whiteout; its dir must then be marked `opaque=x`
-    /// ([`Overlay::mark_xwhiteouts`]). Returns whether it is an xattr whiteout.
+    /// [`make_whiteout`] with this mount's xattr name.
     pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<bool> {
-        match sys::mknodat(dir, name, libc::S_IFCHR, 0) {
-            Err(e) if matches!(e.raw(), libc::EPERM | libc::EOPNOTSUPP) => {
-                log::debug!("mknod of a whiteout refused ({e}): writing an xattr whiteout");
-            }
-            r => return r.map(|()| false),
-        }
-        let fd = sys::openat(
-            dir,
-            name,
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-            0o000,
-        )?;
-        let r = sys::setxattr(fd.as_fd(), &self.xattrs.whiteout[0], b"y", 0);
-        drop(fd);
-        if let Err(e) = r {
-            let _ = sys::unlinkat(dir, name, 0);
-            return Err(e);
-        }
-        Ok(true)
+        make_whiteout(dir, name, &self.xattrs.whiteout[0])
     }
 
     /// Marks an upper dir as holding xattr whiteouts, unless it is opaque.
     pub(crate) fn mark_xwhiteouts(&self, dir: BorrowedFd<'_>) -> Result<()> {
-        let opaque = &self.xattrs.opaque[0];
-        match sys::getxattr(dir, opaque) {
-            Ok(v) if v == b"y" || v == b"x" => Ok(()),
-            _ => sys::setxattr(dir, opaque, b"x", 0),
-        }
+        mark_xwhiteouts(dir, &self.xattrs.opaque[0])
     }
 
     /// Removes the whiteouts of every format inside upper dir `dir/name`,

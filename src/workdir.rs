@@ -99,7 +99,7 @@ fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd> {
 }
 
 /// `lstat` relative to `dir`; `None` if the entry does not exist.
-fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<libc::stat>> {
+pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<libc::stat>> {
     match sys::fstatat(dir, name) {
         Ok(st) => Ok(Some(st)),
         Err(e) if e.raw() == libc::ENOENT => Ok(None),
@@ -142,7 +142,7 @@ fn list_dir(dir: &OwnedFd) -> Result<Vec<CString>> {
 }
 
 /// Removes everything below a freshly opened `dir`, never following symlinks.
-fn empty_dir(dir: &OwnedFd) -> Result<()> {
+pub(crate) fn empty_dir(dir: &OwnedFd) -> Result<()> {
     for name in list_dir(dir)? {
         remove_entry(dir.as_fd(), &name)?;
     }
@@ -150,7 +150,7 @@ fn empty_dir(dir: &OwnedFd) -> Result<()> {
 }
 
 /// Removes `name` in `parent` (recursively if a directory); missing is fine.
-fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+pub(crate) fn remove_entry(parent: BorrowedFd<'_>, name: &CStr) -> Result<()> {
     let Some(st) = lstat_at(parent, name)? else {
         return Ok(());
     };

@@ -45,11 +45,14 @@ pub fn long_version() -> &'static str {
     LONG_VERSION.as_str()
 }
 
-const SUBCOMMANDS: [&str; 7] = [
+const SUBCOMMANDS: [&str; 10] = [
     "mount",
     "umount",
     "list",
     "stats",
+    "diff",
+    "apply",
+    "check",
     "version",
     "completions",
     "man",
@@ -85,7 +88,10 @@ pub fn short_usage() -> String {
     "usage: rovl mount -o lowerdir=L1[:L2...][,upperdir=U,workdir=W] MERGED\n       \
      rovl umount [-l] MERGED\n       \
      rovl list [--json]\n       \
-     rovl stats MERGED"
+     rovl stats MERGED\n       \
+     rovl diff [--lower L1[:L2...]] UPPER > layer.tar\n       \
+     rovl apply layer.tar DIR\n       \
+     rovl check UPPER WORKDIR [--lower L1[:L2...]] [--repair]"
         .to_string()
 }
 
@@ -102,7 +108,7 @@ pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
     out
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct Common {
     /// Stay in the foreground instead of forking a daemon.
     #[arg(short = 'f', long)]
@@ -151,6 +157,15 @@ pub enum Cmd {
     List(ListArgs),
     /// Print a mount's counters: requests by type, errors, copy-ups, caches.
     Stats(StatsArgs),
+    /// Write an upper dir as an OCI layer (tar; --gzip, --zstd) and print
+    /// its digest and diff-id.
+    Diff(DiffArgs),
+    /// Extract an OCI layer (tar, gzip or zstd) into a new dir in the
+    /// overlay format (whiteouts as 0/0 devices, opaque xattrs).
+    Apply(ApplyArgs),
+    /// Check (and with --repair fix) an unmounted overlay's upper dir and
+    /// workdir, like fsck.overlay. Exit 0 clean, 1 all repaired, 4 left.
+    Check(CheckArgs),
     /// Print the version, with the FUSE protocol and kernel.
     Version,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -193,6 +208,68 @@ pub struct StatsArgs {
 #[derive(Args, Debug)]
 pub struct ListArgs {
     /// One JSON array, for tools.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The upper dir (unmounted, or not being written).
+    pub upper: PathBuf,
+    /// The lower layers it was mounted over, leftmost on top: needed to
+    /// resolve renamed dirs and metadata-only copies, and to mark only the
+    /// opaque dirs that hide something.
+    #[arg(long, value_name = "L1[:L2...]")]
+    pub lower: Option<String>,
+    /// Write the layer here instead of stdout.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// gzip the layer.
+    #[arg(long, conflicts_with = "zstd")]
+    pub gzip: bool,
+    /// zstd the layer.
+    #[arg(long)]
+    pub zstd: bool,
+    /// Print the digest, diff-id and size as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    /// The layer: a tar, gzip'd or zstd'd ("-": stdin).
+    pub layer: PathBuf,
+    /// The dir to extract into: missing or empty.
+    pub dir: PathBuf,
+    /// Write user.overlay.* markers (for userxattr mounts; the default
+    /// when not root) instead of trusted.overlay.*.
+    #[arg(long)]
+    pub userxattr: bool,
+    /// Create the device nodes the layer holds (refused by default).
+    #[arg(long)]
+    pub allow_devices: bool,
+    /// Print what was applied as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The upper dir.
+    pub upper: PathBuf,
+    /// The workdir.
+    pub work: PathBuf,
+    /// The lower layers, leftmost on top: needed to find orphan
+    /// whiteouts, redirects that point nowhere, lost metacopy data.
+    #[arg(long, value_name = "L1[:L2...]")]
+    pub lower: Option<String>,
+    /// Fix what is safe to fix, and say what was done.
+    #[arg(long)]
+    pub repair: bool,
+    /// Repairs write user.overlay.* markers (the default when not root).
+    #[arg(long)]
+    pub userxattr: bool,
+    /// The findings as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod daemon;
+pub mod layers;
 pub mod list;
 pub mod mount;
 pub mod stats;
@@ -85,6 +86,24 @@ pub fn main() -> ExitCode {
         }
         Some(Cmd::List(l)) => list::list_cmd(l.json),
         Some(Cmd::Stats(s)) => stats::stats_cmd(&s.mountpoint, s.json),
+        Some(Cmd::Diff(d)) => {
+            init_logger(&args::Common::default());
+            layers::diff_cmd(d)
+        }
+        Some(Cmd::Apply(a)) => {
+            init_logger(&args::Common::default());
+            layers::apply_cmd(a)
+        }
+        Some(Cmd::Check(c)) => {
+            init_logger(&args::Common::default());
+            return match layers::check_cmd(c) {
+                Ok(code) => ExitCode::from(code),
+                Err(msg) => {
+                    eprintln!("{msg}");
+                    ExitCode::from(8)
+                }
+            };
+        }
         Some(Cmd::Version) => {
             println!("rovl {}", args::long_version());
             Ok(())
