@@ -324,11 +324,12 @@ impl<W: Write> Writer<'_, W> {
         }
     }
 
-    /// `.wh.NAME` for a whiteout of any form, owned as the whiteout was.
+    /// `.wh.NAME` for a whiteout of any form, with the whiteout's owner
+    /// and mode (as containers/storage writes it).
     fn whiteout(&mut self, p: &[u8], st: &Stat) -> StartResult<()> {
         let mut h = Header::new_ustar();
         h.set_entry_type(EntryType::Regular);
-        h.set_mode(0o600);
+        h.set_mode(st.st_mode & 0o7777);
         self.ids_and_time(&mut h, st);
         self.append(h, p, None, Vec::new(), std::io::empty())
     }

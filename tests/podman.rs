@@ -12,7 +12,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SCENARIO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/podman/scenario.sh");
+/// The scripts, copied into each test's dir (a test user must read them).
+const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/podman");
 
 /// podman, runc, busybox and fuse-overlayfs, or a skip.
 fn require_podman() -> Option<PathBuf> {
@@ -68,8 +69,7 @@ impl Drop for Scratch {
 /// `/dev/fuse` as distributions ship it.
 fn scenario(scratch: &Scratch, tag: &str, driver: &Path, user: Option<&TestUser>) -> String {
     let dir = scratch.sub(tag, user.map(|u| u.uid));
-    let script = dir.join("scenario.sh");
-    std::fs::copy(SCENARIO, &script).unwrap();
+    let script = copy_scripts(&dir).join("scenario.sh");
     let out = match user {
         None => Command::new("bash")
             .arg(&script)
@@ -104,6 +104,14 @@ fn scenario(scratch: &Scratch, tag: &str, driver: &Path, user: Option<&TestUser>
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// The podman scripts in `dir`; returns `dir`.
+fn copy_scripts(dir: &Path) -> &Path {
+    for s in ["setup.sh", "scenario.sh", "commit.sh"] {
+        std::fs::copy(Path::new(SCRIPTS).join(s), dir.join(s)).unwrap();
+    }
+    dir
 }
 
 /// The rovl binary where a test user can run it.
@@ -216,4 +224,63 @@ fn rootless() {
     );
     let reference = scenario(&scratch, "fuse-overlayfs", &fuse_overlayfs, Some(&user));
     assert_eq!(ours, reference, "rovl vs fuse-overlayfs, rootless");
+}
+
+/// The layer `rovl diff` makes of a container's upper dir is the one
+/// `podman commit` writes, entry for entry; both apply to the same tree;
+/// an image whose top layer is rovl's loads and runs, showing what the
+/// committed image shows.
+#[test]
+fn diff_matches_podman_commit() {
+    if !require_root_fuse() || !require_kernel_overlay() {
+        return;
+    }
+    if require_podman().is_none() || require_program("python3").is_none() {
+        return;
+    }
+    let scratch = Scratch::new();
+    let dir = scratch.sub("commit", None);
+    copy_scripts(&dir);
+    let out = Command::new("bash")
+        .arg(dir.join("commit.sh"))
+        .arg(&dir)
+        .arg(rovl_bin())
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "commit.sh failed ({}):\n{}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = section(&stdout, "rovl layer");
+    assert_eq!(
+        section(&stdout, "podman layer"),
+        ours,
+        "the layers' entries"
+    );
+    for e in [
+        " opt/data/.wh.f1\n",
+        " home/.wh.u\n",
+        " usr/share/doc/pkg1/.wh..wh..opq\n",
+        " newdir/n link to newdir/hard\n",
+        "1001/1001 0   home/moved/\n",
+    ] {
+        assert!(ours.contains(e), "{e:?} not in:\n{ours}");
+    }
+    assert_eq!(
+        section(&stdout, "podman applied"),
+        section(&stdout, "rovl applied"),
+        "the applied layers"
+    );
+    let image = section(&stdout, "rovl image");
+    assert_eq!(
+        section(&stdout, "committed image"),
+        image,
+        "the images' trees"
+    );
+    assert!(image.contains("\n/usr/share/doc/pkg1/new f "), "{image}");
+    assert!(!image.contains("/opt/data/f1 "), "{image}");
 }
