@@ -80,7 +80,13 @@ fn main() {
     };
     let tar_cmd = || {
         let mut c = Command::new("tar");
-        c.args(["-C", upper.to_str().unwrap(), "-cf", out.to_str().unwrap(), "."]);
+        c.args([
+            "-C",
+            upper.to_str().unwrap(),
+            "-cf",
+            out.to_str().unwrap(),
+            ".",
+        ]);
         c
     };
     let cold = drop_caches();

@@ -193,7 +193,8 @@ impl<W: Write> Writer<'_, W> {
             let n = name.to_bytes();
             let p = join(path, n);
             let st = sys::fstatat(fd.as_fd(), name).map_err(|e| self.fail(&p, e))?;
-            match ondisk::classify(fd.as_fd(), name, &st) {
+            let list = ondisk::xattr_list(fd.as_fd(), name).map_err(|e| self.fail(&p, e))?;
+            match ondisk::classify(fd.as_fd(), name, &st, Some(&list)) {
                 Kind::OpaqueMarker => {}
                 Kind::Whiteout => {
                     if !whole {
@@ -227,7 +228,7 @@ impl<W: Write> Writer<'_, W> {
                         (None, Found::Dir(s)) => Some(s),
                         (None, _) => lower.map(|_| Stack::default()),
                     };
-                    self.entry(fd.as_fd(), name, &p, &st, None)?;
+                    self.entry(fd.as_fd(), name, &p, &st, None, Some(&list))?;
                     if mark {
                         self.opaque_marker(&p, &st)?;
                     }
@@ -239,10 +240,10 @@ impl<W: Write> Writer<'_, W> {
                     redirect,
                 } => {
                     let data = self.metacopy_data(&p, name, lower, redirect.as_ref())?;
-                    self.entry(fd.as_fd(), name, &p, &st, Some(data))?;
+                    self.entry(fd.as_fd(), name, &p, &st, Some(data), Some(&list))?;
                 }
                 Kind::File { .. } | Kind::Other => {
-                    self.entry(fd.as_fd(), name, &p, &st, None)?;
+                    self.entry(fd.as_fd(), name, &p, &st, None, Some(&list))?;
                 }
             }
         }
@@ -311,11 +312,11 @@ impl<W: Write> Writer<'_, W> {
     fn lower_entry(&mut self, s: &Stack, name: &CStr, p: &[u8]) -> StartResult<()> {
         match s.child(name).map_err(|e| self.fail(p, e))? {
             Found::Missing => Ok(()),
-            Found::NonDir { dir, st } => self.entry(dir.as_fd(), name, p, &st, None),
+            Found::NonDir { dir, st } => self.entry(dir.as_fd(), name, p, &st, None, None),
             Found::Dir(below) => {
                 let top = &below.dirs[0];
                 let st = sys::fstat(top.as_fd()).map_err(|e| self.fail(p, e))?;
-                self.entry(top.as_fd(), c".", p, &st, None)?;
+                self.entry(top.as_fd(), c".", p, &st, None, None)?;
                 for n in below.merged_names().map_err(|e| self.fail(p, e))? {
                     self.lower_entry(&below, &n, &join(p, n.to_bytes()))?;
                 }
@@ -362,9 +363,10 @@ impl<W: Write> Writer<'_, W> {
         p: &[u8],
         st: &Stat,
         data: Option<OwnedFd>,
+        list: Option<&[u8]>,
     ) -> StartResult<()> {
         let mut st = *st;
-        let (xattrs, over) = self.xattrs(dir, name, p)?;
+        let (xattrs, over) = self.xattrs(dir, name, p, list)?;
         if let Some(o) = over {
             o.apply(&mut st);
         }
@@ -437,11 +439,13 @@ impl<W: Write> Writer<'_, W> {
         dir: BorrowedFd<'_>,
         name: &CStr,
         p: &[u8],
+        list: Option<&[u8]>,
     ) -> StartResult<(Xattrs, Option<OverrideStat>)> {
-        let list = match sys::listxattr_at(dir, name) {
-            Ok(l) => l,
-            Err(e) if e.raw() == libc::EOPNOTSUPP => Vec::new(),
-            Err(e) => return Err(self.fail(p, e)),
+        let list: std::borrow::Cow<'_, [u8]> = match list {
+            Some(l) => l.into(),
+            None => ondisk::xattr_list(dir, name)
+                .map_err(|e| self.fail(p, e))?
+                .into(),
         };
         let mut out = Vec::new();
         let mut over = None;

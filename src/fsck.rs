@@ -270,7 +270,7 @@ impl Checker {
             let shown = format!("upper/{}", show(&p));
             let d = fd.as_fd();
             let st = sys::fstatat(d, &name)?;
-            match ondisk::classify(d, &name, &st) {
+            match ondisk::classify(d, &name, &st, None) {
                 Kind::Marker(hidden) => {
                     let hidden = CString::new(hidden).expect("from a name");
                     let own = self.own;

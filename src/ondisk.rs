@@ -101,8 +101,24 @@ pub enum Kind {
     Other,
 }
 
-/// Reads what `dir/name` (with `st`, its lstat) is.
-pub fn classify(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> Kind {
+/// The NUL-separated xattr names of `dir/name` (none where the
+/// filesystem has no xattrs).
+pub fn xattr_list(dir: BorrowedFd<'_>, name: &CStr) -> Result<Vec<u8>> {
+    match sys::listxattr_at(dir, name) {
+        Err(e) if e.raw() == libc::EOPNOTSUPP => Ok(Vec::new()),
+        r => r,
+    }
+}
+
+/// Reads what `dir/name` (with `st`, its lstat) is; `list`, its xattr
+/// names, when the caller has them already.
+pub fn classify(dir: BorrowedFd<'_>, name: &CStr, st: &Stat, list: Option<&[u8]>) -> Kind {
+    let list = || -> std::borrow::Cow<'_, [u8]> {
+        match list {
+            Some(l) => l.into(),
+            None => xattr_list(dir, name).unwrap_or_default().into(),
+        }
+    };
     let n = name.to_bytes();
     if whiteout::is_wh_name(n) && !sys::is_dir(st.st_mode) {
         return match whiteout::hidden_by(n) {
@@ -112,7 +128,7 @@ pub fn classify(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> Kind {
     }
     match sys::mode_type(st.st_mode) {
         libc::S_IFDIR => {
-            let list = sys::listxattr_at(dir, name).unwrap_or_default();
+            let list = list();
             let value = |suffix: &str| -> Option<Vec<u8>> {
                 overlay_names(suffix).iter().find_map(|x| {
                     has_name(&list, x.to_bytes())
@@ -128,14 +144,16 @@ pub fn classify(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> Kind {
             Kind::Dir { opaque, redirect }
         }
         libc::S_IFREG => {
-            if st.st_size == 0 && whiteout::is_xattr_whiteout(dir, name, &overlay_names("whiteout"))
-            {
+            let list = list();
+            let has = |suffix: &str| {
+                overlay_names(suffix)
+                    .iter()
+                    .any(|x| has_name(&list, x.to_bytes()))
+            };
+            if st.st_size == 0 && has("whiteout") {
                 return Kind::Whiteout;
             }
-            let list = sys::listxattr_at(dir, name).unwrap_or_default();
-            let metacopy = overlay_names("metacopy")
-                .iter()
-                .any(|x| has_name(&list, x.to_bytes()));
+            let metacopy = has("metacopy");
             let redirect = if metacopy {
                 overlay_names("redirect").iter().find_map(|x| {
                     has_name(&list, x.to_bytes())
@@ -224,7 +242,7 @@ impl Stack {
                 }
                 Err(e) => return Err(e),
             };
-            match classify(d.as_fd(), name, &st) {
+            match classify(d.as_fd(), name, &st, None) {
                 Kind::Whiteout | Kind::Marker(_) | Kind::OpaqueMarker => break,
                 Kind::Dir { opaque, .. } => {
                     below.dirs.push(open_dir(d.as_fd(), name)?);
@@ -284,7 +302,7 @@ impl Stack {
                     continue;
                 }
                 let st = sys::fstatat(d.as_fd(), &name)?;
-                match classify(d.as_fd(), &name, &st) {
+                match classify(d.as_fd(), &name, &st, None) {
                     Kind::OpaqueMarker => {}
                     Kind::Marker(h) => hidden_here.push(h),
                     Kind::Whiteout => {

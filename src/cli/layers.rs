@@ -9,39 +9,124 @@ use sha2::{Digest, Sha256};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-/// A writer that hashes (sha256) and counts what passes through it.
+/// A writer that counts, and hashes (sha256) unless told not to, what
+/// passes through it.
 struct Hashing<W> {
     inner: W,
-    hash: Sha256,
+    hash: Option<Sha256>,
     len: u64,
 }
 
 impl<W: Write> Hashing<W> {
-    fn new(inner: W) -> Self {
+    fn new(inner: W, hash: bool) -> Self {
         Hashing {
             inner,
-            hash: Sha256::new(),
+            hash: hash.then(Sha256::new),
             len: 0,
         }
     }
 
-    fn digest(&self) -> String {
-        let d = self.hash.clone().finalize();
+    fn digest(&self) -> Option<String> {
+        let d = self.hash.clone()?.finalize();
         let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}")
+        Some(format!("sha256:{hex}"))
     }
 }
 
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
         self.len += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// What the writer thread wrote.
+struct Written {
+    digest: String,
+    diff_id: String,
+    size: u64,
+}
+
+/// The tar, handed in 1 MiB chunks to a thread that hashes, compresses and
+/// writes it: the walk never waits for sha256, gzip or the output.
+struct Pipe {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<std::io::Result<Written>>>,
+}
+
+const CHUNK: usize = 1 << 20;
+
+impl Pipe {
+    fn start<W: Write + Send + 'static>(comp: Compressor<Hashing<W>>) -> Pipe {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::spawn(move || {
+            let mut tar = Hashing::new(comp, true);
+            for chunk in rx {
+                tar.write_all(&chunk)?;
+            }
+            let diff_id = tar.digest().expect("hashed");
+            let mut blob = tar.inner.finish()?;
+            blob.flush()?;
+            Ok(Written {
+                digest: blob.digest().unwrap_or_else(|| diff_id.clone()),
+                diff_id,
+                size: blob.len,
+            })
+        });
+        Pipe {
+            buf: Vec::with_capacity(CHUNK),
+            tx: Some(tx),
+            worker: Some(worker),
+        }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the writer stopped");
+        self.tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(chunk)
+            .map_err(|_| gone())
+    }
+
+    /// Sends what is left and waits for the writer.
+    fn finish(mut self) -> std::io::Result<Written> {
+        let sent = if self.buf.is_empty() {
+            Ok(())
+        } else {
+            self.send()
+        };
+        self.tx = None;
+        let r = match self.worker.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(std::io::Error::other("the writer thread failed")),
+        };
+        // The writer's own error says more than the closed channel.
+        r.and_then(|w| sent.map(|()| w))
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(buf);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -152,15 +237,17 @@ pub fn diff_cmd(a: DiffArgs) -> CmdResult {
             "rovl diff: not writing a tar to a terminal: give -o FILE or redirect stdout".into(),
         );
     }
-    let (out_file, sink): (Option<OutFile>, Box<dyn Write>) = match &a.output {
+    let (out_file, sink): (Option<OutFile>, Box<dyn Write + Send>) = match &a.output {
         Some(p) => {
             let (o, f) = OutFile::create(p)?;
             (Some(o), Box::new(f))
         }
-        None => (None, Box::new(std::io::stdout().lock())),
+        None => (None, Box::new(std::io::stdout())),
     };
     let sink = std::io::BufWriter::with_capacity(1 << 20, sink);
-    let blob = Hashing::new(sink);
+    // Uncompressed, the blob is the tar: hashed once.
+    let compressed = a.gzip || a.zstd;
+    let blob = Hashing::new(sink, compressed);
     let comp = if a.gzip {
         Compressor::Gzip(flate2::write::GzEncoder::new(
             blob,
@@ -173,23 +260,32 @@ pub fn diff_cmd(a: DiffArgs) -> CmdResult {
     } else {
         Compressor::Plain(blob)
     };
-    let mut tar = Hashing::new(comp);
+    let mut pipe = Pipe::start(comp);
     let pb = progress("diff");
     let lowers = lowers(&a.lower);
-    let summary = rovl::diff::write_layer(&a.upper, lowers.as_deref(), &mut tar, &mut |n| {
+    let walked = rovl::diff::write_layer(&a.upper, lowers.as_deref(), &mut pipe, &mut |n| {
         if n % 256 == 0 {
             pb.set_position(n);
         }
-    })
-    .map_err(|e| e.to_string())?;
+    });
     pb.finish_and_clear();
-    let diff_id = tar.digest();
-    let werr = |e: std::io::Error| format!("rovl diff: writing the layer: {e}");
-    let mut blob = tar.inner.finish().map_err(werr)?;
-    blob.flush().map_err(werr)?;
-    let digest = blob.digest();
-    let size = blob.len;
-    drop(blob);
+    // A failed write is the writer's error to tell.
+    let written = pipe
+        .finish()
+        .map_err(|e| format!("rovl diff: writing the layer: {e}"));
+    let summary = match (walked, written) {
+        (Err(e), Ok(_)) => return Err(e.to_string()),
+        (_, Err(e)) => return Err(e),
+        (Ok(s), Ok(w)) => (s, w),
+    };
+    let (
+        summary,
+        Written {
+            digest,
+            diff_id,
+            size,
+        },
+    ) = summary;
     if let Some(o) = out_file {
         o.commit()?;
     }
