@@ -526,5 +526,42 @@ fn experiment(rovl: &Path, store: &Path) -> Result<()> {
         "layer 1 still has bin/sh",
     )?;
     println!("   `docker commit` would package only this diff/, never the -init layer.");
+
+    step(
+        8,
+        "Commit: the container layer as an OCI layer, with `rovl diff`",
+    );
+    cmd(&format!(
+        "rovl diff --lower {lower} {cid}/diff -o container-layer.tar",
+        cid = short(&cid)
+    ));
+    let out = std::process::Command::new(rovl)
+        .args(["diff", "--lower", &lower, &format!("{cid}/diff")])
+        .args(["-o", "container-layer.tar"])
+        .current_dir(store)
+        .output()
+        .map_err(io_err("rovl diff"))?;
+    check(out.status.success(), "rovl diff made the layer")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    cmd("tar -tf container-layer.tar");
+    let f = fs::File::open(store.join("container-layer.tar")).map_err(io_err("layer"))?;
+    let mut ar = tar::Archive::new(f);
+    let mut names = Vec::new();
+    for e in ar.entries().map_err(io_err("layer"))? {
+        let e = e.map_err(io_err("layer"))?;
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        println!("   {name}");
+        names.push(name);
+    }
+    check(
+        names.iter().any(|n| n == "bin/.wh.sh"),
+        "the whiteout of bin/sh is the OCI whiteout bin/.wh.sh",
+    )?;
+    check(
+        names.iter().any(|n| n == "home/xufeng/test.txt"),
+        "the new file is in the layer",
+    )?;
+    println!("   This tar is what `docker commit` / `podman commit` add as the image's top layer;");
+    println!("   `rovl apply container-layer.tar DIR` turns it back into an overlay layer dir.");
     Ok(())
 }

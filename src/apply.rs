@@ -251,11 +251,9 @@ impl Extractor {
         progress: &mut dyn FnMut(u64),
     ) -> StartResult<()> {
         let mut ar = tar::Archive::new(input);
-        let entries = ar
-            .entries()
-            .map_err(|e| Error::because("apply: reading the layer", e))?;
+        let entries = ar.entries().map_err(|e| not_a_layer(0, e))?;
         for e in entries {
-            let mut e = e.map_err(|e| Error::because("apply: reading the layer", e))?;
+            let mut e = e.map_err(|e| not_a_layer(self.summary.entries, e))?;
             let raw = e.path_bytes().into_owned();
             let path = parse_path(&raw).map_err(|m| Error::new(format!("apply: {m}")))?;
             self.entry(&mut e, &path).map_err(|m| match m {
@@ -543,6 +541,34 @@ impl Extractor {
         }
         Ok(())
     }
+}
+
+/// A layer that is not a tar (or is cut short), in one printable line:
+/// the tar crate's message may quote raw header bytes.
+fn not_a_layer(entries: u64, e: std::io::Error) -> Error {
+    let msg = e.to_string();
+    let msg = msg.split([':', '\n']).next().unwrap_or_default();
+    let msg = msg.split(" when ").next().unwrap_or_default();
+    let mut clean: String = msg
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == '\u{fffd}' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if clean.len() > 80 {
+        let cut = (0..=80)
+            .rev()
+            .find(|&i| clean.is_char_boundary(i))
+            .unwrap_or(0);
+        clean.truncate(cut);
+    }
+    Error::new(format!(
+        "apply: the layer is not a valid tar (gzip or zstd) after {entries} entries: {clean}"
+    ))
 }
 
 /// Why an entry was not extracted.

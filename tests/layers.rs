@@ -694,3 +694,54 @@ fn apply_reads_stdin() {
     assert_eq!(read(target.join("ok/file")), b"fine");
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 whiteouts"));
 }
+
+/// Bad input: one line that says what to do, a non-zero exit, nothing
+/// written.
+#[test]
+fn bad_input_is_one_clear_line() {
+    let t = tempfile::Builder::new()
+        .prefix("rovl-bad-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let full = t.path().join("full");
+    mkdir(&full);
+    write(full.join("x"), "x");
+    let tarf = t.path().join("l.tar");
+    fs::write(&tarf, layer(&[])).unwrap();
+    let not_tar = t.path().join("garbage");
+    fs::write(&not_tar, vec![b'g'; 2048]).unwrap();
+    let before = snapshot(t.path());
+    for (args, expect) in [
+        (
+            vec!["diff", "/nonexistent/upper", "-o", "/tmp/x.tar"],
+            "/nonexistent/upper",
+        ),
+        (
+            vec!["apply", tarf.to_str().unwrap(), full.to_str().unwrap()],
+            "not empty",
+        ),
+        (
+            vec!["apply", "/nonexistent.tar", "/tmp/nowhere-dir"],
+            "/nonexistent.tar",
+        ),
+        (
+            vec![
+                "apply",
+                not_tar.to_str().unwrap(),
+                t.path().join("n").to_str().unwrap(),
+            ],
+            "apply",
+        ),
+        (
+            vec!["check", "/nonexistent/u", "/nonexistent/w"],
+            "/nonexistent/u",
+        ),
+    ] {
+        let r = run_rovl(&args);
+        assert!(!r.status.success(), "{args:?}");
+        assert!(r.stderr.contains(expect), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+    }
+    assert_same_tree(&before, &snapshot(t.path()), "the dir");
+    assert!(!Path::new("/tmp/x.tar").exists());
+}
