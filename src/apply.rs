@@ -283,6 +283,18 @@ impl Extractor {
                         sys::mkdirat(cur.as_fd(), c, 0o755)?;
                         ondisk::open_dir(cur.as_fd(), c)?
                     }
+                    Err(e)
+                        if e.raw() == libc::ENOTDIR
+                            && self.is_whiteout(cur.as_fd(), c)? =>
+                    {
+                        // Whited out earlier in this layer, then filled:
+                        // a new dir that hides the lower one.
+                        sys::unlinkat(cur.as_fd(), c, 0)?;
+                        sys::mkdirat(cur.as_fd(), c, 0o755)?;
+                        let d = ondisk::open_dir(cur.as_fd(), c)?;
+                        sys::setxattr(d.as_fd(), &self.names.opaque, b"y", 0)?;
+                        d
+                    }
                     Err(e) if matches!(e.raw(), libc::ELOOP | libc::ENOTDIR) => {
                         return Err(Failure::Refused(format!(
                             "'{}' in its path is not a dir (a symlink or file): refusing to write through it",
@@ -377,9 +389,12 @@ impl Extractor {
         let pfd = self.parent_of(&path.comps)?.try_clone_to_owned()?;
         let pfd = pfd.as_fd();
         // A later entry replaces an earlier one of the same name (a dir
-        // stays, taking the new metadata).
+        // stays, taking the new metadata). A dir in place of this layer's
+        // whiteout hides the lower one: opaque.
+        let mut opaque = false;
         if let Some(st) = lstat_at(pfd, &base)? {
             if !(sys::is_dir(st.st_mode) && kind.is_dir()) {
+                opaque = kind.is_dir() && self.is_whiteout(pfd, &base)?;
                 remove_entry(pfd, &base)?;
                 self.cached = None;
             }
@@ -402,6 +417,10 @@ impl Extractor {
             EntryType::Directory => {
                 if lstat_at(pfd, &base)?.is_none() {
                     sys::mkdirat(pfd, &base, 0o700)?;
+                }
+                if opaque {
+                    let d = ondisk::open_dir(pfd, &base)?;
+                    sys::setxattr(d.as_fd(), &self.names.opaque, b"y", 0)?;
                 }
                 let mut comps = path.comps.clone();
                 comps.shrink_to_fit();
@@ -484,6 +503,19 @@ impl Extractor {
             sys::utimensat(pfd, &base, &[t, t])?;
         }
         Ok(())
+    }
+
+    /// Whether `dir/name` is a whiteout this extraction made.
+    fn is_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<bool, Failure> {
+        let st = sys::fstatat(dir, name)?;
+        Ok(sys::is_whiteout(&st)
+            || (sys::mode_type(st.st_mode) == libc::S_IFREG
+                && st.st_size == 0
+                && whiteout::is_xattr_whiteout(
+                    dir,
+                    name,
+                    std::slice::from_ref(&self.names.whiteout),
+                )))
     }
 
     /// The dir holding an existing entry of the layer, and its last name.

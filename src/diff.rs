@@ -408,7 +408,11 @@ impl<W: Write> Writer<'_, W> {
                 return self.append(h, p, None, pax, std::io::empty());
             }
             libc::S_IFREG => {}
-            _ => return Err(self.refuse(p, "a socket: layers cannot hold one")),
+            _ => {
+                // As tar and containers/storage: a socket cannot be stored.
+                log::warn!("diff: {}: a socket, left out of the layer", show(p));
+                return Ok(());
+            }
         }
         if st.st_nlink > 1 {
             let key = (st.st_dev, st.st_ino);

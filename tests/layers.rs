@@ -745,3 +745,58 @@ fn bad_input_is_one_clear_line() {
     assert_same_tree(&before, &snapshot(t.path()), "the dir");
     assert!(!Path::new("/tmp/x.tar").exists());
 }
+
+/// A whiteout and then entries under the same name in one layer: the
+/// lower one is gone, the new one stays (the OCI rule), so the new dir is
+/// opaque.
+#[test]
+fn whiteout_then_entries_of_the_same_name() {
+    if !require_root_fuse() {
+        return;
+    }
+    use tar::EntryType::*;
+    let data = layer(&[
+        (b".wh.d", Regular, b"", b""),
+        (b"d/", Directory, b"", b""),
+        (b"d/f", Regular, b"", b"f"),
+        (b".wh.e", Regular, b"", b""),
+        (b"e/g", Regular, b"", b"g"),
+        (b".wh.h", Regular, b"", b""),
+        (b"h", Regular, b"", b"file now"),
+    ]);
+    let t = tempfile::Builder::new()
+        .prefix("rovl-wh-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let layer_path = t.path().join("l.tar");
+    fs::write(&layer_path, data).unwrap();
+    let target = t.path().join("target");
+    rovl_ok(&[
+        "apply",
+        layer_path.to_str().unwrap(),
+        target.to_str().unwrap(),
+    ]);
+    assert!(is_opaque(target.join("d")) && is_opaque(target.join("e")));
+    assert_eq!(read(target.join("d/f")), b"f");
+    assert_eq!(read(target.join("e/g")), b"g");
+    assert_eq!(read(target.join("h")), b"file now");
+    assert!(!is_opaque(target.join("ok")));
+}
+
+/// A socket cannot be in a tar: left out, with a warning, as tar does.
+#[test]
+fn sockets_are_left_out() {
+    let t = tempfile::Builder::new()
+        .prefix("rovl-sock-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let upper = t.path().join("upper");
+    mkdir(&upper);
+    write(upper.join("f"), "f");
+    let _sock = std::os::unix::net::UnixListener::bind(upper.join("s")).unwrap();
+    let out = t.path().join("l.tar");
+    let r = run_rovl(&["diff", upper.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", r.stderr);
+    assert!(r.stderr.contains("socket"), "{}", r.stderr);
+    assert!(r.stdout.contains("entries: 1"), "{}", r.stdout);
+}
