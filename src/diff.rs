@@ -16,7 +16,7 @@
 
 use crate::error::{Error, StartResult};
 use crate::inode::Redirect;
-use crate::ondisk::{self, Found, Kind, Stack, XattrName};
+use crate::ondisk::{self, join, show, Found, Kind, Lowers, Stack, XattrName};
 use crate::override_stat::{self, OverrideStat};
 use crate::sys::{self, Stat};
 use std::collections::HashMap;
@@ -53,14 +53,7 @@ pub fn write_layer<W: Write>(
     progress: &mut dyn FnMut(u64),
 ) -> StartResult<Summary> {
     let root = ondisk::open_root(upper).map_err(|e| Error::at("upper dir", upper, e))?;
-    let roots = match lowers {
-        None => None,
-        Some(ls) => Some(Stack::roots(
-            ls.iter()
-                .map(|l| ondisk::open_root(l).map_err(|e| Error::at("lower dir", l, e)))
-                .collect::<StartResult<_>>()?,
-        )),
-    };
+    let roots = lowers.map(Lowers::open).transpose()?;
     let mut w = Writer {
         tar: tar::Builder::new(out),
         links: HashMap::new(),
@@ -70,7 +63,11 @@ pub fn write_layer<W: Write>(
         roots,
     };
     let lower = match &w.roots {
-        Some(r) => Some(r.try_clone().map_err(|e| Error::because("lower dirs", e))?),
+        Some(l) => Some(
+            l.roots
+                .try_clone()
+                .map_err(|e| Error::because("lower dirs", e))?,
+        ),
         None => None,
     };
     w.upper_dir(&root, b"", lower.as_ref(), false)?;
@@ -87,21 +84,8 @@ struct Writer<'a, W: Write> {
     summary: Summary,
     progress: &'a mut dyn FnMut(u64),
     upper: &'a Path,
-    /// The lower layers' roots, when given.
-    roots: Option<Stack>,
-}
-
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = dir.to_vec();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
-
-fn show(p: &[u8]) -> String {
-    String::from_utf8_lossy(p).into_owned()
+    /// The lower layers, when given.
+    roots: Option<Lowers>,
 }
 
 /// A reader that fails unless it gives exactly `left` bytes: a file that
@@ -259,13 +243,11 @@ impl<W: Write> Writer<'_, W> {
 
     /// The lower dirs a renamed dir's redirect points at.
     fn redirected(&self, p: &[u8], lower: Option<&Stack>, r: &Redirect) -> StartResult<Stack> {
-        let comps = ondisk::redirect_comps(r);
-        let base = match r {
-            Redirect::Abs(_) => self.roots.as_ref(),
-            Redirect::Rel(_) => lower,
+        let (Some(l), Some(parent)) = (&self.roots, lower) else {
+            return Ok(Stack::default());
         };
-        match base.map(|b| b.lookup(&comps)).transpose() {
-            Ok(Some(Found::Dir(s))) => Ok(s),
+        match l.redirected(parent, r) {
+            Ok(Found::Dir(s)) => Ok(s),
             Ok(_) => Ok(Stack::default()),
             Err(e) => Err(self.fail(p, e)),
         }
@@ -279,26 +261,17 @@ impl<W: Write> Writer<'_, W> {
         lower: Option<&Stack>,
         redirect: Option<&Redirect>,
     ) -> StartResult<OwnedFd> {
-        if self.roots.is_none() {
+        let (Some(l), Some(parent)) = (&self.roots, lower) else {
             return Err(self.refuse(
                 p,
                 "a metadata-only copy (metacopy xattr): give the lower layers with --lower to read its data",
             ));
-        }
-        let (found, last) = match redirect {
-            Some(r) => {
-                let comps = ondisk::redirect_comps(r);
-                let base = match r {
-                    Redirect::Abs(_) => self.roots.as_ref(),
-                    Redirect::Rel(_) => lower,
-                };
-                let last = comps.last().cloned().unwrap_or_default();
-                (base.map(|b| b.lookup(&comps)).transpose(), last)
-            }
-            None => (lower.map(|s| s.child(name)).transpose(), name.to_owned()),
         };
-        match found.map_err(|e| self.fail(p, e))? {
-            Some(Found::NonDir { dir, st }) if sys::mode_type(st.st_mode) == libc::S_IFREG => {
+        let (found, last) = l
+            .data_of(parent, name, redirect)
+            .map_err(|e| self.fail(p, e))?;
+        match found {
+            Found::NonDir { dir, st } if sys::mode_type(st.st_mode) == libc::S_IFREG => {
                 sys::openat(dir.as_fd(), &last, libc::O_RDONLY, 0).map_err(|e| self.fail(p, e))
             }
             _ => Err(self.refuse(

@@ -19,7 +19,7 @@
 
 use crate::error::{Error, StartResult};
 use crate::inode::Redirect;
-use crate::ondisk::{self, Found, Kind, Stack};
+use crate::ondisk::{self, join, show, Found, Kind, Lowers, Stack};
 use crate::sys::{self, Stat};
 use crate::whiteout;
 use crate::workdir::{lstat_at, remove_entry};
@@ -77,14 +77,7 @@ pub fn check(
 ) -> StartResult<Report> {
     let root = ondisk::open_root(upper).map_err(|e| Error::at("upper dir", upper, e))?;
     let workdir = ondisk::open_root(work).map_err(|e| Error::at("workdir", work, e))?;
-    let lower = match lowers {
-        None => None,
-        Some(ls) => Some(Stack::roots(
-            ls.iter()
-                .map(|l| ondisk::open_root(l).map_err(|e| Error::at("lower dir", l, e)))
-                .collect::<StartResult<_>>()?,
-        )),
-    };
+    let lower = lowers.map(Lowers::open).transpose()?;
     let mut c = Checker {
         repair: opts.repair,
         own: usize::from(opts.userxattr),
@@ -97,7 +90,11 @@ pub fn check(
     c.index(&workdir)
         .map_err(|e| Error::at("checking", &work.join("index"), e))?;
     let below = match &c.roots {
-        Some(r) => Some(r.try_clone().map_err(|e| Error::because("lower dirs", e))?),
+        Some(l) => Some(
+            l.roots
+                .try_clone()
+                .map_err(|e| Error::because("lower dirs", e))?,
+        ),
         None => None,
     };
     c.upper_dir(&root, b"", below.as_ref())
@@ -124,22 +121,9 @@ struct Checker {
     /// Which of `ondisk::OVERLAY_PREFIXES` repairs write.
     own: usize,
     report: Report,
-    roots: Option<Stack>,
+    roots: Option<Lowers>,
     /// Dirs by the absolute path their redirect names.
     redirects: HashMap<String, Vec<String>>,
-}
-
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = dir.to_vec();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
-
-fn show(p: &[u8]) -> String {
-    String::from_utf8_lossy(p).into_owned()
 }
 
 impl Checker {
@@ -316,42 +300,25 @@ impl Checker {
                     let below = match lower {
                         None => None,
                         Some(_) if opaque => Some(Stack::default()),
-                        Some(s) => match redirect {
-                            Some(r) => Some(
-                                match r {
-                                    Redirect::Abs(_) => self.roots.as_ref(),
-                                    Redirect::Rel(_) => Some(s),
-                                }
-                                .map(|b| b.lookup(&ondisk::redirect_comps(&r)))
-                                .transpose()?
-                                .and_then(|f| match f {
-                                    Found::Dir(s) => Some(s),
-                                    _ => None,
-                                })
-                                .unwrap_or_default(),
-                            ),
-                            None => match s.child(&name)? {
+                        Some(s) => {
+                            let found = match (&redirect, &self.roots) {
+                                (Some(r), Some(l)) => l.redirected(s, r)?,
+                                _ => s.child(&name)?,
+                            };
+                            match found {
                                 Found::Dir(s) => Some(s),
                                 _ => Some(Stack::default()),
-                            },
-                        },
+                            }
+                        }
                     };
                     let sub = ondisk::open_dir(d, &name)?;
                     self.upper_dir(&sub, &p, below.as_ref())?;
                 }
                 Kind::File { metacopy, redirect } => {
                     self.check_file(d, &name, &st, &shown)?;
-                    if let (true, Some(s)) = (metacopy, lower) {
-                        let found = match &redirect {
-                            Some(r) => match r {
-                                Redirect::Abs(_) => self.roots.as_ref(),
-                                Redirect::Rel(_) => Some(s),
-                            }
-                            .map(|b| b.lookup(&ondisk::redirect_comps(r)))
-                            .transpose()?,
-                            None => Some(s.child(&name)?),
-                        };
-                        let has_data = matches!(found, Some(Found::NonDir { st, .. }) if sys::mode_type(st.st_mode) == libc::S_IFREG);
+                    if let (true, Some(s), Some(l)) = (metacopy, lower, &self.roots) {
+                        let (found, _) = l.data_of(s, &name, redirect.as_ref())?;
+                        let has_data = matches!(found, Found::NonDir { st, .. } if sys::mode_type(st.st_mode) == libc::S_IFREG);
                         if !has_data {
                             self.found(
                                 shown,
@@ -438,7 +405,7 @@ impl Checker {
                 .or_default()
                 .push(show(p));
         }
-        if let Some(roots) = &self.roots {
+        if let Some(Lowers { roots }) = &self.roots {
             // A relative redirect names a sibling; resolved from the root
             // by the dir's own parent path.
             let comps = match &r {

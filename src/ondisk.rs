@@ -328,6 +328,66 @@ impl Stack {
     }
 }
 
+/// A layer path joined with one more name (`dir` empty: the root).
+pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = dir.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// A layer path for a message.
+pub fn show(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+/// The lower layers given by path, top-down.
+pub struct Lowers {
+    pub roots: Stack,
+}
+
+impl Lowers {
+    pub fn open(paths: &[std::path::PathBuf]) -> crate::error::StartResult<Lowers> {
+        let dirs = paths
+            .iter()
+            .map(|l| open_root(l).map_err(|e| crate::error::Error::at("lower dir", l, e)))
+            .collect::<crate::error::StartResult<_>>()?;
+        Ok(Lowers {
+            roots: Stack::roots(dirs),
+        })
+    }
+
+    /// What the lowers hold where a redirect points: an absolute one from
+    /// the roots, a relative one (a sibling's name) in `parent`, the stack
+    /// merged at the redirected object's parent.
+    pub fn redirected(&self, parent: &Stack, r: &Redirect) -> Result<Found> {
+        let base = match r {
+            Redirect::Abs(_) => &self.roots,
+            Redirect::Rel(_) => parent,
+        };
+        base.lookup(&redirect_comps(r))
+    }
+
+    /// The lower object a metacopy file's data is in: where its redirect
+    /// points, else the same name in `parent`; with the name to open it by.
+    pub fn data_of(
+        &self,
+        parent: &Stack,
+        name: &CStr,
+        redirect: Option<&Redirect>,
+    ) -> Result<(Found, CString)> {
+        Ok(match redirect {
+            Some(r) => {
+                let last = redirect_comps(r).pop().unwrap_or_default();
+                (self.redirected(parent, r)?, last)
+            }
+            None => (parent.child(name)?, name.to_owned()),
+        })
+    }
+}
+
 /// The components of a redirect: absolute from the layer root, or a
 /// sibling's name (relative).
 pub fn redirect_comps(r: &Redirect) -> Vec<CString> {
