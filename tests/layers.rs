@@ -800,3 +800,78 @@ fn sockets_are_left_out() {
     assert!(r.stderr.contains("socket"), "{}", r.stderr);
     assert!(r.stdout.contains("entries: 1"), "{}", r.stdout);
 }
+
+/// Every whiteout and opaque form rovl reads, and fuse-overlayfs' owner
+/// override, in an upper written by other tools (rootless layouts).
+#[test]
+fn other_tools_formats_become_oci() {
+    if !require_root_fuse() {
+        return;
+    }
+    let t = tempfile::Builder::new()
+        .prefix("rovl-forms-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (upper, lower) = (t.path().join("upper"), t.path().join("lower"));
+    for d in ["a", "b", "c", "d"] {
+        fs::create_dir_all(lower.join(d)).unwrap();
+        write(lower.join(d).join("old"), "old");
+    }
+    for d in ["a", "b", "c", "d"] {
+        fs::create_dir_all(upper.join(d)).unwrap();
+    }
+    // a: containers/storage's .wh. file; b: an xattr whiteout (user.);
+    // c: fuse-overlayfs' opaque xattr; d: .wh..wh..opq.
+    write(upper.join("a/.wh.old"), "");
+    write(upper.join("b/old"), "");
+    setxattr(upper.join("b/old"), "user.overlay.whiteout", b"y");
+    setxattr(upper.join("b"), "user.overlay.opaque", b"x");
+    setxattr(upper.join("c"), "user.fuseoverlayfs.opaque", b"y");
+    write(upper.join("d/.wh..wh..opq"), "");
+    write(upper.join("d/mine"), "mine");
+    setxattr(
+        upper.join("d/mine"),
+        "user.containers.override_stat",
+        b"1000:1001:4755",
+    );
+    let out = t.path().join("l.tar");
+    rovl_ok(&[
+        "diff",
+        "--lower",
+        lower.to_str().unwrap(),
+        upper.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let mut ar = tar::Archive::new(fs::File::open(&out).unwrap());
+    let mut got = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let h = e.header();
+        let line = format!(
+            "{} {:o} {}:{}",
+            String::from_utf8_lossy(&e.path_bytes()),
+            h.mode().unwrap(),
+            h.uid().unwrap(),
+            h.gid().unwrap()
+        );
+        let x: Vec<String> = e
+            .pax_extensions()
+            .unwrap()
+            .map(|p| p.map(|r| r.unwrap().key().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        got.push(format!("{line} {x:?}"));
+    }
+    let got = got.join("\n");
+    for want in [
+        "a/.wh.old ",
+        "b/.wh.old ",
+        "c/.wh..wh..opq ",
+        "d/.wh..wh..opq ",
+        "d/mine 4755 1000:1001 []",
+    ] {
+        assert!(got.contains(want), "{want:?} not in:\n{got}");
+    }
+    assert!(!got.contains("b/old ") && !got.contains("overlay"), "{got}");
+    assert_eq!(got.lines().filter(|l| l.contains(".wh.")).count(), 4, "{got}");
+}
