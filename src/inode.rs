@@ -273,6 +273,18 @@ impl Inode {
         self.state.read().aliases.first()
     }
 
+    /// Every known (parent, name), the first one first.
+    pub fn all_aliases(&self) -> Vec<(Arc<Inode>, OsString)> {
+        match &self.state.read().aliases {
+            Aliases::None => Vec::new(),
+            Aliases::One(p, n) => vec![(p.clone(), n.to_os_string())],
+            Aliases::Many(v) => v
+                .iter()
+                .map(|(p, n)| (p.clone(), n.to_os_string()))
+                .collect(),
+        }
+    }
+
     pub fn layers(&self) -> Vec<LayerIdx> {
         self.state.read().layers.as_slice().to_vec()
     }

@@ -321,9 +321,42 @@ impl Overlay {
             return sys::openat(self.layers.get(layer).root.as_fd(), c".", libc::O_PATH, 0);
         }
         match self.entry_in(node, layer) {
-            Ok((pfd, name)) => sys::openat(pfd.as_fd(), &name, libc::O_PATH, 0),
+            Ok((pfd, name)) => match sys::openat(pfd.as_fd(), &name, libc::O_PATH, 0) {
+                Err(e) if e.raw() == libc::ENOENT => {
+                    let (pfd, name) = self.next_alias(node, layer, e)?;
+                    sys::openat(pfd.as_fd(), &name, libc::O_PATH, 0)
+                }
+                r => r,
+            },
             Err(e) => Ok(node.held().ok_or(e)?.try_clone()?),
         }
+    }
+
+    /// When a node's first name is gone, its next name that is still
+    /// there; the gone one is dropped. A name can go stale without a
+    /// request on this node: another node for the same name (a lower hard
+    /// link's per-name node) was renamed or unlinked.
+    fn next_alias(
+        &self,
+        node: &Arc<Inode>,
+        layer: LayerIdx,
+        e: sys::Errno,
+    ) -> Result<(Arc<OwnedFd>, CString)> {
+        let mut aliases = node.all_aliases().into_iter();
+        let Some((p0, n0)) = aliases.next() else {
+            return Err(e);
+        };
+        for (p, n) in aliases {
+            let Ok(pfd) = self.dir_fd(&p, layer) else {
+                continue;
+            };
+            let c = sys::cstr(&n)?;
+            if sys::fstatat(pfd.as_fd(), &c).is_ok() {
+                node.remove_alias(p0.nodeid, &n0);
+                return Ok((pfd, c));
+            }
+        }
+        Err(e)
     }
 
     /// Real stat of the node's top layer object.
@@ -337,7 +370,13 @@ impl Overlay {
             Ok(e) => e,
             Err(e) => return sys::fstat(node.held().ok_or(e)?.as_fd()),
         };
-        let st = sys::fstatat(pfd.as_fd(), &name)?;
+        let st = match sys::fstatat(pfd.as_fd(), &name) {
+            Err(e) if e.raw() == libc::ENOENT => {
+                let (pfd, name) = self.next_alias(node, top, e)?;
+                sys::fstatat(pfd.as_fd(), &name)?
+            }
+            r => r?,
+        };
         self.check_same(node, &key, &st)?;
         Ok(st)
     }

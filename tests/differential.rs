@@ -1078,6 +1078,27 @@ fn issue4_all_three() {
     issue4(ISSUE4_OPTION_SETS[3]);
 }
 
+/// Seed 19, 400 operations, all three options: a lower hard link's name,
+/// renamed through the per-name node the rename instantiated, stayed the
+/// first name of the node the kernel held for the link's other name, whose
+/// stat then failed with ENOENT (rovl showed the name only after a
+/// remount). Fixed by falling back to the node's next name.
+#[test]
+fn issue4_seed19_stale_name_of_a_hard_link() {
+    let second = Second::from_env();
+    let opts = ISSUE4_OPTION_SETS[3];
+    if !common::require_kernel_overlay()
+        || (second != Second::Kernel && !common::require_root_fuse())
+        || !kernel_accepts(opts)
+    {
+        return;
+    }
+    let cfg = Config::issue4(opts, 400);
+    let report = run(&[19], 400, &second, &cfg);
+    assert!(report.ops > 0, "no operations ran");
+    assert_clean(&report);
+}
+
 /// A difference planted in B's upper after the run must be reported, both
 /// by the upper-dir comparison and by the kernel-over-B remount.
 #[test]

@@ -873,5 +873,9 @@ fn other_tools_formats_become_oci() {
         assert!(got.contains(want), "{want:?} not in:\n{got}");
     }
     assert!(!got.contains("b/old ") && !got.contains("overlay"), "{got}");
-    assert_eq!(got.lines().filter(|l| l.contains(".wh.")).count(), 4, "{got}");
+    assert_eq!(
+        got.lines().filter(|l| l.contains(".wh.")).count(),
+        4,
+        "{got}"
+    );
 }
