@@ -62,14 +62,7 @@ pub fn write_layer<W: Write>(
         upper,
         roots,
     };
-    let lower = match &w.roots {
-        Some(l) => Some(
-            l.roots
-                .try_clone()
-                .map_err(|e| Error::because("lower dirs", e))?,
-        ),
-        None => None,
-    };
+    let lower = w.roots.as_ref().map(|l| l.roots.clone());
     w.upper_dir(&root, b"", lower.as_ref(), false)?;
     w.tar
         .finish()
@@ -267,12 +260,12 @@ impl<W: Write> Writer<'_, W> {
                 "a metadata-only copy (metacopy xattr): give the lower layers with --lower to read its data",
             ));
         };
-        let (found, last) = l
+        let found = l
             .data_of(parent, name, redirect)
             .map_err(|e| self.fail(p, e))?;
         match found {
-            Found::NonDir { dir, st } if sys::mode_type(st.st_mode) == libc::S_IFREG => {
-                sys::openat(dir.as_fd(), &last, libc::O_RDONLY, 0).map_err(|e| self.fail(p, e))
+            Found::NonDir { dir, name, st } if sys::mode_type(st.st_mode) == libc::S_IFREG => {
+                sys::openat(dir.as_fd(), &name, libc::O_RDONLY, 0).map_err(|e| self.fail(p, e))
             }
             _ => Err(self.refuse(
                 p,
@@ -285,9 +278,9 @@ impl<W: Write> Writer<'_, W> {
     fn lower_entry(&mut self, s: &Stack, name: &CStr, p: &[u8]) -> StartResult<()> {
         match s.child(name).map_err(|e| self.fail(p, e))? {
             Found::Missing => Ok(()),
-            Found::NonDir { dir, st } => self.entry(dir.as_fd(), name, p, &st, None, None),
+            Found::NonDir { dir, name, st } => self.entry(dir.as_fd(), &name, p, &st, None, None),
             Found::Dir(below) => {
-                let top = &below.dirs[0];
+                let top = &below.dirs[0].1;
                 let st = sys::fstat(top.as_fd()).map_err(|e| self.fail(p, e))?;
                 self.entry(top.as_fd(), c".", p, &st, None, None)?;
                 for n in below.merged_names().map_err(|e| self.fail(p, e))? {

@@ -89,14 +89,7 @@ pub fn check(
         .map_err(|e| Error::at("checking", work, e))?;
     c.index(&workdir)
         .map_err(|e| Error::at("checking", &work.join("index"), e))?;
-    let below = match &c.roots {
-        Some(l) => Some(
-            l.roots
-                .try_clone()
-                .map_err(|e| Error::because("lower dirs", e))?,
-        ),
-        None => None,
-    };
+    let below = c.roots.as_ref().map(|l| l.roots.clone());
     c.upper_dir(&root, b"", below.as_ref())
         .map_err(|e| Error::at("checking", upper, e))?;
     let mut dups: Vec<_> = c.redirects.iter().filter(|(_, v)| v.len() > 1).collect();
@@ -317,7 +310,7 @@ impl Checker {
                 Kind::File { metacopy, redirect } => {
                     self.check_file(d, &name, &st, &shown)?;
                     if let (true, Some(s), Some(l)) = (metacopy, lower, &self.roots) {
-                        let (found, _) = l.data_of(s, &name, redirect.as_ref())?;
+                        let found = l.data_of(s, &name, redirect.as_ref())?;
                         let has_data = matches!(found, Found::NonDir { st, .. } if sys::mode_type(st.st_mode) == libc::S_IFREG);
                         if !has_data {
                             self.found(

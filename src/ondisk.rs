@@ -13,6 +13,7 @@ use crate::sys::{self, Stat};
 use crate::whiteout;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 /// The overlay's xattr namespaces, privileged first.
 pub const OVERLAY_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
@@ -199,27 +200,52 @@ pub fn sorted_names(dir: &OwnedFd) -> Result<Vec<CString>> {
 
 /// The lower dirs merged at one path, top-down, as the kernel's lookup
 /// finds them: a whiteout or a non-directory ends the stack, an opaque dir
-/// is its last member.
-#[derive(Default)]
+/// is its last member, a dir's redirect sends the layers below it to
+/// another name (a relative one) or path (an absolute one, from their
+/// roots).
+#[derive(Default, Clone)]
 pub struct Stack {
-    pub dirs: Vec<OwnedFd>,
+    /// (lower layer index, dir), top-down.
+    pub dirs: Vec<(usize, Arc<OwnedFd>)>,
+    /// Every lower layer's root, for absolute redirects.
+    roots: Arc<Vec<Arc<OwnedFd>>>,
 }
 
 /// What the lower layers hold under a name.
 pub enum Found {
     Missing,
     Dir(Stack),
-    /// A non-directory, in the layer dir `dir`.
+    /// A non-directory, in the layer dir `dir`, under `name` (which a
+    /// redirect may have changed).
     NonDir {
-        dir: OwnedFd,
+        dir: Arc<OwnedFd>,
+        name: CString,
         st: Stat,
     },
+}
+
+/// Where the layers below are looked up, once a redirect was met.
+enum Target {
+    Name(CString),
+    Path(Vec<CString>),
 }
 
 impl Stack {
     /// The roots of lower layers, given top-down.
     pub fn roots(dirs: Vec<OwnedFd>) -> Stack {
-        Stack { dirs }
+        let roots: Vec<Arc<OwnedFd>> = dirs.into_iter().map(Arc::new).collect();
+        Stack {
+            dirs: roots.iter().cloned().enumerate().collect(),
+            roots: Arc::new(roots),
+        }
+    }
+
+    /// An empty stack below this one (nothing shows through).
+    pub fn empty(&self) -> Stack {
+        Stack {
+            dirs: Vec::new(),
+            roots: self.roots.clone(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -228,13 +254,41 @@ impl Stack {
 
     /// What the stack holds under `name`.
     pub fn child(&self, name: &CStr) -> Result<Found> {
-        let mut below = Stack::default();
-        for d in &self.dirs {
-            let st = match sys::fstatat(d.as_fd(), name) {
+        let mut below = self.empty();
+        let mut target = Target::Name(name.to_owned());
+        // Layers above this index were looked at already.
+        let mut next = 0;
+        loop {
+            // The next layer's dir holding the target, and the target's
+            // last name there.
+            let (layer, dir, last) = match &target {
+                Target::Name(n) => match self.dirs.iter().find(|(l, _)| *l >= next) {
+                    Some((l, d)) => (*l, d.clone(), n.clone()),
+                    None => break,
+                },
+                Target::Path(comps) => {
+                    let Some(l) = (next..self.roots.len()).next() else {
+                        break;
+                    };
+                    let Some((last, parents)) = comps.split_last() else {
+                        break;
+                    };
+                    match walk(&self.roots[l], parents)? {
+                        Walk::Dir(d) => (l, Arc::new(d), last.clone()),
+                        Walk::Missing => {
+                            next = l + 1;
+                            continue;
+                        }
+                        Walk::Stop => break,
+                    }
+                }
+            };
+            next = layer + 1;
+            let st = match sys::fstatat(dir.as_fd(), &last) {
                 Ok(st) => st,
                 Err(e) if e.is_missing() => {
-                    if whiteout::marker_for(name)
-                        .is_some_and(|m| sys::fstatat(d.as_fd(), &m).is_ok())
+                    if whiteout::marker_for(&last)
+                        .is_some_and(|m| sys::fstatat(dir.as_fd(), &m).is_ok())
                     {
                         break;
                     }
@@ -242,17 +296,40 @@ impl Stack {
                 }
                 Err(e) => return Err(e),
             };
-            match classify(d.as_fd(), name, &st, None) {
+            match classify(dir.as_fd(), &last, &st, None) {
                 Kind::Whiteout | Kind::Marker(_) | Kind::OpaqueMarker => break,
-                Kind::Dir { opaque, .. } => {
-                    below.dirs.push(open_dir(d.as_fd(), name)?);
+                Kind::Dir { opaque, redirect } => {
+                    below
+                        .dirs
+                        .push((layer, Arc::new(open_dir(dir.as_fd(), &last)?)));
                     if opaque {
                         break;
                     }
+                    match redirect {
+                        Some(r @ Redirect::Abs(_)) => target = Target::Path(redirect_comps(&r)),
+                        Some(Redirect::Rel(n)) => {
+                            use std::os::unix::ffi::OsStrExt;
+                            let n =
+                                CString::new(n.as_bytes()).map_err(|_| sys::err(libc::EINVAL))?;
+                            // A sibling: of the name, or of the path's end.
+                            target = match target {
+                                Target::Name(_) => Target::Name(n),
+                                Target::Path(mut comps) => {
+                                    comps.pop();
+                                    comps.push(n);
+                                    Target::Path(comps)
+                                }
+                            };
+                        }
+                        None => {}
+                    }
                 }
                 _ if below.is_empty() => {
-                    let dir = d.try_clone().map_err(sys::Errno::from)?;
-                    return Ok(Found::NonDir { dir, st });
+                    return Ok(Found::NonDir {
+                        dir,
+                        name: last,
+                        st,
+                    });
                 }
                 _ => break,
             }
@@ -267,12 +344,9 @@ impl Stack {
     /// What the stack holds at a path of components below it.
     pub fn lookup(&self, comps: &[CString]) -> Result<Found> {
         let Some((last, parents)) = comps.split_last() else {
-            return Ok(Found::Dir(self.try_clone()?));
+            return Ok(Found::Dir(self.clone()));
         };
-        let mut cur = match parents.first() {
-            None => return self.child(last),
-            Some(_) => self.try_clone()?,
-        };
+        let mut cur = self.clone();
         for c in parents {
             cur = match cur.child(c)? {
                 Found::Dir(s) => s,
@@ -282,20 +356,11 @@ impl Stack {
         cur.child(last)
     }
 
-    pub fn try_clone(&self) -> Result<Stack> {
-        let dirs = self
-            .dirs
-            .iter()
-            .map(|d| d.try_clone().map_err(sys::Errno::from))
-            .collect::<Result<_>>()?;
-        Ok(Stack { dirs })
-    }
-
     /// The names visible in the merged dir, sorted: markers, whiteouts
     /// and what they hide left out.
     pub fn merged_names(&self) -> Result<Vec<CString>> {
         let mut seen = std::collections::BTreeMap::<CString, bool>::new();
-        for d in &self.dirs {
+        for (_, d) in &self.dirs {
             let mut hidden_here = Vec::new();
             for name in sorted_names(d)? {
                 if seen.contains_key(&name) {
@@ -326,6 +391,31 @@ impl Stack {
             .map(|(k, _)| k)
             .collect())
     }
+}
+
+/// A walk down one layer, for an absolute redirect's path.
+enum Walk {
+    Dir(OwnedFd),
+    /// Not in this layer: the next one may have it.
+    Missing,
+    /// A whiteout or a non-dir on the way: nothing below has it.
+    Stop,
+}
+
+fn walk(root: &OwnedFd, comps: &[CString]) -> Result<Walk> {
+    let mut cur = root.try_clone().map_err(sys::Errno::from)?;
+    for c in comps {
+        let st = match sys::fstatat(cur.as_fd(), c) {
+            Ok(st) => st,
+            Err(e) if e.is_missing() => return Ok(Walk::Missing),
+            Err(e) => return Err(e),
+        };
+        match classify(cur.as_fd(), c, &st, None) {
+            Kind::Dir { .. } => cur = open_dir(cur.as_fd(), c)?,
+            _ => return Ok(Walk::Stop),
+        }
+    }
+    Ok(Walk::Dir(cur))
 }
 
 /// A layer path joined with one more name (`dir` empty: the root).
@@ -371,20 +461,17 @@ impl Lowers {
     }
 
     /// The lower object a metacopy file's data is in: where its redirect
-    /// points, else the same name in `parent`; with the name to open it by.
+    /// points, else the same name in `parent`.
     pub fn data_of(
         &self,
         parent: &Stack,
         name: &CStr,
         redirect: Option<&Redirect>,
-    ) -> Result<(Found, CString)> {
-        Ok(match redirect {
-            Some(r) => {
-                let last = redirect_comps(r).pop().unwrap_or_default();
-                (self.redirected(parent, r)?, last)
-            }
-            None => (parent.child(name)?, name.to_owned()),
-        })
+    ) -> Result<Found> {
+        match redirect {
+            Some(r) => self.redirected(parent, r),
+            None => parent.child(name),
+        }
     }
 }
 

@@ -879,3 +879,64 @@ fn other_tools_formats_become_oci() {
         "{got}"
     );
 }
+
+/// Lower layers that were uppers once, with renamed dirs: `diff` follows
+/// their redirects below them (relative and absolute), as the kernel's
+/// lookup does, when it writes a renamed dir whole.
+#[test]
+fn redirects_in_lower_layers_are_followed() {
+    if !require_root_fuse() || !require_kernel_overlay() {
+        return;
+    }
+    let l = Layers::new(2);
+    for (rel, data) in [("old/f", "f"), ("old/sub/g", "g"), ("deep/x", "x")] {
+        let p = l.l(1, rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write(p, data);
+    }
+    // l0 is an upper over l1 where old was renamed (relative redirect)
+    // and old/sub moved under deep (absolute redirect).
+    let (w0, m0) = (l.root().join("w0"), l.root().join("m0"));
+    mkdir(&w0);
+    mkdir(&m0);
+    let k = KernelMount::start(
+        &format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=on",
+            l.lower(1).display(),
+            l.lower(0).display(),
+            w0.display()
+        ),
+        &m0,
+    )
+    .unwrap();
+    fs::rename(m0.join("old"), m0.join("new")).unwrap();
+    fs::rename(m0.join("new/sub"), m0.join("deep/moved")).unwrap();
+    drop(k);
+    assert!(getxattr(l.l(0, "new"), "trusted.overlay.redirect").is_some());
+    // The workload renames those dirs again in the upper.
+    let m = mount_opts(Backend::Kernel, &l, "redirect_dir=on");
+    fs::rename(m.mountpoint().join("new"), m.mountpoint().join("again")).unwrap();
+    write(m.mountpoint().join("again/added"), "added");
+    fs::rename(m.mountpoint().join("deep"), m.mountpoint().join("deeper")).unwrap();
+    m.unmount();
+    let original = original_view(&l, "redirect_dir=on");
+    assert!(
+        original.0.contains_key(Path::new("again/f")),
+        "{:?}",
+        original.0.keys()
+    );
+    assert!(original.0.contains_key(Path::new("deeper/moved/g")));
+    let applied = diff_and_apply(&l, "lr");
+    let lowers = format!(
+        "{}:{}",
+        applied.display(),
+        l.lowerdir_opt().trim_start_matches("lowerdir=")
+    );
+    let m = KernelMount::start(&format!("lowerdir={lowers},redirect_dir=on"), &l.merged)
+        .unwrap_or_else(|e| panic!("kernel mount: {e}"));
+    let shown = view(&m.mountpoint);
+    drop(m);
+    assert_views_equal(&original, &shown, "original vs applied layer");
+    assert_eq!(read(applied.join("again/f")), b"f");
+    assert_eq!(read(applied.join("deeper/moved/g")), b"g");
+}
