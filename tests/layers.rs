@@ -588,7 +588,14 @@ fn check_finds_and_repairs_planted_damage() {
     populate(&l);
     let m = mount_opts(Backend::Kernel, &l, FEATURES);
     workload(m.mountpoint());
+    // Away and back: the kernel leaves a redirect to the dir's own path.
+    fs::rename(m.mountpoint().join("dir/sub"), m.mountpoint().join("sub2")).unwrap();
+    fs::rename(m.mountpoint().join("sub2"), m.mountpoint().join("dir/sub")).unwrap();
     m.unmount();
+    assert_eq!(
+        getxattr(l.u("dir/sub"), "trusted.overlay.redirect").as_deref(),
+        Some(&b"/dir/sub"[..])
+    );
     let lower = l.lowerdir_opt().trim_start_matches("lowerdir=").to_string();
     let args = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = ["check", "--json", "--lower", &lower]
