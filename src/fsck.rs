@@ -9,8 +9,9 @@
 //!   not marked `opaque=x` (marked), the whiteout xattr on a file with data
 //!   (xattr removed);
 //! - orphan whiteouts, hiding nothing in any lower layer (removed);
-//! - redirects that are malformed, point nowhere or to a parent of the dir
-//!   (xattr removed); two dirs redirected from one origin (reported);
+//! - redirects that are malformed or point nowhere (xattr removed); two
+//!   dirs redirected from one origin (reported). A redirect cannot loop:
+//!   each is looked up only in the layers below the one holding it;
 //! - metacopy files whose lower data is gone (reported: the data is lost);
 //! - `W/index` entries that are leftovers, not file handles, not matching
 //!   their origin, or used by no name (removed);
@@ -381,17 +382,6 @@ impl Checker {
                 })
                 .collect::<Vec<_>>()
                 .join(&b'/');
-            // Its own path is fine: the kernel writes that when a dir
-            // moves away and back.
-            if p.starts_with(&[target.as_slice(), b"/"].concat()) {
-                self.found(
-                    shown.to_string(),
-                    "redirect-loop",
-                    format!("redirected from /{}, one of its own parents", show(&target)),
-                    Some(("removed the redirect", &mut remove)),
-                );
-                return Ok(None);
-            }
             self.redirects
                 .entry(show(&target))
                 .or_default()
