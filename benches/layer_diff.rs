@@ -58,7 +58,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    // `cargo test --all-targets` runs benches without `--bench` (and an
+    // unoptimized rovl): not the place for this.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("layer_diff: run with `cargo bench --bench layer_diff`; nothing to do here");
         return;
     }
     let files = env_num("ROVL_BENCH_DIFF_FILES", 100_000);
