@@ -267,9 +267,10 @@ impl Stack {
                     None => break,
                 },
                 Target::Path(comps) => {
-                    let Some(l) = (next..self.roots.len()).next() else {
+                    let l = next;
+                    if l >= self.roots.len() {
                         break;
-                    };
+                    }
                     let Some((last, parents)) = comps.split_last() else {
                         break;
                     };
