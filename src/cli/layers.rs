@@ -273,19 +273,16 @@ pub fn diff_cmd(a: DiffArgs) -> CmdResult {
     let written = pipe
         .finish()
         .map_err(|e| format!("rovl diff: writing the layer: {e}"));
-    let summary = match (walked, written) {
+    let (summary, w) = match (walked, written) {
         (Err(e), Ok(_)) => return Err(e.to_string()),
         (_, Err(e)) => return Err(e),
         (Ok(s), Ok(w)) => (s, w),
     };
-    let (
-        summary,
-        Written {
-            digest,
-            diff_id,
-            size,
-        },
-    ) = summary;
+    let Written {
+        digest,
+        diff_id,
+        size,
+    } = w;
     if let Some(o) = out_file {
         o.commit()?;
     }
