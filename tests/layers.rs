@@ -944,3 +944,136 @@ fn redirects_in_lower_layers_are_followed() {
     assert_eq!(read(applied.join("again/f")), b"f");
     assert_eq!(read(applied.join("deeper/moved/g")), b"g");
 }
+
+/// As a plain user: owners the user may give, `user.overlay.*` markers
+/// (the default when not root), whiteouts the kernel reads with
+/// `userxattr` (0/0 devices, which kernels since 5.8 let users make).
+#[test]
+fn unprivileged_apply() {
+    if !require_root_fuse() || !require_kernel_overlay() {
+        return;
+    }
+    let Some(user) = TestUser::new() else {
+        return;
+    };
+    let gid: u32 = String::from_utf8_lossy(
+        &Command::new("id")
+            .args(["-g", &user.name])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let t = tempfile::Builder::new()
+        .prefix("rovl-unpriv-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    chmod(t.path(), 0o755);
+    let out = t.path().join("out");
+    mkdir(&out);
+    lchown(&out, user.uid, gid);
+    let tarf = t.path().join("l.tar");
+    fs::write(&tarf, owned_layer(user.uid, gid)).unwrap();
+    chmod(&tarf, 0o644);
+    let layer = out.join("layer");
+    let r = Command::new("runuser")
+        .args(["-u", &user.name, "--"])
+        .arg(rovl_bin())
+        .args(["apply", tarf.to_str().unwrap(), layer.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(lstat(layer.join("d/f")).st_uid, user.uid);
+    assert_eq!(
+        getxattr(layer.join("o"), "user.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert!(getxattr(layer.join("o"), "trusted.overlay.opaque").is_none());
+    assert_layer_reads_with_userxattr(&layer, t.path());
+}
+
+/// Where mknod of a whiteout is refused (here: inside a kernel overlay,
+/// which refuses it), `.wh.NAME` becomes the kernel's xattr whiteout, its
+/// dir marked `opaque=x`; the kernel reads a copy of the result.
+#[test]
+fn apply_writes_xattr_whiteouts_where_mknod_is_refused() {
+    if !require_root_fuse() || !require_kernel_overlay() {
+        return;
+    }
+    let l = Layers::new(1);
+    let m = mount_opts(Backend::Kernel, &l, "userxattr");
+    let tarf = l.root().join("l.tar");
+    fs::write(&tarf, owned_layer(0, 0)).unwrap();
+    let layer = m.mountpoint().join("layer");
+    rovl_ok(&[
+        "apply",
+        "--userxattr",
+        tarf.to_str().unwrap(),
+        layer.to_str().unwrap(),
+    ]);
+    let x = fs::symlink_metadata(layer.join("d/x")).unwrap();
+    assert!(x.is_file() && x.len() == 0, "{x:?}");
+    assert_eq!(
+        getxattr(layer.join("d/x"), "user.overlay.whiteout").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        getxattr(layer.join("d"), "user.overlay.opaque").as_deref(),
+        Some(&b"x"[..])
+    );
+    // Layers never inside a mountpoint: the kernel reads a copy.
+    let copy = l.root().join("copy");
+    let st = Command::new("cp")
+        .args(["-a", "--preserve=all"])
+        .arg(&layer)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    m.unmount();
+    assert_layer_reads_with_userxattr(&copy, &l.root());
+}
+
+/// `d/` with `d/.wh.x` and `d/f`, and an opaque `o/`, owned by uid:gid.
+fn owned_layer(uid: u32, gid: u32) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, data) in [
+        ("d/", tar::EntryType::Directory, &b""[..]),
+        ("d/.wh.x", tar::EntryType::Regular, b""),
+        ("d/f", tar::EntryType::Regular, b"mine"),
+        ("o/", tar::EntryType::Directory, b""),
+        ("o/.wh..wh..opq", tar::EntryType::Regular, b""),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        h.set_uid(uid as u64);
+        h.set_gid(gid as u64);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// The kernel, with `userxattr`, over `layer` and a lower holding `d/x`,
+/// `d/y` and `o/z`: x hidden, y from below, f from the layer, o opaque.
+fn assert_layer_reads_with_userxattr(layer: &Path, scratch: &Path) {
+    let lower = scratch.join("lower-under");
+    write(lower.join("d/x"), "x");
+    write(lower.join("d/y"), "y");
+    write(lower.join("o/z"), "z");
+    let mnt = scratch.join("m-under");
+    mkdir(&mnt);
+    let m = KernelMount::start(
+        &format!("lowerdir={}:{},userxattr", layer.display(), lower.display()),
+        &mnt,
+    )
+    .unwrap();
+    assert_eq!(names(m.mountpoint.join("d")), ["f", "y"]);
+    assert!(names(m.mountpoint.join("o")).is_empty());
+    drop(m);
+}
