@@ -150,7 +150,10 @@ impl Record {
     }
 }
 
-/// Removes the records in `dir` whose mount is gone.
+/// Removes the records in `dir` whose mount and daemon are both gone. A
+/// daemon that is alive keeps its record even when its mount is missing
+/// from the mount table read here: that read may predate the mount of a
+/// daemon starting at the same time, which saves its record just after.
 fn prune(dir: &Path) {
     let Ok(mounts) = crate::mountinfo::read() else {
         return;
@@ -160,11 +163,21 @@ fn prune(dir: &Path) {
         .filter(|m| m.fstype == "fuse.rovl")
         .map(|m| file_name(&m.dev))
         .collect();
+    let daemon_alive = |record: &Path| {
+        std::fs::read(record)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
+            .is_some_and(|r| alive(r.pid))
+    };
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let record = name.replace(".stats", ".json");
         let ours = name.ends_with(".json") || name.ends_with(".stats");
-        if ours && !name.starts_with('.') && !live.contains(&record) {
+        if ours
+            && !name.starts_with('.')
+            && !live.contains(&record)
+            && !daemon_alive(&dir.join(&record))
+        {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -204,6 +217,40 @@ mod tests {
         assert!(zombie() && !alive(pid));
         let _ = c.wait();
         assert!(!alive(pid));
+    }
+
+    /// A record whose device is in no mount table read yet stays while its
+    /// daemon lives (a mount racing another daemon's prune); with its
+    /// daemon gone, it and its stats go.
+    #[test]
+    fn prune_keeps_records_of_live_daemons() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let dead = c.id();
+        c.wait().unwrap();
+        for (dev, pid) in [("999:1", std::process::id()), ("999:2", dead)] {
+            let r = Record {
+                mountpoint: "/m".into(),
+                device: dev.into(),
+                source: "rovl".into(),
+                lowerdir: vec!["/a".into()],
+                upperdir: None,
+                workdir: None,
+                options: String::new(),
+                pid,
+                started: 0,
+            };
+            let path = dir.path().join(file_name(dev));
+            std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
+            std::fs::write(path.with_extension("stats"), b"{}").unwrap();
+        }
+        prune(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["999_1.json", "999_1.stats"]);
     }
 
     #[test]
