@@ -21,6 +21,7 @@ use std::ffi::{CStr, CString};
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 use tar::EntryType;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -109,7 +110,7 @@ pub fn apply_layer<R: Read>(
     let root =
         ondisk::open_dir(parent.as_fd(), &stage_name).map_err(|e| Error::at("apply", dir, e))?;
     let mut x = Extractor {
-        root,
+        root: Arc::new(root),
         opts: *opts,
         summary: ApplySummary::default(),
         cached: None,
@@ -232,11 +233,11 @@ fn parse_path(raw: &[u8]) -> Result<EntryPath, String> {
 }
 
 struct Extractor {
-    root: OwnedFd,
+    root: Arc<OwnedFd>,
     opts: ApplyOptions,
     summary: ApplySummary,
     /// The last parent dir walked to, by its components.
-    cached: Option<(Vec<CString>, OwnedFd)>,
+    cached: Option<(Vec<CString>, Arc<OwnedFd>)>,
     /// Dirs whose mtime is set last (their entries change it), by path.
     dir_times: Vec<(Vec<CString>, i64)>,
     names: Names,
@@ -269,10 +270,10 @@ impl Extractor {
     /// The dir holding `comps`' last component, walked to from the root
     /// without following symlinks; missing dirs are made (0755, as
     /// engines do for parents a layer leaves out).
-    fn parent_of(&mut self, comps: &[CString]) -> Result<BorrowedFd<'_>, Failure> {
+    fn parent_of(&mut self, comps: &[CString]) -> Result<Arc<OwnedFd>, Failure> {
         let parents = &comps[..comps.len() - 1];
         if parents.is_empty() {
-            return Ok(self.root.as_fd());
+            return Ok(self.root.clone());
         }
         if !matches!(&self.cached, Some((p, _)) if p.as_slice() == parents) {
             let mut cur = self.root.try_clone()?;
@@ -304,12 +305,12 @@ impl Extractor {
                     Err(e) => return Err(e.into()),
                 };
             }
-            self.cached = Some((parents.to_vec(), cur));
+            self.cached = Some((parents.to_vec(), Arc::new(cur)));
         }
         Ok(self
             .cached
             .as_ref()
-            .map(|(_, fd)| fd.as_fd())
+            .map(|(_, fd)| fd.clone())
             .expect("just cached"))
     }
 
@@ -338,7 +339,7 @@ impl Extractor {
         let b = base.to_bytes();
         // OCI whiteouts.
         if b == crate::diff::WH_OPAQUE {
-            let pfd = self.parent_of(&path.comps)?.try_clone_to_owned()?;
+            let pfd = self.parent_of(&path.comps)?;
             sys::setxattr(pfd.as_fd(), &self.names.opaque, b"y", 0)?;
             self.summary.opaque_dirs += 1;
             return Ok(());
@@ -349,7 +350,7 @@ impl Extractor {
                 return Ok(());
             }
             let hidden = CString::new(hidden).expect("from a CString");
-            let pfd = self.parent_of(&path.comps)?.try_clone_to_owned()?;
+            let pfd = self.parent_of(&path.comps)?;
             if lstat_at(pfd.as_fd(), &hidden)?.is_some() {
                 // The layer has the name too: it hides the lower one already.
                 return Ok(());
@@ -386,7 +387,7 @@ impl Extractor {
         } else {
             (0, 0)
         };
-        let pfd = self.parent_of(&path.comps)?.try_clone_to_owned()?;
+        let pfd = self.parent_of(&path.comps)?;
         let pfd = pfd.as_fd();
         // A later entry replaces an earlier one of the same name (a dir
         // stays, taking the new metadata). A dir in place of this layer's

@@ -96,10 +96,15 @@ fn scenario(scratch: &Scratch, tag: &str, driver: &Path, user: Option<&TestUser>
                 .unwrap()
         }
     };
+    script_stdout(out, tag)
+}
+
+/// A script's stdout; its failure fails the test, with both outputs.
+fn script_stdout(out: std::process::Output, what: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{tag}: scenario failed ({}):\n{}\n{stdout}",
+        "{what}: script failed ({}):\n{}\n{stdout}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -248,13 +253,7 @@ fn diff_matches_podman_commit() {
         .current_dir(&dir)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "commit.sh failed ({}):\n{}\n{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = script_stdout(out, "commit.sh");
     let ours = section(&stdout, "rovl layer");
     assert_eq!(
         section(&stdout, "podman layer"),
