@@ -385,7 +385,7 @@ impl Overlay {
     /// and keeps its object in `held`.
     fn detach(&self, node: &Arc<Inode>, parent: u64, name: &OsStr, held: Option<OwnedFd>) {
         node.remove_alias(parent, &name.to_os_string());
-        if node.state.read().aliases.is_empty() {
+        if !node.is_named() {
             if let Some(fd) = held {
                 node.set_held(Some(fd));
             }

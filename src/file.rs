@@ -29,8 +29,8 @@ pub struct Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         if self.cached.load(Ordering::Relaxed) {
-            let mut io = self.node.io.lock();
-            io.cached = io.cached.saturating_sub(1);
+            self.node
+                .with_io(|io| io.cached = io.cached.saturating_sub(1));
         }
     }
 }
@@ -45,7 +45,7 @@ impl Handle {
         *self.backing.lock() = Some(b);
     }
 
-    /// Marks the handle as a cached open of its node (the caller holds the node's io lock).
+    /// Marks the handle as a cached open of its node (inside `Inode::with_io`).
     pub fn set_cached(&self, io: &mut crate::inode::IoMode) {
         self.cached.store(true, Ordering::Relaxed);
         io.cached += 1;
@@ -134,42 +134,46 @@ impl Overlay {
         let Some(h) = files.get_own(fh) else {
             return Passthrough::Cached;
         };
-        let mut io = h.node.io.lock();
-        let live = io.backing.as_ref().and_then(|w| w.upgrade());
-        if let Some(b) = live {
-            if io.lower && h.writable {
-                drop(io);
-                files.remove(fh);
-                return Passthrough::Stale(self.leave_lower_backing(&h.node));
-            }
-            // Read-only opens share it: the data changes only through a
-            // writable open, which never shares a lower backing.
-            h.set_backing(b.clone());
-            return Passthrough::Backing(b);
-        }
         let wanted = match self.cfg.passthrough {
             PassthroughMode::Off => false,
             PassthroughMode::Upper => h.is_upper(),
             PassthroughMode::All => h.is_upper() || !h.writable,
         };
-        if !self.passthrough.load(Ordering::Relaxed) || !wanted || io.cached > 0 {
-            h.set_cached(&mut io);
-            return Passthrough::Cached;
-        }
-        match open_backing(&h.fd()) {
-            Ok(b) => {
-                let b = Arc::new(b);
-                io.backing = Some(Arc::downgrade(&b));
-                io.lower = !h.is_upper();
+        let chosen = h.node.with_io(|io| {
+            if let Some(b) = io.backing.as_ref().and_then(|w| w.upgrade()) {
+                if io.lower && h.writable {
+                    return None;
+                }
+                // Read-only opens share it: the data changes only through a
+                // writable open, which never shares a lower backing.
                 h.set_backing(b.clone());
-                Passthrough::Backing(b)
+                return Some(Passthrough::Backing(b));
             }
-            Err(e) => {
-                log::debug!("passthrough refused: {e}");
-                h.set_cached(&mut io);
-                Passthrough::Cached
+            if !self.passthrough.load(Ordering::Relaxed) || !wanted || io.cached > 0 {
+                h.set_cached(io);
+                return Some(Passthrough::Cached);
             }
-        }
+            Some(match open_backing(&h.fd()) {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    io.backing = Some(Arc::downgrade(&b));
+                    io.lower = !h.is_upper();
+                    h.set_backing(b.clone());
+                    Passthrough::Backing(b)
+                }
+                Err(e) => {
+                    log::debug!("passthrough refused: {e}");
+                    h.set_cached(io);
+                    Passthrough::Cached
+                }
+            })
+        });
+        chosen.unwrap_or_else(|| {
+            // A write may not share a lower backing: this open goes, and
+            // the node with it.
+            files.remove(fh);
+            Passthrough::Stale(self.leave_lower_backing(&h.node))
+        })
     }
 
     pub(crate) fn open(&self, nodeid: u64, flags: i32, handles: &Handles) -> Result<u64> {

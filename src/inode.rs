@@ -33,64 +33,15 @@ pub enum Key {
     Root,
 }
 
-/// The names of a node, as (parent, name): most nodes have one, kept
-/// without a list.
-pub enum Aliases {
-    None,
-    One(Arc<Inode>, Box<OsStr>),
-    Many(Vec<(Arc<Inode>, Box<OsStr>)>),
+/// A name of a node: its parent and the name in it.
+pub type Alias = (Arc<Inode>, Box<OsStr>);
+
+fn is_alias(a: &Alias, parent: u64, name: &OsStr) -> bool {
+    a.0.nodeid == parent && *a.1 == *name
 }
 
-impl Aliases {
-    pub fn first(&self) -> Option<(Arc<Inode>, OsString)> {
-        match self {
-            Aliases::None => None,
-            Aliases::One(p, n) => Some((p.clone(), n.to_os_string())),
-            Aliases::Many(v) => v.first().map(|(p, n)| (p.clone(), n.to_os_string())),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        matches!(self, Aliases::None)
-    }
-
-    fn contains(&self, parent: u64, name: &OsStr) -> bool {
-        match self {
-            Aliases::None => false,
-            Aliases::One(p, n) => p.nodeid == parent && **n == *name,
-            Aliases::Many(v) => v.iter().any(|(p, n)| p.nodeid == parent && **n == *name),
-        }
-    }
-
-    fn push(&mut self, parent: Arc<Inode>, name: &OsStr) {
-        let name: Box<OsStr> = name.into();
-        *self = match std::mem::replace(self, Aliases::None) {
-            Aliases::None => Aliases::One(parent, name),
-            Aliases::One(p, n) => Aliases::Many(vec![(p, n), (parent, name)]),
-            Aliases::Many(mut v) => {
-                v.push((parent, name));
-                Aliases::Many(v)
-            }
-        };
-    }
-
-    fn remove(&mut self, parent: u64, name: &OsStr) {
-        *self = match std::mem::replace(self, Aliases::None) {
-            Aliases::One(p, n) if !(p.nodeid == parent && *n == *name) => Aliases::One(p, n),
-            Aliases::Many(mut v) => {
-                v.retain(|(p, n)| !(p.nodeid == parent && **n == *name));
-                if v.len() > 1 {
-                    Aliases::Many(v)
-                } else {
-                    match v.pop() {
-                        Some((p, n)) => Aliases::One(p, n),
-                        None => Aliases::None,
-                    }
-                }
-            }
-            _ => Aliases::None,
-        };
-    }
+fn owned(a: &Alias) -> (Arc<Inode>, OsString) {
+    (a.0.clone(), a.1.to_os_string())
 }
 
 /// The layers of a node: one for all but merged dirs, kept without a heap
@@ -190,17 +141,25 @@ impl IoMode {
     pub fn lower_backed(&self) -> bool {
         self.lower && self.backing.as_ref().is_some_and(|w| w.strong_count() > 0)
     }
+
+    /// No open file: nothing to keep.
+    fn idle(&self) -> bool {
+        self.cached == 0 && self.backing.as_ref().is_none_or(|w| w.strong_count() == 0)
+    }
 }
 
 /// Mutable facts about a node, updated by lookups and by our own changes.
 pub struct State {
-    /// Names this node is known by, as (parent, name). Empty for the root and
-    /// for unlinked nodes. Directories have at most one.
-    pub aliases: Aliases,
+    /// The first name this node is known by. None for the root and for
+    /// unlinked nodes; more names (hard links) are in `extra`.
+    /// Directories have at most one.
+    alias: Option<Alias>,
     /// Layers holding this object, top-down. For a directory, the layers
     /// merged into it; for anything else, exactly one.
     pub layers: LayerList,
     pub key: Key,
+    /// The key no longer finds this node (its name went away).
+    unkeyed: bool,
     /// The upper dir is known to carry the impure xattr.
     pub impure: bool,
     /// What few nodes have, boxed so that the others stay small.
@@ -224,6 +183,12 @@ struct Extra {
     /// requests reach it through this fd until FORGET, as the kernel's
     /// overlay keeps using its dentry.
     held: Option<Arc<std::os::fd::OwnedFd>>,
+    /// How its open files reach their data: the kernel keeps an inode
+    /// either cached (data through us) or passthrough (one backing file
+    /// for all its opens), never both at once.
+    io: IoMode,
+    /// Names after the first, for hard links.
+    more_aliases: Vec<Alias>,
 }
 
 impl State {
@@ -234,7 +199,12 @@ impl State {
     /// Drops the box once nothing is left in it.
     fn trim(&mut self) {
         if self.extra.as_ref().is_some_and(|e| {
-            e.redirect.is_none() && e.index.is_none() && e.lowerdata.is_none() && e.held.is_none()
+            e.redirect.is_none()
+                && e.index.is_none()
+                && e.lowerdata.is_none()
+                && e.held.is_none()
+                && e.io.idle()
+                && e.more_aliases.is_empty()
         }) {
             self.extra = None;
         }
@@ -245,8 +215,52 @@ impl State {
     pub fn top(&self) -> Option<LayerIdx> {
         self.layers.as_slice().first().copied()
     }
+
+    fn more_aliases(&self) -> &[Alias] {
+        self.extra.as_ref().map_or(&[], |e| &e.more_aliases)
+    }
+
+    fn has_alias(&self, parent: u64, name: &OsStr) -> bool {
+        let mut all = self.alias.iter().chain(self.more_aliases());
+        all.any(|a| is_alias(a, parent, name))
+    }
+
+    fn push_alias(&mut self, a: Alias) {
+        match self.alias {
+            None => self.alias = Some(a),
+            Some(_) => self.extra_mut().more_aliases.push(a),
+        }
+    }
+
+    /// Drops a name; the next one, if any, becomes the first.
+    fn remove_alias(&mut self, parent: u64, name: &OsStr) {
+        if let Some(e) = self.extra.as_mut() {
+            e.more_aliases.retain(|a| !is_alias(a, parent, name));
+        }
+        if self
+            .alias
+            .as_ref()
+            .is_some_and(|a| is_alias(a, parent, name))
+        {
+            self.alias = match self.extra.as_mut() {
+                Some(e) if !e.more_aliases.is_empty() => Some(e.more_aliases.remove(0)),
+                _ => None,
+            };
+        }
+        self.trim();
+    }
+
+    fn clear_aliases(&mut self) {
+        self.alias = None;
+        if let Some(e) = self.extra.as_mut() {
+            e.more_aliases.clear();
+        }
+        self.trim();
+    }
 }
 
+/// A node: 120 bytes, so that with its `Arc` counts it takes a 144-byte
+/// allocation (what little most nodes lack is in `State::extra`).
 pub struct Inode {
     pub nodeid: u64,
     /// The inode number users see; it may differ from the node id.
@@ -257,10 +271,6 @@ pub struct Inode {
     pub state: RwLock<State>,
     /// Serializes copy-up of this node.
     pub copyup_lock: Mutex<()>,
-    /// How the node's open files reach their data: the kernel keeps an
-    /// inode either cached (data through us) or passthrough (one backing
-    /// file for all its opens), never both at once.
-    pub io: Mutex<IoMode>,
 }
 
 impl Inode {
@@ -270,19 +280,22 @@ impl Inode {
 
     /// The first known (parent, name), if any.
     pub fn alias(&self) -> Option<(Arc<Inode>, OsString)> {
-        self.state.read().aliases.first()
+        self.state.read().alias.as_ref().map(owned)
+    }
+
+    /// Whether the node has a name left.
+    pub fn is_named(&self) -> bool {
+        self.state.read().alias.is_some()
     }
 
     /// Every known (parent, name), the first one first.
     pub fn all_aliases(&self) -> Vec<(Arc<Inode>, OsString)> {
-        match &self.state.read().aliases {
-            Aliases::None => Vec::new(),
-            Aliases::One(p, n) => vec![(p.clone(), n.to_os_string())],
-            Aliases::Many(v) => v
-                .iter()
-                .map(|(p, n)| (p.clone(), n.to_os_string()))
-                .collect(),
-        }
+        let st = self.state.read();
+        st.alias
+            .iter()
+            .chain(st.more_aliases())
+            .map(owned)
+            .collect()
     }
 
     pub fn layers(&self) -> Vec<LayerIdx> {
@@ -357,6 +370,21 @@ impl Inode {
         st.trim();
     }
 
+    /// Runs `f` on how the node's open files reach their data, under the
+    /// node's lock. `f` must not touch the node's state.
+    pub fn with_io<R>(&self, f: impl FnOnce(&mut IoMode) -> R) -> R {
+        let mut st = self.state.write();
+        let r = f(&mut st.extra_mut().io);
+        st.trim();
+        r
+    }
+
+    /// See `IoMode::lower_backed`.
+    pub fn lower_backed(&self) -> bool {
+        let st = self.state.read();
+        st.extra.as_ref().is_some_and(|e| e.io.lower_backed())
+    }
+
     /// The inode number reported to users.
     pub fn ino(&self) -> u64 {
         self.ino.load(Ordering::Relaxed)
@@ -375,28 +403,44 @@ impl Inode {
 
     pub fn add_alias(&self, parent: &Arc<Inode>, name: &OsString) {
         let mut st = self.state.write();
-        if !st.aliases.contains(parent.nodeid, name) {
+        if !st.has_alias(parent.nodeid, name) {
             if self.is_dir() {
-                st.aliases = Aliases::None;
+                st.clear_aliases();
             }
-            st.aliases.push(parent.clone(), name);
+            st.push_alias((parent.clone(), name.as_os_str().into()));
         }
     }
 
     pub fn remove_alias(&self, parent: u64, name: &OsString) {
-        self.state.write().aliases.remove(parent, name);
+        self.state.write().remove_alias(parent, name);
     }
 
     /// Leaves every name: the node lives on for its open files only.
     pub fn clear_aliases(&self) {
-        self.state.write().aliases = Aliases::None;
+        self.state.write().clear_aliases();
     }
 }
 
+/// Nodes by id, and the way back from a key to a node.
+///
+/// A node whose id is its key's inode number (most of them: one layer
+/// filesystem, no reused number) is found at that id in `nodes`; `keys`
+/// holds only the others, so the common node costs one map entry.
 pub struct InodeTable {
     nodes: DashMap<u64, Arc<Inode>>,
+    /// Keys of nodes away from their home id. A key's shard lock here
+    /// also orders a lookup of it against `forget`, whether or not the
+    /// key has an entry.
     keys: DashMap<Key, u64>,
     next: AtomicU64,
+}
+
+/// The id a node of this key takes when the number is free.
+fn home(key: &Key) -> Option<u64> {
+    match key {
+        Key::Real(_, ino) => Some(*ino),
+        _ => None,
+    }
 }
 
 impl InodeTable {
@@ -413,14 +457,14 @@ impl InodeTable {
             // The kernel never forgets the root.
             lookups: AtomicU64::new(1),
             state: RwLock::new(State {
-                aliases: Aliases::None,
+                alias: None,
                 layers: LayerList::from_vec(root_layers),
                 key: Key::Root,
+                unkeyed: false,
                 impure: false,
                 extra: None,
             }),
             copyup_lock: Mutex::new(()),
-            io: Mutex::new(IoMode::default()),
         });
         t.nodes.insert(ROOT, root);
         t
@@ -444,8 +488,19 @@ impl InodeTable {
 
     /// The node a key maps to, without counting a lookup.
     pub fn find_key(&self, key: &Key) -> Option<Arc<Inode>> {
-        let id = *self.keys.get(key)?;
-        self.get(id)
+        match self.keys.get(key) {
+            Some(id) => self.get(*id),
+            None => self.at_home(key),
+        }
+    }
+
+    /// The node at the key's home id, if it stands for this key.
+    fn at_home(&self, key: &Key) -> Option<Arc<Inode>> {
+        let n = self.get(home(key)?)?;
+        let st = n.state.read();
+        let here = st.key == *key && !st.unkeyed;
+        drop(st);
+        here.then_some(n)
     }
 
     pub fn len(&self) -> usize {
@@ -482,31 +537,31 @@ impl InodeTable {
 
     fn keyed(&self, key: Key, kind: u32, layers: Vec<LayerIdx>, ino: u64) -> Arc<Inode> {
         // The key's shard lock orders us against forget() dropping the node.
-        match self.keys.entry(key.clone()) {
-            Entry::Occupied(e) => {
-                let id = *e.get();
-                match self.nodes.get(&id).map(|n| n.clone()) {
-                    Some(n) if n.kind == kind => {
-                        n.lookups.fetch_add(1, Ordering::Relaxed);
-                        {
-                            let mut st = n.state.write();
-                            st.layers = LayerList::from_vec(layers);
-                        }
-                        n
-                    }
-                    _ => {
-                        let n = self.make(key, kind, layers, ino);
-                        e.replace_entry(n.nodeid);
-                        n
-                    }
-                }
+        let entry = self.keys.entry(key.clone());
+        let found = match &entry {
+            Entry::Occupied(e) => self.get(*e.get()),
+            Entry::Vacant(_) => self.at_home(&key),
+        };
+        if let Some(n) = found.filter(|n| n.kind == kind) {
+            n.lookups.fetch_add(1, Ordering::Relaxed);
+            n.state.write().layers = LayerList::from_vec(layers);
+            return n;
+        }
+        let at_home = home(&key);
+        let n = self.make(key, kind, layers, ino);
+        match entry {
+            Entry::Occupied(e) if at_home == Some(n.nodeid) => {
+                e.remove();
             }
+            Entry::Occupied(e) => {
+                e.replace_entry(n.nodeid);
+            }
+            Entry::Vacant(_) if at_home == Some(n.nodeid) => {}
             Entry::Vacant(e) => {
-                let n = self.make(key, kind, layers, ino);
                 e.insert(n.nodeid);
-                n
             }
         }
+        n
     }
 
     fn make(&self, key: Key, kind: u32, layers: Vec<LayerIdx>, ino: u64) -> Arc<Inode> {
@@ -521,14 +576,14 @@ impl InodeTable {
                 kind,
                 lookups: AtomicU64::new(1),
                 state: RwLock::new(State {
-                    aliases: Aliases::None,
+                    alias: None,
                     layers: LayerList::from_vec(layers.clone()),
                     key: key.clone(),
+                    unkeyed: false,
                     impure: false,
                     extra: None,
                 }),
                 copyup_lock: Mutex::new(()),
-                io: Mutex::new(IoMode::default()),
             });
             // The number may belong to a live node (a reused inode number,
             // or a split hard link): then take a synthetic one.
@@ -594,16 +649,40 @@ impl InodeTable {
         let old = {
             let mut st = node.state.write();
             f(&mut st);
+            st.unkeyed = false;
             std::mem::replace(&mut st.key, new.clone())
         };
         self.keys.remove_if(&old, |_, id| *id == node.nodeid);
-        self.keys.insert(new, node.nodeid);
+        if home(&new) == Some(node.nodeid) {
+            self.keys.remove(&new);
+        } else {
+            self.keys.insert(new, node.nodeid);
+        }
     }
 
     /// Forgets the key of a node whose name went away, so a new file that
     /// reuses the real inode number gets a new node.
     pub fn unkey(&self, node: &Arc<Inode>) {
-        let key = node.state.read().key.clone();
+        let key = {
+            let mut st = node.state.write();
+            st.unkeyed = true;
+            st.key.clone()
+        };
         self.keys.remove_if(&key, |_, id| *id == node.nodeid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_takes_a_144_byte_allocation() {
+        // The Arc's two counts and the node; malloc rounds 136 to 144.
+        assert!(
+            std::mem::size_of::<Inode>() <= 120,
+            "{}",
+            std::mem::size_of::<Inode>()
+        );
     }
 }

@@ -56,7 +56,7 @@ impl Overlay {
         let writable_fh =
             a.fh.and_then(|fh| handles.get(fh, nodeid))
                 .filter(|h| h.writable);
-        if a.size.is_some() && writable_fh.is_none() && node.io.lock().lower_backed() {
+        if a.size.is_some() && writable_fh.is_none() && node.lower_backed() {
             return Err(self.leave_lower_backing(&node));
         }
         // A size change needs the data; other changes, only the metadata.
