@@ -676,6 +676,86 @@ impl InodeTable {
 mod tests {
     use super::*;
 
+    fn table() -> (InodeTable, Arc<Inode>) {
+        let t = InodeTable::new(vec![0]);
+        let root = t.get(ROOT).unwrap();
+        (t, root)
+    }
+
+    fn file(t: &InodeTable, root: &Arc<Inode>, key: Key, ino: u64, name: &str) -> Arc<Inode> {
+        t.lookup(key, libc::S_IFREG, vec![0], ino, root, &name.into())
+    }
+
+    #[test]
+    fn keys_map_holds_only_nodes_away_from_home() {
+        let (t, root) = table();
+        let a = file(&t, &root, Key::Real(1, 100), 100, "a");
+        assert_eq!(a.nodeid, 100);
+        assert_eq!(
+            t.keys.len(),
+            0,
+            "a node at its inode number needs no key entry"
+        );
+        // The same number on another device: a synthetic id, found by its key.
+        let b = file(&t, &root, Key::Real(2, 100), 100, "b");
+        assert!(b.nodeid >= SYNTHETIC);
+        assert_eq!(t.keys.len(), 1);
+        assert!(Arc::ptr_eq(&t.find_key(&Key::Real(1, 100)).unwrap(), &a));
+        assert!(Arc::ptr_eq(&t.find_key(&Key::Real(2, 100)).unwrap(), &b));
+        // A second lookup counts on the same node.
+        let a2 = file(&t, &root, Key::Real(1, 100), 100, "a");
+        assert!(Arc::ptr_eq(&a, &a2));
+        assert!(t.forget(100, 1).is_none());
+        assert!(t.forget(100, 1).is_some());
+        assert!(t.find_key(&Key::Real(1, 100)).is_none());
+        assert!(t.forget(b.nodeid, 1).is_some());
+        assert_eq!((t.len(), t.keys.len()), (1, 0));
+    }
+
+    #[test]
+    fn an_unkeyed_node_is_not_found_again() {
+        let (t, root) = table();
+        let a = file(&t, &root, Key::Real(1, 7), 7, "a");
+        t.unkey(&a);
+        assert!(t.find_key(&Key::Real(1, 7)).is_none());
+        // A new file reusing the number gets its own node while `a` lives.
+        let n = file(&t, &root, Key::Real(1, 7), 7, "n");
+        assert!(!Arc::ptr_eq(&a, &n));
+        assert!(Arc::ptr_eq(&t.find_key(&Key::Real(1, 7)).unwrap(), &n));
+        assert!(t.forget(7, 1).is_some());
+        assert!(Arc::ptr_eq(&t.find_key(&Key::Real(1, 7)).unwrap(), &n));
+    }
+
+    #[test]
+    fn rekey_moves_a_node_away_from_home_and_back() {
+        let (t, root) = table();
+        let a = file(&t, &root, Key::Real(1, 5), 5, "a");
+        // Copy-up: the upper inode keys it, the lower number stays its id.
+        t.rekey(&a, Key::Real(3, 9));
+        assert!(t.find_key(&Key::Real(1, 5)).is_none());
+        assert!(Arc::ptr_eq(&t.find_key(&Key::Real(3, 9)).unwrap(), &a));
+        assert_eq!(t.keys.len(), 1);
+        t.rekey(&a, Key::Real(1, 5));
+        assert_eq!(t.keys.len(), 0);
+        assert!(Arc::ptr_eq(&t.find_key(&Key::Real(1, 5)).unwrap(), &a));
+    }
+
+    #[test]
+    fn names_after_the_first_live_in_the_rare_state() {
+        let (t, root) = table();
+        let a = file(&t, &root, Key::Real(1, 5), 5, "a");
+        let b = file(&t, &root, Key::Real(1, 5), 5, "b");
+        assert!(Arc::ptr_eq(&a, &b));
+        let names =
+            |n: &Inode| -> Vec<OsString> { n.all_aliases().into_iter().map(|(_, n)| n).collect() };
+        assert_eq!(names(&a), ["a", "b"]);
+        a.remove_alias(ROOT, &"a".into());
+        assert_eq!(names(&a), ["b"]);
+        assert!(a.state.read().extra.is_none(), "an emptied box is dropped");
+        a.remove_alias(ROOT, &"b".into());
+        assert!(!a.is_named());
+    }
+
     #[test]
     fn a_node_takes_a_144_byte_allocation() {
         // The Arc's two counts and the node; malloc rounds 136 to 144.
