@@ -24,7 +24,10 @@
 //! - `ROVL_BENCH_JSON` (default `<target>/bench-compare.json`),
 //! - `ROVL_BENCH_TIMEOUT` seconds per command (default 120),
 //! - `ROVL_BENCH_URING=1`: FUSE-over-io_uring on for the run (rovl then uses
-//!   it by default; add the variant `io_uring=off` to measure `/dev/fuse` too).
+//!   it by default; add the variant `io_uring=off` to measure `/dev/fuse` too),
+//! - `ROVL_BENCH_SESSION=own`: each workload process in a session of its own,
+//!   apart from the daemons (as callers in containers or other terminals are;
+//!   default `shared`: children of the bench, like the daemons).
 
 #[path = "../tests/common/child.rs"]
 mod child;
@@ -582,6 +585,8 @@ struct Config {
     mem_sizes: Vec<usize>,
     workloads: Vec<Workload>,
     timeout: Duration,
+    /// Workloads run in sessions of their own (`ROVL_BENCH_SESSION=own`).
+    own_session: bool,
     /// Extra rovl subjects: mount options added to each.
     rovl_variants: Vec<String>,
 }
@@ -670,6 +675,11 @@ impl Config {
             ));
         }
         let timeout = Duration::from_secs(env_parse("ROVL_BENCH_TIMEOUT", 120u64)?);
+        let own_session = match std::env::var("ROVL_BENCH_SESSION").as_deref() {
+            Ok("own") => true,
+            Ok("shared") | Err(_) => false,
+            Ok(v) => return Err(format!("ROVL_BENCH_SESSION must be own or shared, not {v}")),
+        };
         let rovl_variants = std::env::var("ROVL_BENCH_ROVL_VARIANTS")
             .unwrap_or_else(|_| "passthrough=all".into())
             .split(';')
@@ -686,6 +696,7 @@ impl Config {
             mem_sizes,
             workloads,
             timeout,
+            own_session,
             rovl_variants,
         })
     }
@@ -934,12 +945,13 @@ fn measure(
         let job = (w.job)(&ctx);
         match w.cache {
             Cache::Warm => {
-                runner::run(&job, timeout, scratch).map_err(|e| format!("warm-up: {e}"))?;
+                runner::run(&job, timeout, scratch, cfg.own_session)
+                    .map_err(|e| format!("warm-up: {e}"))?;
             }
             Cache::Cold => runner::drop_caches()?,
             Cache::Fresh => {}
         }
-        let t = runner::run(&job, timeout, scratch)?;
+        let t = runner::run(&job, timeout, scratch, cfg.own_session)?;
         let secs = t.reported.unwrap_or(t.wall.as_secs_f64());
         let rss = if w.memory {
             let pid = m.daemon_pid().ok_or("no daemon to measure")?;
@@ -1034,6 +1046,14 @@ fn run(cfg: &Config) -> Result<(), String> {
     }
     let names: Vec<String> = subjects.iter().map(|s| s.name.clone()).collect();
     println!("   subjects: {}", names.join(", "));
+    println!(
+        "   workloads run {}",
+        if cfg.own_session {
+            "in sessions of their own (ROVL_BENCH_SESSION=own)"
+        } else {
+            "in the bench's session, with the daemons"
+        }
+    );
     for n in &notes {
         println!("   note: {n}");
     }

@@ -105,7 +105,15 @@ enum Watch {
 
 /// Runs the processes of a job concurrently; returns the wall time until
 /// the last one exits. Fails on a bad exit code, a wrong line count or a timeout.
-pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Timing, String> {
+/// `own_session`: each process leads a new session, as a container's or
+/// another terminal's processes do, so that with autogroups (or cgroups)
+/// it is scheduled apart from the daemon.
+pub fn run(
+    procs: &[Proc],
+    timeout: Duration,
+    scratch: &Path,
+    own_session: bool,
+) -> Result<Timing, String> {
     // Everything that is not the job is set up before the clock starts.
     let mut errs = Vec::new();
     for i in 0..procs.len() {
@@ -136,6 +144,16 @@ pub fn run(procs: &[Proc], timeout: Duration, scratch: &Path) -> Result<Timing, 
         });
         if let Some(d) = &p.cwd {
             c.current_dir(d);
+        }
+        if own_session {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setsid is async-signal-safe and touches no memory.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
         }
         match c.spawn() {
             Ok(ch) => children.push(ch),
