@@ -28,9 +28,16 @@ pub struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if self.cached.load(Ordering::Relaxed) {
-            self.node
-                .with_io(|io| io.cached = io.cached.saturating_sub(1));
+        let cached = self.cached.load(Ordering::Relaxed);
+        // Our share of the backing goes first: with the last one, the
+        // node's record of it (and the box holding that) can go too.
+        let backed = self.backing.get_mut().take().is_some();
+        if cached || backed {
+            self.node.with_io(|io| {
+                if cached {
+                    io.cached = io.cached.saturating_sub(1);
+                }
+            });
         }
     }
 }

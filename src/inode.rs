@@ -757,6 +757,20 @@ mod tests {
     }
 
     #[test]
+    fn the_box_goes_when_no_file_is_open() {
+        let (t, root) = table();
+        let a = file(&t, &root, Key::Real(1, 5), 5, "a");
+        a.with_io(|io| io.cached = 1);
+        assert!(a.state.read().extra.is_some());
+        // A backing no handle holds any more is no reason to keep it.
+        a.with_io(|io| {
+            io.cached = 0;
+            io.backing = Some(std::sync::Weak::new());
+        });
+        assert!(a.state.read().extra.is_none());
+    }
+
+    #[test]
     fn a_node_takes_a_144_byte_allocation() {
         // The Arc's two counts and the node; malloc rounds 136 to 144.
         assert!(
