@@ -129,11 +129,20 @@ impl Record {
         }
     }
 
-    /// Removes a saved record, and the runtime dir once it is empty, so
-    /// nothing outlives the last mount.
+    /// Removes this daemon's saved record, and the runtime dir once it is
+    /// empty, so nothing outlives the last mount. A record there of
+    /// another daemon stays: the device number is free once the mount is
+    /// gone, and a new mount may have taken it, and the file, before this
+    /// daemon got here.
     pub fn remove(path: &Path) {
-        let _ = std::fs::remove_file(path);
-        let _ = std::fs::remove_file(path.with_extension("stats"));
+        let ours = std::fs::read(path)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
+            .is_some_and(|r| r.pid == std::process::id());
+        if ours {
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(path.with_extension("stats"));
+        }
         if let Some(dir) = path.parent() {
             let _ = std::fs::remove_dir(dir);
         }
@@ -251,6 +260,35 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["999_1.json", "999_1.stats"]);
+    }
+
+    /// A daemon ending after its device was reused leaves the new
+    /// mount's record (and stats) alone, and removes its own.
+    #[test]
+    fn remove_leaves_a_record_of_another_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name("999:3"));
+        let record = |pid| Record {
+            mountpoint: "/m".into(),
+            device: "999:3".into(),
+            source: "rovl".into(),
+            lowerdir: vec!["/a".into()],
+            upperdir: None,
+            workdir: None,
+            options: String::new(),
+            pid,
+            started: 0,
+        };
+        let write = |pid| {
+            std::fs::write(&path, serde_json::to_vec(&record(pid)).unwrap()).unwrap();
+            std::fs::write(path.with_extension("stats"), b"{}").unwrap();
+        };
+        write(std::process::id() + 1);
+        Record::remove(&path);
+        assert!(path.exists() && path.with_extension("stats").exists());
+        write(std::process::id());
+        Record::remove(&path);
+        assert!(!path.exists() && !path.with_extension("stats").exists());
     }
 
     #[test]
