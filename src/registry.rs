@@ -135,11 +135,7 @@ impl Record {
     /// gone, and a new mount may have taken it, and the file, before this
     /// daemon got here.
     pub fn remove(path: &Path) {
-        let ours = std::fs::read(path)
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
-            .is_some_and(|r| r.pid == std::process::id());
-        if ours {
+        if read(path).is_some_and(|r| r.pid == std::process::id()) {
             let _ = std::fs::remove_file(path);
             let _ = std::fs::remove_file(path.with_extension("stats"));
         }
@@ -150,13 +146,15 @@ impl Record {
 
     /// The record of the mount with this device, if one is kept.
     pub fn find(device: &str) -> Option<Record> {
-        dirs().into_iter().find_map(|d| {
-            let text = std::fs::read(d.join(file_name(device))).ok()?;
-            serde_json::from_slice::<Record>(&text)
-                .ok()
-                .filter(|r| r.device == device)
-        })
+        dirs()
+            .into_iter()
+            .find_map(|d| read(&d.join(file_name(device))).filter(|r| r.device == device))
     }
+}
+
+/// The record in a file, if it holds one.
+fn read(path: &Path) -> Option<Record> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// Removes the records in `dir` whose mount and daemon are both gone. A
@@ -172,12 +170,7 @@ fn prune(dir: &Path) {
         .filter(|m| m.fstype == "fuse.rovl")
         .map(|m| file_name(&m.dev))
         .collect();
-    let daemon_alive = |record: &Path| {
-        std::fs::read(record)
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
-            .is_some_and(|r| alive(r.pid))
-    };
+    let daemon_alive = |record: &Path| read(record).is_some_and(|r| alive(r.pid));
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let record = name.replace(".stats", ".json");
@@ -206,6 +199,25 @@ pub fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a record of mount `dev` by daemon `pid`, and its stats, in `dir`.
+    fn write_record(dir: &Path, dev: &str, pid: u32) -> PathBuf {
+        let r = Record {
+            mountpoint: "/m".into(),
+            device: dev.into(),
+            source: "rovl".into(),
+            lowerdir: vec!["/a".into()],
+            upperdir: None,
+            workdir: None,
+            options: String::new(),
+            pid,
+            started: 0,
+        };
+        let path = dir.join(file_name(dev));
+        std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
+        std::fs::write(path.with_extension("stats"), b"{}").unwrap();
+        path
+    }
 
     #[test]
     fn liveness() {
@@ -237,22 +249,8 @@ mod tests {
         let mut c = std::process::Command::new("true").spawn().unwrap();
         let dead = c.id();
         c.wait().unwrap();
-        for (dev, pid) in [("999:1", std::process::id()), ("999:2", dead)] {
-            let r = Record {
-                mountpoint: "/m".into(),
-                device: dev.into(),
-                source: "rovl".into(),
-                lowerdir: vec!["/a".into()],
-                upperdir: None,
-                workdir: None,
-                options: String::new(),
-                pid,
-                started: 0,
-            };
-            let path = dir.path().join(file_name(dev));
-            std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
-            std::fs::write(path.with_extension("stats"), b"{}").unwrap();
-        }
+        write_record(dir.path(), "999:1", std::process::id());
+        write_record(dir.path(), "999:2", dead);
         prune(dir.path());
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -267,26 +265,10 @@ mod tests {
     #[test]
     fn remove_leaves_a_record_of_another_daemon() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(file_name("999:3"));
-        let record = |pid| Record {
-            mountpoint: "/m".into(),
-            device: "999:3".into(),
-            source: "rovl".into(),
-            lowerdir: vec!["/a".into()],
-            upperdir: None,
-            workdir: None,
-            options: String::new(),
-            pid,
-            started: 0,
-        };
-        let write = |pid| {
-            std::fs::write(&path, serde_json::to_vec(&record(pid)).unwrap()).unwrap();
-            std::fs::write(path.with_extension("stats"), b"{}").unwrap();
-        };
-        write(std::process::id() + 1);
+        let path = write_record(dir.path(), "999:3", std::process::id() + 1);
         Record::remove(&path);
         assert!(path.exists() && path.with_extension("stats").exists());
-        write(std::process::id());
+        write_record(dir.path(), "999:3", std::process::id());
         Record::remove(&path);
         assert!(!path.exists() && !path.with_extension("stats").exists());
     }
