@@ -251,6 +251,8 @@ impl Overlay {
             let mut layers: Vec<LayerIdx> = vec![UPPER];
             if is_dir {
                 layers.extend(s.layers.as_slice().iter().copied());
+                // A new upper dir: no `.wh.` marker in it.
+                s.upper_markers = crate::inode::Markers::None;
             }
             s.layers = crate::inode::LayerList::from_vec(layers);
         });

@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::file::Handles;
-use crate::inode::{Inode, Redirect};
+use crate::inode::{Inode, Markers, Redirect};
 use crate::layer::UPPER;
 use crate::lookup::Found;
 use crate::options::RedirectDir;
@@ -59,7 +59,10 @@ impl Overlay {
         let parent = self.node(parent_id)?;
         let cname = Self::check_name(name)?;
         Self::check_new_name(&cname)?;
-        if self.find(&parent, &cname)?.is_some() {
+        // The kernel holds the parent's lock: nothing changes the name
+        // between this lookup and the create.
+        let (found, over_whiteout) = self.find_over(&parent, &cname)?;
+        if found.is_some() {
             return Err(sys::err(libc::EEXIST));
         }
         let mut nlink_fd = None;
@@ -83,12 +86,6 @@ impl Overlay {
                 self.set_impure(&parent, ufd.as_fd());
             }
         }
-        let over_whiteout = match sys::fstatat(ufd.as_fd(), &cname) {
-            Ok(st) if self.is_whiteout_at(ufd.as_fd(), &cname, &st, UPPER) => true,
-            Ok(_) => return Err(sys::err(libc::EEXIST)),
-            Err(e) if e.raw() == libc::ENOENT => false,
-            Err(e) => return Err(e),
-        };
         let pst = sys::fstat(ufd.as_fd())?;
         let (uid, gid) = self.new_owner(&pst, who);
         let is_dir = matches!(obj, NewObj::Dir);
@@ -99,13 +96,15 @@ impl Overlay {
         } else {
             mode
         };
+        let mut made = None;
         let file = if over_whiteout {
             // Build in the workdir, then swap with the whiteout atomically.
             let work = self.work_fd()?;
             let tmp = self.tmp_name();
             let built = self.make_obj(work, &tmp, mode, &obj, uid, gid);
             let file = match built {
-                Ok(f) => f,
+                // Its stat goes stale with the rename.
+                Ok((f, _)) => f,
                 Err(e) => {
                     let _ = sys::unlinkat(work, &tmp, if is_dir { libc::AT_REMOVEDIR } else { 0 });
                     return Err(e);
@@ -126,25 +125,33 @@ impl Overlay {
             let _ = sys::unlinkat(work, &tmp, 0);
             file
         } else {
-            let f = self.make_obj(ufd.as_fd(), &cname, mode, &obj, uid, gid)?;
+            let (f, st) = self.make_obj(ufd.as_fd(), &cname, mode, &obj, uid, gid)?;
+            made = Some(st);
             // As the kernel when offline changes to the layers are not
             // allowed (redirect_dir=on): a new dir in a merged dir is opaque,
             // which spares later lookups the lower layers.
             if is_dir && parent.layers().len() > 1 && !self.allow_offline_changes() {
                 if let Ok(fd) = sys::openat(ufd.as_fd(), &cname, libc::O_PATH, 0) {
                     let _ = sys::setxattr(fd.as_fd(), self.xattr(Ox::Opaque), b"y", 0);
+                    made = None;
                 }
             }
             f
         };
         if let NewObj::Link { src } = &obj {
             self.nlink_end(src, nlink_fd.take());
+            made = None;
         } else if self.override_name().is_some() && !matches!(obj, NewObj::Symlink { .. }) {
             // The owner and mode the caller asked for, as fuse-overlayfs keeps them.
             let fd = sys::openat(ufd.as_fd(), &cname, libc::O_PATH, 0)?;
             self.set_override(fd.as_fd(), Some(uid), Some(gid), Some(mode))?;
+            made = None;
         }
-        let st = sys::fstatat(ufd.as_fd(), &cname)?;
+        // The stat `make_obj` took, unless a change since made it stale.
+        let st = match made {
+            Some(st) => st,
+            None => sys::fstatat(ufd.as_fd(), &cname)?,
+        };
         let found = Found {
             st,
             layers: vec![UPPER],
@@ -152,6 +159,7 @@ impl Overlay {
             lower_ino: None,
             lowerdata: None,
             metacopy: false,
+            fresh: true,
         };
         let node = match obj {
             NewObj::Link { src } => {
@@ -170,7 +178,14 @@ impl Overlay {
                 );
                 Counted::new(self, src.clone())
             }
-            _ => self.instantiate(&parent, name, found).0,
+            _ => {
+                let node = self.instantiate(&parent, name, found).0;
+                if is_dir {
+                    // Made by us: no `.wh.` marker in it.
+                    node.state.write().upper_markers = Markers::None;
+                }
+                node
+            }
         };
         Ok((node, st, file))
     }
@@ -232,7 +247,8 @@ impl Overlay {
         (uid, gid)
     }
 
-    /// Makes one object at `dir/name`, owned by `uid:gid`.
+    /// Makes one object at `dir/name`, owned by `uid:gid`. Returns the
+    /// open file (for a file) and the object's stat.
     fn make_obj(
         &self,
         dir: BorrowedFd<'_>,
@@ -241,7 +257,7 @@ impl Overlay {
         obj: &NewObj<'_>,
         uid: u32,
         gid: u32,
-    ) -> Result<Option<OwnedFd>> {
+    ) -> Result<(Option<OwnedFd>, Stat)> {
         let perm = mode & 0o7777;
         let mut file = None;
         match obj {
@@ -262,32 +278,37 @@ impl Overlay {
                     // only those through with no links).
                     Err(e) => sys::link_fd(src.held().ok_or(e)?.as_fd(), dir, name)?,
                 }
-                return Ok(None);
+                return Ok((None, sys::fstatat(dir, name)?));
             }
         }
         let r = (|| {
+            let st = match &file {
+                Some(f) => sys::fstat(f.as_fd())?,
+                None => sys::fstatat(dir, name)?,
+            };
+            // Made by the daemon's ids: often the caller's already.
+            if (st.st_uid, st.st_gid) == (uid, gid) {
+                return Ok(st);
+            }
             sys::fchownat(dir, name, uid, gid)?;
             // chown cleared setuid/setgid: put them back.
             if perm & 0o6000 != 0 && !matches!(obj, NewObj::Symlink { .. }) {
-                let fd = sys::openat(dir, name, libc::O_PATH, 0)?;
-                let st = sys::fstat(fd.as_fd())?;
-                sys::fchmod_any(fd.as_fd(), (st.st_mode & 0o7777) | (perm & 0o6000))?;
+                sys::fchmodat(dir, name, (st.st_mode & 0o7777) | (perm & 0o6000))?;
             }
-            Ok(())
+            sys::fstatat(dir, name)
         })();
-        if let Err(e) = r {
-            let _ = sys::unlinkat(
-                dir,
-                name,
-                if matches!(obj, NewObj::Dir) {
+        match r {
+            Ok(st) => Ok((file, st)),
+            Err(e) => {
+                let flags = if matches!(obj, NewObj::Dir) {
                     libc::AT_REMOVEDIR
                 } else {
                     0
-                },
-            );
-            return Err(e);
+                };
+                let _ = sys::unlinkat(dir, name, flags);
+                Err(e)
+            }
         }
-        Ok(file)
     }
 
     /// unlink and rmdir.

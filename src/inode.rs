@@ -148,6 +148,19 @@ impl IoMode {
     }
 }
 
+/// Whether a node's upper dir holds `.wh.NAME` markers (only other tools
+/// write them; rovl never adds one: see `whiteout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Markers {
+    /// Not listed yet: a missing name is probed for its marker.
+    #[default]
+    Unknown,
+    /// None: rovl made the dir, or a listing found none.
+    None,
+    /// Some: a missing name is probed for its marker.
+    Some,
+}
+
 /// Mutable facts about a node, updated by lookups and by our own changes.
 pub struct State {
     /// The first name this node is known by. None for the root and for
@@ -162,6 +175,8 @@ pub struct State {
     unkeyed: bool,
     /// The upper dir is known to carry the impure xattr.
     pub impure: bool,
+    /// What is known of `.wh.` markers in the upper dir (see `marked_in`).
+    pub upper_markers: Markers,
     /// What few nodes have, boxed so that the others stay small.
     extra: Option<Box<Extra>>,
 }
@@ -462,6 +477,7 @@ impl InodeTable {
                 key: Key::Root,
                 unkeyed: false,
                 impure: false,
+                upper_markers: Markers::Unknown,
                 extra: None,
             }),
             copyup_lock: Mutex::new(()),
@@ -581,6 +597,7 @@ impl InodeTable {
                     key: key.clone(),
                     unkeyed: false,
                     impure: false,
+                    upper_markers: Markers::Unknown,
                     extra: None,
                 }),
                 copyup_lock: Mutex::new(()),

@@ -8,7 +8,7 @@ use crate::layer::LayerIdx;
 use crate::options::RedirectDir;
 use crate::overlay::{Counted, Overlay, Ox};
 use crate::sys::{self, Stat};
-use crate::whiteout::{is_wh_name, Entry};
+use crate::whiteout::{has_marker, is_wh_name, Entry};
 use std::borrow::Cow;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
@@ -29,6 +29,8 @@ pub struct Found {
     pub lowerdata: Option<Arc<OwnedFd>>,
     /// The top object is a metadata-only copy.
     pub metacopy: bool,
+    /// Made just now by this mount: it has no origin to read.
+    pub fresh: bool,
 }
 
 /// An absolute path walked in one layer.
@@ -50,6 +52,8 @@ struct LookupState {
     holders: Option<(CString, crate::resolve::Holders)>,
     /// What was found so far.
     found: Option<Found>,
+    /// The layer whose whiteout ended the lookup.
+    whiteout_in: Option<LayerIdx>,
 }
 
 #[derive(PartialEq, Eq)]
@@ -77,12 +81,23 @@ impl Overlay {
     /// the kernel's `ovl_lookup`, a directory's redirect xattr moves the
     /// search in the layers below it.
     pub(crate) fn find(&self, parent: &Arc<Inode>, name: &CStr) -> Result<Option<Found>> {
+        self.find_over(parent, name).map(|(f, _)| f)
+    }
+
+    /// [`Self::find`], and whether a whiteout in the upper layer hides the
+    /// name: a new object there then takes its place.
+    pub(crate) fn find_over(
+        &self,
+        parent: &Arc<Inode>,
+        name: &CStr,
+    ) -> Result<(Option<Found>, bool)> {
         let mut s = LookupState {
             target: Target::Name(name.to_owned()),
             layers: parent.layers(),
             next: 0,
             holders: None,
             found: None,
+            whiteout_in: None,
         };
         while let Some(l) = s.layers.get(s.next).copied() {
             s.next += 1;
@@ -90,7 +105,8 @@ impl Overlay {
                 break;
             }
         }
-        Ok(s.found)
+        let upper_whiteout = s.whiteout_in.is_some_and(|l| self.layers.is_upper(l));
+        Ok((s.found, upper_whiteout))
     }
 
     /// One layer of a lookup (the kernel's `ovl_lookup_layer` and the body
@@ -127,9 +143,23 @@ impl Overlay {
                 Err(e) => return Err(e),
             },
         };
-        let st = match self.probe(dfd.as_fd(), &cname, l)? {
+        // A `.wh.` marker hides a name from the layers below only.
+        let below = !stop && s.next < s.layers.len();
+        let by_name = matches!(s.target, Target::Name(_));
+        let marked = || {
+            below
+                && match s.holders.as_ref().filter(|_| by_name) {
+                    Some((_, h)) => self.marked_in(parent, h, l, dfd.as_fd(), &cname),
+                    None => has_marker(dfd.as_fd(), &cname),
+                }
+        };
+        let st = match self.probe(dfd.as_fd(), &cname, l, marked)? {
             Entry::Missing => return Ok(if stop { Done } else { Next }),
-            Entry::Whiteout => return Ok(Done),
+            Entry::Whiteout => {
+                s.whiteout_in = Some(l);
+                return Ok(Done);
+            }
+            Entry::Marked => return Ok(Done),
             Entry::Present(st) => st,
         };
         let is_dir = sys::is_dir(st.st_mode);
@@ -163,6 +193,7 @@ impl Overlay {
                     lower_ino: None,
                     lowerdata: None,
                     metacopy,
+                    fresh: false,
                 });
                 if !is_dir && !metacopy {
                     return Ok(Done);
@@ -217,10 +248,10 @@ impl Overlay {
         let mut stop = false;
         for c in dirs {
             let cn = sys::cstr(c)?;
-            match self.probe(fd.as_fd(), &cn, l)? {
+            match self.probe(fd.as_fd(), &cn, l, || has_marker(fd.as_fd(), &cn))? {
                 Entry::Missing => return Ok(Walked { at: None, stop }),
                 Entry::Present(st) if sys::is_dir(st.st_mode) => {}
-                Entry::Whiteout | Entry::Present(_) => {
+                Entry::Whiteout | Entry::Marked | Entry::Present(_) => {
                     return Ok(Walked {
                         at: None,
                         stop: true,
@@ -258,7 +289,7 @@ impl Overlay {
     pub(crate) fn lower_positive(&self, parent: &Arc<Inode>, name: &CStr) -> Result<bool> {
         let layers = parent.layers();
         let mut holders = self.holders(parent, &layers, name);
-        for l in layers {
+        for (i, &l) in layers.iter().enumerate() {
             if self.layers.is_upper(l) || !self.may_hold(&mut holders, parent, l, name) {
                 continue;
             }
@@ -266,9 +297,11 @@ impl Overlay {
                 Ok(fd) => fd,
                 Err(_) => continue,
             };
-            match self.probe(pfd.as_fd(), name, l)? {
+            let below = i + 1 < layers.len();
+            let marked = || below && self.marked_in(parent, &holders, l, pfd.as_fd(), name);
+            match self.probe(pfd.as_fd(), name, l, marked)? {
                 Entry::Present(_) => return Ok(true),
-                Entry::Whiteout => return Ok(false),
+                Entry::Whiteout | Entry::Marked => return Ok(false),
                 Entry::Missing => {}
             }
         }
@@ -309,7 +342,7 @@ impl Overlay {
         if let Some(lower) = f.lower_ino {
             return lower;
         }
-        if sys::is_dir(f.st.st_mode) || self.layers.all.len() < 2 {
+        if f.fresh || sys::is_dir(f.st.st_mode) || self.layers.all.len() < 2 {
             return mapped;
         }
         let Ok(pfd) = self.dir_fd(parent, crate::layer::UPPER) else {

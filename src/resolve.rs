@@ -6,17 +6,18 @@
 //! name. Name lookup itself (a name to a node) is `lookup`.
 
 use crate::error::Result;
-use crate::inode::{Inode, Key, Redirect, ROOT};
+use crate::inode::{Inode, Key, Markers, Redirect, ROOT};
 use crate::layer::LayerIdx;
 use crate::overlay::{cstr_of, Overlay};
 use crate::sys::{self, Stat};
+use crate::whiteout::{has_marker, hidden_by};
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -159,6 +160,12 @@ impl NameCache {
     }
 }
 
+/// The entries of dir `dir` (an O_PATH fd will do).
+fn list_dir(dir: BorrowedFd<'_>) -> Result<Vec<sys::RawDirent>> {
+    let rd = sys::openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    sys::read_dir_all(&rd)
+}
+
 impl Overlay {
     /// The fd of directory `node` in `layer` (O_PATH). Walks up the parents,
     /// one `openat(O_NOFOLLOW)` per component, filling the cache.
@@ -259,12 +266,45 @@ impl Overlay {
         h.held.as_ref().is_some_and(|x| x.contains(l))
     }
 
+    /// Whether dir `dir`, `node`'s in layer `l`, which lacks `name`, holds
+    /// the `.wh.NAME` marker that hides it from the layers below. A lower
+    /// one: the listing of several lowers says (it has `.wh.NAME` under
+    /// NAME). The upper one: the node knows, once the dir is listed (at its
+    /// first miss), whether it holds any marker, and rovl adds none. Only
+    /// where markers may be is the marker probed.
+    pub(crate) fn marked_in(
+        &self,
+        node: &Arc<Inode>,
+        h: &Holders,
+        l: LayerIdx,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> bool {
+        if !self.layers.is_upper(l) {
+            if h.listed.has(l) {
+                return h.held.as_ref().is_some_and(|x| x.contains(l));
+            }
+            return has_marker(dir, name);
+        }
+        let known = node.state.read().upper_markers;
+        let markers = match known {
+            Markers::Unknown => {
+                let Ok(names) = list_dir(dir) else {
+                    return has_marker(dir, name);
+                };
+                let some = names.iter().any(|e| hidden_by(e.name.as_bytes()).is_some());
+                let m = if some { Markers::Some } else { Markers::None };
+                node.state.write().upper_markers = m;
+                m
+            }
+            m => m,
+        };
+        markers == Markers::Some && has_marker(dir, name)
+    }
+
     /// Adds lower layer `l` of `node` to its listing.
     fn list_layer(&self, dir: &Arc<DirNames>, node: &Arc<Inode>, l: LayerIdx) {
-        let entries = self.dir_fd(node, l).and_then(|dfd| {
-            let rd = sys::openat(dfd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-            sys::read_dir_all(&rd)
-        });
+        let entries = self.dir_fd(node, l).and_then(|dfd| list_dir(dfd.as_fd()));
         let Ok(entries) = entries else {
             return;
         };

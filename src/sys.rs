@@ -13,6 +13,7 @@ pub use crate::error::{Errno, Result};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub type Stat = libc::stat;
 
@@ -266,6 +267,29 @@ pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> Result<
     .map(drop)
 }
 
+/// chmod of `dir/name`, never through a symlink: `fchmodat2` (Linux 6.6),
+/// else through an O_PATH fd's /proc link.
+pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> Result<()> {
+    static NO_FCHMODAT2: AtomicBool = AtomicBool::new(false);
+    if !NO_FCHMODAT2.load(Ordering::Relaxed) {
+        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
+        let r = check(unsafe {
+            libc::syscall(
+                libc::SYS_fchmodat2,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                mode,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ) as libc::c_int
+        });
+        match r {
+            Err(e) if e.raw() == libc::ENOSYS => NO_FCHMODAT2.store(true, Ordering::Relaxed),
+            r => return r.map(drop),
+        }
+    }
+    fchmod_any(openat(dir, name, libc::O_PATH, 0)?.as_fd(), mode)
+}
+
 /// chmod of the inode an fd (O_PATH allowed) refers to.
 pub fn fchmod_any(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
     let p = proc_path(fd);
@@ -473,11 +497,11 @@ struct XattrArgs {
     flags: u32,
 }
 
-static NO_XATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static NO_XATTRAT: AtomicBool = AtomicBool::new(false);
 
 fn xattrat_missing(e: &Errno) -> bool {
     if e.raw() == libc::ENOSYS {
-        NO_XATTRAT.store(true, std::sync::atomic::Ordering::Relaxed);
+        NO_XATTRAT.store(true, Ordering::Relaxed);
         return true;
     }
     false
@@ -486,7 +510,7 @@ fn xattrat_missing(e: &Errno) -> bool {
 /// `getxattr` of `dir/name` without following a symlink, in one system call
 /// where the kernel has `getxattrat`.
 pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> Result<Vec<u8>> {
-    if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+    if !NO_XATTRAT.load(Ordering::Relaxed) {
         let r = read_sized(|b| {
             let mut args = XattrArgs {
                 value: b.as_mut_ptr() as u64,
@@ -517,7 +541,7 @@ pub fn getxattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> Result<Vec<
 
 /// `listxattr` of `dir/name` without following a symlink.
 pub fn listxattr_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Vec<u8>> {
-    if !NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+    if !NO_XATTRAT.load(Ordering::Relaxed) {
         // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
         let r = read_sized(|b| unsafe {
             libc::syscall(

@@ -45,6 +45,11 @@ pub fn marker_for(name: &CStr) -> Option<CString> {
     CString::new(v).ok()
 }
 
+/// Whether `dir` holds the `.wh.NAME` marker of `name`: one probe.
+pub fn has_marker(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    marker_for(name).is_some_and(|m| sys::fstatat(dir, &m).is_ok())
+}
+
 /// Whether directory `dir/name` holds an AUFS opaque marker.
 pub fn has_opaque_marker(dir: BorrowedFd<'_>, name: &CStr) -> bool {
     let Ok(d) = sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0) else {
@@ -99,6 +104,8 @@ pub enum Entry {
     Missing,
     /// A whiteout of any format: the name and everything below it is gone.
     Whiteout,
+    /// Nothing, but a `.wh.NAME` marker hides the name below.
+    Marked,
     Present(Stat),
 }
 
@@ -111,19 +118,23 @@ pub struct DirMarks {
 
 impl Overlay {
     /// What layer dir `dir` holds under `name`, whiteouts of every format
-    /// recognised. A missing name costs one more probe, for `.wh.NAME`.
-    pub(crate) fn probe(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> Result<Entry> {
+    /// recognised. A missing name is hidden if `marked` says its `.wh.NAME`
+    /// marker is there: [`has_marker`] probes for it, `marked_in` may know.
+    pub(crate) fn probe(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        l: LayerIdx,
+        marked: impl FnOnce() -> bool,
+    ) -> Result<Entry> {
         match sys::fstatat(dir, name) {
             Ok(st) if self.is_whiteout_at(dir, name, &st, l) => Ok(Entry::Whiteout),
             Ok(st) => Ok(Entry::Present(st)),
-            Err(e) if e.raw() == libc::ENOENT => {
-                let marked = marker_for(name).is_some_and(|m| sys::fstatat(dir, &m).is_ok());
-                Ok(if marked {
-                    Entry::Whiteout
-                } else {
-                    Entry::Missing
-                })
-            }
+            Err(e) if e.raw() == libc::ENOENT => Ok(if marked() {
+                Entry::Marked
+            } else {
+                Entry::Missing
+            }),
             Err(e) if e.is_missing() => Ok(Entry::Missing),
             Err(e) => Err(e),
         }

@@ -316,3 +316,65 @@ fn xattr_whiteouts_where_mknod_is_refused() {
     assert_eq!(listing(&outer.merged), seen, "the kernel's view");
     km.unmount();
 }
+
+/// `.wh.` markers in the upper layer, as fuse-overlayfs writes them where
+/// it cannot `mknod`: rovl learns at a dir's first miss whether its upper
+/// dir holds any (and skips the marker probe where none is), so what they
+/// hide stays hidden whichever name is looked up first; in dirs rovl made
+/// or copied up, misses stay misses and new names show.
+#[test]
+fn upper_markers_hide_whatever_is_looked_up_first() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    for f in ["a/x", "a/y", "a/z", "b/x", "b/y", "c/x"] {
+        write(l.l(0, f), f);
+    }
+    for d in ["a", "b"] {
+        mkdir(l.u(d));
+        write(l.u(&format!("{d}/.wh.x")), "");
+    }
+    let m = RovlMount::start(&l.opts(), &l.merged).expect("mount");
+    // a: a miss first, then the hidden name; b: the hidden name first.
+    assert_eq!(errno(try_lstat(l.m("a/none"))), Some(libc::ENOENT));
+    for d in ["a", "b"] {
+        assert_eq!(
+            errno(try_lstat(l.m(&format!("{d}/x")))),
+            Some(libc::ENOENT),
+            "{d}/x"
+        );
+        assert_eq!(
+            read_string(l.m(&format!("{d}/y"))),
+            format!("{d}/y"),
+            "{d}/y"
+        );
+    }
+    assert_eq!(errno(try_lstat(l.m("b/none"))), Some(libc::ENOENT));
+    assert_eq!(errno(try_lstat(l.m("b/x"))), Some(libc::ENOENT));
+    // c is copied up by a create in it, d is made: no markers in either.
+    write(l.m("c/new"), "new");
+    mkdir(l.m("d"));
+    write(l.m("d/new"), "d");
+    assert_eq!(read_string(l.m("c/x")), "c/x");
+    assert_eq!(errno(try_lstat(l.m("c/none"))), Some(libc::ENOENT));
+    assert_eq!(read_string(l.m("c/new")), "new");
+    assert_eq!(read_string(l.m("d/new")), "d");
+    assert_eq!(
+        listing(&l.merged),
+        [
+            " dir",
+            "a dir",
+            "a/y a/y",
+            "a/z a/z",
+            "b dir",
+            "b/y b/y",
+            "c dir",
+            "c/new new",
+            "c/x c/x",
+            "d dir",
+            "d/new d",
+        ]
+    );
+    drop(m);
+}
