@@ -6,8 +6,8 @@ use crate::file::Handles;
 use crate::inode::Inode;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
-use std::ffi::OsString;
-use std::os::fd::AsFd;
+use std::ffi::{CStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -56,6 +56,9 @@ impl Overlay {
         let writable_fh =
             a.fh.and_then(|fh| handles.get(fh, nodeid))
                 .filter(|h| h.writable);
+        if a.size.is_some() && node.is_dir() {
+            return Err(sys::err(libc::EISDIR));
+        }
         if a.size.is_some() && writable_fh.is_none() && node.lower_backed() {
             return Err(self.leave_lower_backing(&node));
         }
@@ -65,52 +68,50 @@ impl Overlay {
         } else {
             self.copy_up(&node)?;
         }
+        let fh = writable_fh.as_ref().map(|h| h.fd());
+        // By its upper name, which costs no open; through an fd when no name
+        // is left (or the first one went stale: see `next_alias`).
+        if let Ok((pfd, name)) = self.upper_entry(&node) {
+            match self.set_attrs(Obj::At(pfd.as_fd(), &name), a, fh.as_ref()) {
+                Err(e) if e.raw() == libc::ENOENT => {}
+                r => return r.map(|st| (node, st)),
+            }
+        }
         // An open file whose names are gone is reached through its handle.
-        let (fd, gone) = self.object_fd(&node, handles)?;
+        let (fd, _) = self.object_fd(&node, handles)?;
+        let st = self.set_attrs(Obj::Fd(fd.as_fd()), a, fh.as_ref())?;
+        Ok((node, st))
+    }
+
+    /// The changes of `a` on one upper object, in the kernel's order; its
+    /// stat after them. `fh`: the writable file a truncate may use.
+    fn set_attrs(&self, obj: Obj<'_>, a: &SetAttr, fh: Option<&Arc<OwnedFd>>) -> Result<Stat> {
         let uid = a.uid.map(|u| self.cfg.ids.uid.disk(u));
         let gid = a.gid.map(|g| self.cfg.ids.gid.disk(g));
         if self.override_name().is_some() {
             // Kept in the override xattr; the file keeps its own.
             if uid.is_some() || gid.is_some() || a.mode.is_some() {
+                let fd = obj.open(libc::O_PATH)?;
                 self.set_override(fd.as_fd(), uid, gid, a.mode)?;
             }
         } else {
             if uid.is_some() || gid.is_some() {
-                let (uid, gid) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
-                if gone {
-                    sys::fchown_any(fd.as_fd(), uid, gid)?;
-                } else {
-                    let (pfd, name) = self.upper_entry(&node)?;
-                    sys::fchownat(pfd.as_fd(), &name, uid, gid)?;
-                }
+                obj.chown(uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
             }
             if let Some(mode) = a.mode {
-                sys::fchmod_any(fd.as_fd(), mode & 0o7777)?;
+                obj.chmod(mode & 0o7777)?;
             }
         }
         if let Some(size) = a.size {
-            if node.is_dir() {
-                return Err(sys::err(libc::EISDIR));
-            }
-            match &writable_fh {
-                Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
-                None => {
-                    let w = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;
-                    sys::ftruncate(w.as_fd(), size)?;
-                }
+            match fh {
+                Some(fd) => sys::ftruncate(fd.as_fd(), size)?,
+                None => sys::ftruncate(obj.open(libc::O_WRONLY)?.as_fd(), size)?,
             }
         }
         if a.atime.is_some() || a.mtime.is_some() {
-            let times = [to_timespec(a.atime), to_timespec(a.mtime)];
-            if node.nodeid == crate::inode::ROOT || gone {
-                sys::futimens_any(fd.as_fd(), &times)?;
-            } else {
-                let (pfd, name) = self.upper_entry(&node)?;
-                sys::utimensat(pfd.as_fd(), &name, &times)?;
-            }
+            obj.utimens(&[to_timespec(a.atime), to_timespec(a.mtime)])?;
         }
-        let st = sys::fstat(fd.as_fd())?;
-        Ok((node, st))
+        obj.stat()
     }
 
     /// The upper parent fd and name of a copied-up node (root: ".").
@@ -137,6 +138,52 @@ impl Overlay {
     /// Statistics of the upper layer (the top lower on a read-only mount), as the kernel.
     pub(crate) fn statfs(&self) -> Result<libc::statfs> {
         sys::fstatfs(self.layers.get(0).root.as_fd())
+    }
+}
+
+/// An upper object setattr changes: its parent dir and name, or an fd
+/// (O_PATH will do) when it has no name.
+#[derive(Clone, Copy)]
+enum Obj<'a> {
+    At(BorrowedFd<'a>, &'a CStr),
+    Fd(BorrowedFd<'a>),
+}
+
+impl Obj<'_> {
+    fn chown(self, uid: u32, gid: u32) -> Result<()> {
+        match self {
+            Obj::At(d, n) => sys::fchownat(d, n, uid, gid),
+            Obj::Fd(fd) => sys::fchown_any(fd, uid, gid),
+        }
+    }
+
+    fn chmod(self, mode: u32) -> Result<()> {
+        match self {
+            Obj::At(d, n) => sys::fchmodat(d, n, mode),
+            Obj::Fd(fd) => sys::fchmod_any(fd, mode),
+        }
+    }
+
+    fn utimens(self, times: &[libc::timespec; 2]) -> Result<()> {
+        match self {
+            Obj::At(d, n) => sys::utimensat(d, n, times),
+            Obj::Fd(fd) => sys::futimens_any(fd, times),
+        }
+    }
+
+    fn stat(self) -> Result<Stat> {
+        match self {
+            Obj::At(d, n) => sys::fstatat(d, n),
+            Obj::Fd(fd) => sys::fstat(fd),
+        }
+    }
+
+    /// A new fd of the object itself, never of a symlink's target.
+    fn open(self, flags: i32) -> Result<OwnedFd> {
+        match self {
+            Obj::At(d, n) => sys::openat(d, n, flags, 0),
+            Obj::Fd(fd) => sys::reopen(fd, flags),
+        }
     }
 }
 
