@@ -152,7 +152,7 @@ impl IoMode {
 /// write them; rovl never adds one: see `whiteout`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Markers {
-    /// Not listed yet: a missing name is probed for its marker.
+    /// Not known yet: the dir is listed at its first miss (`marked_in`).
     #[default]
     Unknown,
     /// None: rovl made the dir, or a listing found none.
