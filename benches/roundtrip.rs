@@ -583,7 +583,7 @@ mod minimal {
             reply.error(Errno::ENODATA)
         }
 
-        fn open(&self, _: &Request, _: INodeNo, _: OpenFlags, reply: ReplyOpen) {
+        fn open(&self, _: &Request, _: INodeNo, _: OpenFlags, _: bool, reply: ReplyOpen) {
             reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
         }
 

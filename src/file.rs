@@ -183,7 +183,26 @@ impl Overlay {
         })
     }
 
-    pub(crate) fn open(&self, nodeid: u64, flags: i32, handles: &Handles) -> Result<u64> {
+    /// Opens `nodeid`; `kill_suid_gid`: an `O_TRUNC` open by a caller
+    /// without `CAP_FSETID`, which drops set-user-ID and set-group-ID.
+    pub(crate) fn open(
+        &self,
+        nodeid: u64,
+        flags: i32,
+        kill_suid_gid: bool,
+        handles: &Handles,
+    ) -> Result<u64> {
+        let fh = self.open_handle(nodeid, flags, handles)?;
+        if kill_suid_gid {
+            if let Err(e) = self.kill_suid_gid(nodeid, fh, handles) {
+                handles.remove(fh);
+                return Err(e);
+            }
+        }
+        Ok(fh)
+    }
+
+    fn open_handle(&self, nodeid: u64, flags: i32, handles: &Handles) -> Result<u64> {
         let node = self.node(nodeid)?;
         if node.is_dir() {
             return Err(sys::err(libc::EISDIR));

@@ -155,7 +155,10 @@ impl fuser::Filesystem for OverlayFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             // The umask is ours to apply: not where a default ACL rules.
-            | InitFlags::FUSE_DONT_MASK;
+            | InitFlags::FUSE_DONT_MASK
+            // Dropping set-user-ID is ours: the kernel then stops asking for
+            // the attributes before every chown.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         // The kernel then caches ACLs per inode: `ls -l` stops asking for
         // system.posix_acl_access on every call.
         let want = if self.ovl.cfg.noacl || self.ovl.cfg.noxattrs {
@@ -219,15 +222,27 @@ impl fuser::Filesystem for OverlayFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
+        kill_suid_gid: bool,
         reply: ReplyAttr,
     ) {
         let _r = request::Scope::enter(Op::Setattr, req.pid(), ino.0);
+        // With KILLPRIV_V2 a passthrough write, fallocate or copy_file_range
+        // that has to drop set-user-ID sends a setattr of nothing (the kernel
+        // strips the kill bits it leaves to us): that is what it asks, unless
+        // the caller may keep them and only file capabilities went.
+        let nothing = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none()
+            && ctime.is_none();
         let a = SetAttr {
             mode,
             uid,
@@ -236,6 +251,7 @@ impl fuser::Filesystem for OverlayFs {
             atime,
             mtime,
             fh: fh.map(|f| f.0),
+            kill_suid_gid: kill_suid_gid || (nothing && !request::caller_has_fsetid()),
         };
         let r = self.ovl.setattr(ino.0, &a, &self.files);
         self.reply_attr(reply, r);
@@ -369,9 +385,16 @@ impl fuser::Filesystem for OverlayFs {
         self.reply_entry(reply, r);
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        flags: OpenFlags,
+        kill_suid_gid: bool,
+        reply: ReplyOpen,
+    ) {
         let _r = request::Scope::enter(Op::Open, req.pid(), ino.0);
-        match self.ovl.open(ino.0, flags.0, &self.files) {
+        match self.ovl.open(ino.0, flags.0, kill_suid_gid, &self.files) {
             Ok(fh) => match self
                 .ovl
                 .passthrough(&self.files, fh, |fd| Ok(reply.open_backing(fd)?))
@@ -428,7 +451,7 @@ impl fuser::Filesystem for OverlayFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -437,7 +460,12 @@ impl fuser::Filesystem for OverlayFs {
         let Some(h) = self.files.get(fh.0, ino.0) else {
             return reply.error(Errno::EBADF);
         };
-        match self.ovl.write(&h, offset, data) {
+        // The caller has no CAP_FSETID: set-user-ID goes first, as in the kernel.
+        let killed = match write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            true => self.ovl.kill_suid_gid(ino.0, fh.0, &self.files),
+            false => Ok(()),
+        };
+        match killed.and_then(|()| self.ovl.write(&h, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }

@@ -21,6 +21,33 @@ pub struct SetAttr {
     pub atime: Option<fuser::TimeOrNow>,
     pub mtime: Option<fuser::TimeOrNow>,
     pub fh: Option<u64>,
+    /// Drop set-user-ID, and set-group-ID where group execute is set, as a
+    /// write, truncate or chown does (`FUSE_HANDLE_KILLPRIV_V2` leaves that
+    /// to us).
+    pub kill_suid_gid: bool,
+}
+
+impl SetAttr {
+    fn changes_nothing(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+    }
+}
+
+/// The mode left when privileges are killed, if it differs (the kernel's
+/// `should_remove_suid` for a caller without `CAP_FSETID`).
+fn killed_mode(mode: u32) -> Option<u32> {
+    let mode = mode & 0o7777;
+    let kill = if mode & libc::S_IXGRP != 0 {
+        libc::S_ISUID | libc::S_ISGID
+    } else {
+        libc::S_ISUID
+    };
+    (mode & kill != 0).then_some(mode & !kill)
 }
 
 impl Overlay {
@@ -45,6 +72,17 @@ impl Overlay {
         }
     }
 
+    /// Drops set-user-ID and set-group-ID after a write or an `O_TRUNC` open
+    /// by a caller without `CAP_FSETID`, as the kernel asks.
+    pub(crate) fn kill_suid_gid(&self, nodeid: u64, fh: u64, handles: &Handles) -> Result<()> {
+        let a = SetAttr {
+            fh: Some(fh),
+            kill_suid_gid: true,
+            ..SetAttr::default()
+        };
+        self.setattr(nodeid, &a, handles).map(drop)
+    }
+
     pub(crate) fn setattr(
         &self,
         nodeid: u64,
@@ -53,6 +91,24 @@ impl Overlay {
     ) -> Result<(Arc<Inode>, Stat)> {
         self.check_writable()?;
         let node = self.node(nodeid)?;
+        let killed;
+        let a = if a.kill_suid_gid && a.mode.is_none() && !node.is_dir() {
+            let (_, st) = self.getattr(nodeid, a.fh, handles)?;
+            match killed_mode(self.visible_mode(&node, &st)) {
+                Some(mode) => {
+                    killed = SetAttr {
+                        mode: Some(mode),
+                        ..*a
+                    };
+                    &killed
+                }
+                // Nothing to drop and nothing else to do: no copy-up either.
+                None if a.changes_nothing() => return Ok((node, st)),
+                None => a,
+            }
+        } else {
+            a
+        };
         let writable_fh =
             a.fh.and_then(|fh| handles.get(fh, nodeid))
                 .filter(|h| h.writable);

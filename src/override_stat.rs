@@ -108,6 +108,13 @@ impl Overlay {
         }
     }
 
+    /// The mode users see of `node`, whose real stat is `st`.
+    pub(crate) fn visible_mode(&self, node: &Arc<Inode>, st: &Stat) -> u32 {
+        let mut own = *st;
+        self.overridden(node, &mut own);
+        own.st_mode
+    }
+
     /// A real stat of `node` with its override applied, if it has one.
     pub(crate) fn overridden(&self, node: &Arc<Inode>, st: &mut Stat) {
         let Some(name) = self.override_name() else {

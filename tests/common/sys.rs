@@ -359,3 +359,31 @@ pub fn set_umask(mask: u32) {
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(mask as libc::mode_t) };
 }
+
+/// Drops `cap` from this thread's effective capabilities (capabilities are
+/// per thread): the thread's later calls run as a caller without it.
+pub fn drop_effective_cap(cap: u32) -> Sys<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: a version 3 header and two data words, as capget expects.
+    check(unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) } as libc::c_int)?;
+    d[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+    // SAFETY: as above.
+    check(unsafe { libc::syscall(libc::SYS_capset, &h, d.as_ptr()) } as libc::c_int)
+}

@@ -441,6 +441,11 @@ pub trait Filesystem: Send + Sync + 'static {
     }
 
     /// Set file attributes.
+    ///
+    /// `kill_suid_gid` (rovl: FATTR_KILL_SUIDGID, with
+    /// `FUSE_HANDLE_KILLPRIV_V2`): a chown of a non-directory, or a truncate by
+    /// a caller without `CAP_FSETID`, which is also to drop the set-user-ID bit
+    /// and the set-group-ID bit where group execute is set.
     fn setattr(
         &self,
         _req: &Request,
@@ -457,6 +462,7 @@ pub trait Filesystem: Send + Sync + 'static {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         flags: Option<BsdFileFlags>,
+        _kill_suid_gid: bool,
         reply: ReplyAttr,
     ) {
         warn!(
@@ -575,7 +581,18 @@ pub trait Filesystem: Send + Sync + 'static {
     /// anything in fh. There are also some flags (`direct_io`, `keep_cache`) which the
     /// filesystem may set, to change the way the file is opened. See `fuse_file_info`
     /// structure in <`fuse_common.h`> for more details.
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    ///
+    /// `kill_suid_gid` (rovl: FUSE_OPEN_KILL_SUIDGID, with
+    /// `FUSE_HANDLE_KILLPRIV_V2`): an `O_TRUNC` open by a caller without
+    /// `CAP_FSETID`, which is to drop the set-user-ID and set-group-ID bits.
+    fn open(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _flags: OpenFlags,
+        _kill_suid_gid: bool,
+        reply: ReplyOpen,
+    ) {
         reply.opened(FileHandle(0), FopenFlags::empty());
     }
 

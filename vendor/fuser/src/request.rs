@@ -181,6 +181,7 @@ impl<'a> RequestWithSender<'a> {
                     x.chgtime(),
                     x.bkuptime(),
                     x.flags(),
+                    x.kill_suid_gid(),
                     self.reply(),
                 );
             }
@@ -258,6 +259,7 @@ impl<'a> RequestWithSender<'a> {
                     self.request_header(),
                     self.request.nodeid(),
                     x.flags(),
+                    x.kill_suid_gid(),
                     self.reply(),
                 );
             }
