@@ -232,10 +232,8 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyAttr,
     ) {
         let _r = request::Scope::enter(Op::Setattr, req.pid(), ino.0);
-        // With KILLPRIV_V2 a passthrough write, fallocate or copy_file_range
-        // that has to drop set-user-ID sends a setattr of nothing (the kernel
-        // strips the kill bits it leaves to us): that is what it asks, unless
-        // the caller may keep them and only file capabilities went.
+        // With KILLPRIV_V2 a setattr of nothing is a stripped request to drop
+        // set-user-ID (see `empty_setattr_kills`).
         let nothing = mode.is_none()
             && uid.is_none()
             && gid.is_none()
@@ -251,7 +249,7 @@ impl fuser::Filesystem for OverlayFs {
             atime,
             mtime,
             fh: fh.map(|f| f.0),
-            kill_suid_gid: kill_suid_gid || (nothing && !request::caller_has_fsetid()),
+            kill_suid_gid: kill_suid_gid || (nothing && self.ovl.empty_setattr_kills(ino.0)),
         };
         let r = self.ovl.setattr(ino.0, &a, &self.files);
         self.reply_attr(reply, r);

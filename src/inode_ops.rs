@@ -5,9 +5,11 @@ use crate::error::Result;
 use crate::file::Handles;
 use crate::inode::Inode;
 use crate::overlay::Overlay;
+use crate::request;
 use crate::sys::{self, Stat};
 use std::ffi::{CStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -72,6 +74,20 @@ impl Overlay {
         }
     }
 
+    /// Whether a setattr of nothing asks to drop set-user-ID. With
+    /// KILLPRIV_V2 the kernel sends one, its kill bits stripped, for a
+    /// passthrough write, fallocate or copy_file_range by a caller without
+    /// `CAP_FSETID` and for `chown(-1, -1)`, which do; and right after it
+    /// removed file capabilities for a write by any caller, where one with
+    /// `CAP_FSETID` keeps the bit.
+    pub(crate) fn empty_setattr_kills(&self, nodeid: u64) -> bool {
+        let caps_went = self
+            .caps_removed
+            .compare_exchange(nodeid, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        !caps_went || !request::caller_has_fsetid()
+    }
+
     /// Drops set-user-ID and set-group-ID after a write or an `O_TRUNC` open
     /// by a caller without `CAP_FSETID`, as the kernel asks.
     pub(crate) fn kill_suid_gid(&self, nodeid: u64, fh: u64, handles: &Handles) -> Result<()> {
@@ -91,8 +107,10 @@ impl Overlay {
     ) -> Result<(Arc<Inode>, Stat)> {
         self.check_writable()?;
         let node = self.node(nodeid)?;
+        // A real chown drops them itself (where ownership is real).
+        let chown_kills = (a.uid.is_some() || a.gid.is_some()) && self.override_name().is_none();
         let killed;
-        let a = if a.kill_suid_gid && a.mode.is_none() && !node.is_dir() {
+        let a = if a.kill_suid_gid && a.mode.is_none() && !node.is_dir() && !chown_kills {
             let (_, st) = self.getattr(nodeid, a.fh, handles)?;
             match killed_mode(self.visible_mode(&node, &st)) {
                 Some(mode) => {

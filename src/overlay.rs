@@ -140,6 +140,9 @@ pub struct Overlay {
     pub(crate) passthrough: std::sync::atomic::AtomicBool,
     /// Serializes the data copy of metadata-only copies (see `copyup`).
     pub(crate) metacopy_lock: Mutex<()>,
+    /// The node whose `security.capability` a caller removed last: the
+    /// kernel's setattr of nothing that follows may keep set-user-ID.
+    pub(crate) caps_removed: AtomicU64,
 }
 
 impl Overlay {
@@ -181,6 +184,7 @@ impl Overlay {
             xattrs: XattrNames::new(cfg.userxattr),
             copied_inos: DashMap::new(),
             tmp_counter: AtomicU64::new(0),
+            caps_removed: AtomicU64::new(0),
             pid: std::process::id(),
             freed: AtomicU64::new(0),
             ttl: cfg.timeout.unwrap_or(Duration::from_secs(86400)),

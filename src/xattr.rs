@@ -121,6 +121,11 @@ impl Overlay {
         sys::getxattr(fd.as_fd(), &real)?;
         self.copy_up(&node)?;
         let (fd, _) = self.object_fd(&node, handles)?;
-        sys::removexattr(fd.as_fd(), &real)
+        sys::removexattr(fd.as_fd(), &real)?;
+        if name.as_bytes() == b"security.capability" {
+            self.caps_removed
+                .store(nodeid, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 }

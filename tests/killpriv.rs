@@ -23,7 +23,8 @@ const CAP_FSETID: u32 = 4;
 /// Every way to modify a file that drops privileges, by the data path
 /// each takes through FUSE: passthrough or daemon writes, setattr of the
 /// size by path and by fd, an `O_TRUNC` open, fallocate, copy_file_range
-/// (both send the kernel's "remove privileges" setattr), and chown.
+/// (both send the kernel's "remove privileges" setattr), and chown, also
+/// to the same owner.
 const OPS: &[&str] = &[
     "append",
     "pwrite",
@@ -33,6 +34,7 @@ const OPS: &[&str] = &[
     "fallocate",
     "copy_range",
     "chown",
+    "chown_none",
 ];
 
 /// Set-user-ID with group execute, and set-group-ID without it (which no
@@ -117,6 +119,8 @@ fn apply(op: &str, p: &Path, src: &Path) {
             assert_eq!(n, 3, "copy_file_range: {}", std::io::Error::last_os_error());
         }
         "chown" => std::os::unix::fs::chown(p, Some(0), Some(0)).unwrap(),
+        // chown(-1, -1): the kernel's setattr carries no change at all.
+        "chown_none" => std::os::unix::fs::chown(p, None, None).unwrap(),
         _ => unreachable!("{op}"),
     }
 }
