@@ -232,16 +232,7 @@ impl fuser::Filesystem for OverlayFs {
         reply: ReplyAttr,
     ) {
         let _r = request::Scope::enter(Op::Setattr, req.pid(), ino.0);
-        // With KILLPRIV_V2 a setattr of nothing is a stripped request to drop
-        // set-user-ID (see `empty_setattr_kills`).
-        let nothing = mode.is_none()
-            && uid.is_none()
-            && gid.is_none()
-            && size.is_none()
-            && atime.is_none()
-            && mtime.is_none()
-            && ctime.is_none();
-        let a = SetAttr {
+        let mut a = SetAttr {
             mode,
             uid,
             gid,
@@ -249,8 +240,13 @@ impl fuser::Filesystem for OverlayFs {
             atime,
             mtime,
             fh: fh.map(|f| f.0),
-            kill_suid_gid: kill_suid_gid || (nothing && self.ovl.empty_setattr_kills(ino.0)),
+            kill_suid_gid,
         };
+        // With KILLPRIV_V2 a setattr of nothing is a stripped request to drop
+        // set-user-ID (see `empty_setattr_kills`).
+        if a.changes_nothing() && ctime.is_none() {
+            a.kill_suid_gid |= self.ovl.empty_setattr_kills(ino.0);
+        }
         let r = self.ovl.setattr(ino.0, &a, &self.files);
         self.reply_attr(reply, r);
     }

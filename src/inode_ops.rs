@@ -30,7 +30,7 @@ pub struct SetAttr {
 }
 
 impl SetAttr {
-    fn changes_nothing(&self) -> bool {
+    pub(crate) fn changes_nothing(&self) -> bool {
         self.mode.is_none()
             && self.uid.is_none()
             && self.gid.is_none()
