@@ -427,6 +427,10 @@ impl Overlay {
     /// Puts a whiteout at `dir/name`, atomically replacing what the upper layer has there.
     fn whiteout(&self, dir: BorrowedFd<'_>, name: &CStr, exists: bool, is_dir: bool) -> Result<()> {
         let work = self.work_fd()?;
+        // Nothing to replace: a link is atomic in place.
+        if !exists && self.link_whiteout(dir, name) {
+            return Ok(());
+        }
         let tmp = self.tmp_name();
         if self.make_whiteout(work, &tmp)? {
             if let Err(e) = self.mark_xwhiteouts(dir) {

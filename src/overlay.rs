@@ -143,6 +143,7 @@ pub struct Overlay {
     /// The node whose `security.capability` a caller removed last: the
     /// kernel's setattr of nothing that follows may keep set-user-ID.
     pub(crate) caps_removed: AtomicU64,
+    pub(crate) shared_whiteout: crate::whiteout::SharedWhiteout,
 }
 
 impl Overlay {
@@ -191,6 +192,7 @@ impl Overlay {
             notifier: OnceLock::new(),
             passthrough: std::sync::atomic::AtomicBool::new(false),
             metacopy_lock: Mutex::new(()),
+            shared_whiteout: Default::default(),
         };
         // As the kernel: the root reports its top layer root's number.
         if let (Some(root), Some(st)) = (ovl.table.get(ROOT), root_st) {

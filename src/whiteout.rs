@@ -13,8 +13,11 @@ use crate::inode::Redirect;
 use crate::layer::LayerIdx;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
+use parking_lot::Mutex;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// The AUFS whiteout prefix.
 pub const WH_PREFIX: &[u8] = b".wh.";
@@ -97,6 +100,17 @@ pub fn mark_xwhiteouts(dir: BorrowedFd<'_>, opaque: &CStr) -> Result<()> {
         Ok(v) if v == b"y" || v == b"x" => Ok(()),
         _ => sys::setxattr(dir, opaque, b"x", 0),
     }
+}
+
+/// The kernel's shared whiteout (`ovl_whiteout`): one 0/0 device in
+/// `W/work`, made at the first whiteout, that every later whiteout is a
+/// hard link of, so that a whiteout costs a link instead of a new inode.
+/// It stays in `W/work` until the next mount empties that.
+#[derive(Default)]
+pub(crate) struct SharedWhiteout {
+    name: Mutex<Option<Arc<CStr>>>,
+    /// Links or mknod refused: each whiteout is made on its own.
+    off: AtomicBool,
 }
 
 /// What one layer's directory holds under a name.
@@ -204,9 +218,62 @@ impl Overlay {
             .any(|x| matches!(sys::getxattr(dir, x), Ok(v) if v == b"x"))
     }
 
-    /// [`make_whiteout`] with this mount's xattr name.
+    /// [`make_whiteout`] with this mount's xattr name; a device whiteout
+    /// is a link of the shared one where it can be.
     pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<bool> {
+        if self.link_whiteout(dir, name) {
+            return Ok(false);
+        }
         make_whiteout(dir, name, &self.xattrs.whiteout[0])
+    }
+
+    /// Links the shared whiteout at `dir/name`; false when there is none
+    /// to link (mknod refused, links refused, or the name is taken).
+    pub(crate) fn link_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> bool {
+        let (sw, Ok(work)) = (&self.shared_whiteout, self.work_fd()) else {
+            return false;
+        };
+        // A second try after the first one was full (EMLINK) or gone.
+        for _ in 0..2 {
+            if sw.off.load(Ordering::Relaxed) {
+                return false;
+            }
+            let src = {
+                let mut cur = sw.name.lock();
+                match &*cur {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n: Arc<CStr> = self.tmp_name().into();
+                        if let Err(e) = sys::mknodat(work, &n, libc::S_IFCHR, 0) {
+                            log::debug!("no shared whiteout ({e})");
+                            sw.off.store(true, Ordering::Relaxed);
+                            return false;
+                        }
+                        cur.insert(n).clone()
+                    }
+                }
+            };
+            match sys::linkat(work, &src, dir, name) {
+                Ok(()) => return true,
+                Err(e) if matches!(e.raw(), libc::EMLINK | libc::ENOENT) => {
+                    let mut cur = sw.name.lock();
+                    if cur.as_ref() == Some(&src) {
+                        let _ = sys::unlinkat(work, &src, 0);
+                        *cur = None;
+                    }
+                }
+                Err(e) => {
+                    // As the kernel's `no_shared_whiteout`, but a taken
+                    // name is the caller's to handle.
+                    if e.raw() != libc::EEXIST {
+                        log::debug!("whiteouts are not shared: link refused ({e})");
+                        sw.off.store(true, Ordering::Relaxed);
+                    }
+                    return false;
+                }
+            }
+        }
+        false
     }
 
     /// Marks an upper dir as holding xattr whiteouts, unless it is opaque.

@@ -19,6 +19,7 @@ both_backends!(
     mkdir_over_removed_lower_file_is_opaque,
     unlink_in_lower_subdir_copies_up_parent,
     whiteout_listed_in_one_layer_dir,
+    whiteouts_share_one_inode,
 );
 
 fn assert_whiteout(p: &std::path::Path) {
@@ -200,4 +201,29 @@ fn whiteout_listed_in_one_layer_dir(b: Backend) {
     assert_eq!(names(l.m("d")), ["w"]);
     assert_eq!(d_ino(&l.m("d"), "w"), ino, "d_ino of the listed whiteout");
     assert_eq!(errno(try_lstat(l.m("d/w"))), Some(libc::ENOENT));
+}
+
+/// As the kernel's since 5.8: every whiteout is a hard link of one 0/0
+/// device kept in `W/work`, whether it lands on a free name or replaces
+/// an upper file.
+fn whiteouts_share_one_inode(b: Backend) {
+    let l = Layers::new(1);
+    for f in ["a", "b", "both"] {
+        write(l.l(0, f), f);
+    }
+    mkdir(l.l(0, "d"));
+    write(l.u("both"), "u");
+    let _m = mount(b, &l);
+    for f in ["a", "b", "both"] {
+        std::fs::remove_file(l.m(f)).unwrap();
+    }
+    std::fs::remove_dir(l.m("d")).unwrap();
+    let sts: Vec<_> = ["a", "b", "both", "d"].map(|f| lstat(l.u(f))).into();
+    for (f, st) in ["a", "b", "both", "d"].iter().zip(&sts) {
+        assert_whiteout(&l.u(f));
+        assert_eq!(st.st_ino, sts[0].st_ino, "{f}: the shared whiteout");
+    }
+    // Four names in the upper dir and the one in W/work.
+    assert_eq!(sts[0].st_nlink, 5);
+    assert!(work_leftovers(&l).is_empty());
 }
