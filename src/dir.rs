@@ -9,7 +9,7 @@ use crate::lookup::Found;
 use crate::options::RedirectDir;
 use crate::overlay::{cstr_of, Counted, Overlay, Ox};
 use crate::sys::{self, Stat};
-use std::ffi::{CStr, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
@@ -100,30 +100,34 @@ impl Overlay {
         let file = if over_whiteout {
             // Build in the workdir, then swap with the whiteout atomically.
             let work = self.work_fd()?;
+            let scratch = self.acl_scratch(work, ufd.as_fd())?;
+            let at = scratch.as_ref().map_or(work, |(_, fd)| fd.as_fd());
             let tmp = self.tmp_name();
-            let built = self.make_obj(work, &tmp, mode, &obj, uid, gid);
-            let file = match built {
+            let r = (|| -> Result<Option<OwnedFd>> {
                 // Its stat goes stale with the rename.
-                Ok((f, _)) => f,
-                Err(e) => {
-                    let _ = sys::unlinkat(work, &tmp, if is_dir { libc::AT_REMOVEDIR } else { 0 });
-                    return Err(e);
-                }
-            };
-            let r = (|| {
+                let (file, _) = self.make_obj(at, &tmp, mode, &obj, uid, gid)?;
                 if is_dir {
-                    let fd = sys::openat(work, &tmp, libc::O_PATH, 0)?;
+                    let fd = sys::openat(at, &tmp, libc::O_PATH, 0)?;
                     sys::setxattr(fd.as_fd(), self.xattr(Ox::Opaque), b"y", 0)?;
                 }
-                sys::renameat2(work, &tmp, ufd.as_fd(), &cname, libc::RENAME_EXCHANGE)
+                sys::renameat2(at, &tmp, ufd.as_fd(), &cname, libc::RENAME_EXCHANGE)?;
+                Ok(file)
             })();
-            if let Err(e) = r {
-                let _ = sys::unlinkat(work, &tmp, if is_dir { libc::AT_REMOVEDIR } else { 0 });
-                return Err(e);
+            // The whiteout is now at the temporary name, or the half-built
+            // object is.
+            let _ = sys::unlinkat(
+                at,
+                &tmp,
+                if r.is_err() && is_dir {
+                    libc::AT_REMOVEDIR
+                } else {
+                    0
+                },
+            );
+            if let Some((name, _)) = scratch {
+                let _ = sys::unlinkat(work, &name, libc::AT_REMOVEDIR);
             }
-            // The whiteout is now at the temporary name.
-            let _ = sys::unlinkat(work, &tmp, 0);
-            file
+            r?
         } else {
             let (f, st) = self.make_obj(ufd.as_fd(), &cname, mode, &obj, uid, gid)?;
             made = Some(st);
@@ -233,6 +237,33 @@ impl Overlay {
         );
         node.set_held(Some(held));
         Ok((Counted::new(self, node), st, file))
+    }
+
+    /// Where an object for upper dir `udir` is built in the workdir when
+    /// `udir` has a default ACL: a scratch dir in `W/work` with the same
+    /// one, so that the object gets the ACLs and mode it would get in
+    /// `udir` (the kernel's `ovl_create_over_whiteout` sets those that
+    /// `posix_acl_create` gives). None: build in `W/work` itself.
+    fn acl_scratch(
+        &self,
+        work: BorrowedFd<'_>,
+        udir: BorrowedFd<'_>,
+    ) -> Result<Option<(CString, OwnedFd)>> {
+        let name = c"system.posix_acl_default";
+        let Ok(acl) = sys::getxattr(udir, name) else {
+            return Ok(None);
+        };
+        let tmp = self.tmp_name();
+        sys::mkdirat(work, &tmp, 0o700)?;
+        let made = sys::openat(work, &tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .and_then(|fd| sys::setxattr(fd.as_fd(), name, &acl, 0).map(|()| fd));
+        match made {
+            Ok(fd) => Ok(Some((tmp, fd))),
+            Err(e) => {
+                let _ = sys::unlinkat(work, &tmp, libc::AT_REMOVEDIR);
+                Err(e)
+            }
+        }
     }
 
     /// The owner on disk of a new object in an upper dir (`pst`): the

@@ -7,7 +7,11 @@ mod common;
 use common::*;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
-both_backends!(default_acl_replaces_umask, access_acl_grants_read);
+both_backends!(
+    default_acl_replaces_umask,
+    access_acl_grants_read,
+    default_acl_over_whiteout
+);
 
 /// A `system.posix_acl_*` value: version 2, then (tag, perm, id) entries.
 fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
@@ -103,4 +107,53 @@ fn access_acl_grants_read(b: Backend) {
         !read_as_nobody(&l.m("f")),
         "without the ACL, mode 0600 denies it"
     );
+}
+
+/// A name made again after its lower object was removed is built in the
+/// workdir and swapped with the whiteout: it still gets the parent's
+/// default ACL, not mode 0666 with no ACL.
+fn default_acl_over_whiteout(b: Backend) {
+    let l = Layers::new(1);
+    std::fs::create_dir(l.l(0, "d")).unwrap();
+    write(l.l(0, "d/f"), "f");
+    std::fs::create_dir(l.l(0, "d/sub")).unwrap();
+    let default = acl(&[
+        (USER_OBJ, 7, NO_ID),
+        (USER, 7, NOBODY),
+        (GROUP_OBJ, 5, NO_ID),
+        (MASK, 7, NO_ID),
+        (OTHER, 5, NO_ID),
+    ]);
+    setxattr(l.l(0, "d"), "system.posix_acl_default", &default);
+    let _m = mount(b, &l);
+    std::fs::remove_file(l.m("d/f")).unwrap();
+    std::fs::remove_dir(l.m("d/sub")).unwrap();
+    let old = unsafe { libc::umask(0o022) };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .open(l.m("d/f"))
+        .unwrap();
+    std::fs::create_dir(l.m("d/sub")).unwrap();
+    unsafe { libc::umask(old) };
+    let mode = |p| std::fs::metadata(l.m(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("d/f"), 0o664, "file: the default ACL's mask, not 0666");
+    assert_eq!(
+        mode("d/sub"),
+        0o775,
+        "dir: the default ACL's mask, not 0777"
+    );
+    for p in ["d/f", "d/sub"] {
+        assert!(
+            getxattr(l.m(p), "system.posix_acl_access").is_some(),
+            "{p}: inherited access ACL"
+        );
+    }
+    assert_eq!(
+        getxattr(l.m("d/sub"), "system.posix_acl_default"),
+        Some(default),
+        "the new dir passes the default ACL on"
+    );
+    assert!(work_leftovers(&l).is_empty());
 }
