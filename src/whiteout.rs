@@ -113,6 +113,15 @@ pub(crate) struct SharedWhiteout {
     off: AtomicBool,
 }
 
+/// An error that says the filesystem or our privileges refuse the call,
+/// now and later.
+fn refused(e: &crate::error::Errno) -> bool {
+    matches!(
+        e.raw(),
+        libc::EPERM | libc::EACCES | libc::EXDEV | libc::EOPNOTSUPP
+    )
+}
+
 /// What one layer's directory holds under a name.
 pub enum Entry {
     Missing,
@@ -246,7 +255,7 @@ impl Overlay {
                         let n: Arc<CStr> = self.tmp_name().into();
                         if let Err(e) = sys::mknodat(work, &n, libc::S_IFCHR, 0) {
                             log::debug!("no shared whiteout ({e})");
-                            sw.off.store(true, Ordering::Relaxed);
+                            sw.off.store(refused(&e), Ordering::Relaxed);
                             return false;
                         }
                         cur.insert(n).clone()
@@ -263,9 +272,10 @@ impl Overlay {
                     }
                 }
                 Err(e) => {
-                    // As the kernel's `no_shared_whiteout`, but a taken
-                    // name is the caller's to handle.
-                    if e.raw() != libc::EEXIST {
+                    // As the kernel's `no_shared_whiteout` where links are
+                    // refused; other failures (a taken name, no space) are
+                    // the caller's to meet.
+                    if refused(&e) {
                         log::debug!("whiteouts are not shared: link refused ({e})");
                         sw.off.store(true, Ordering::Relaxed);
                     }
