@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::file::Handles;
-use crate::inode::{Inode, Markers, Redirect};
+use crate::inode::{Held, Inode, Markers, Redirect};
 use crate::layer::UPPER;
 use crate::lookup::Found;
 use crate::options::RedirectDir;
@@ -235,7 +235,7 @@ impl Overlay {
             vec![UPPER],
             self.xino(st.st_ino, st.st_dev),
         );
-        node.set_held(Some(held));
+        node.set_held(Some(Held::Object(Arc::new(held))));
         Ok((Counted::new(self, node), st, file))
     }
 
@@ -423,23 +423,30 @@ impl Overlay {
         Ok(())
     }
 
-    /// The object of a non-directory about to lose a name, to hold if that
-    /// was its last (see `Inode::held`); not for nodes that read another
-    /// object by design (indexed, metadata-only).
-    fn holdable(&self, node: &Arc<Inode>) -> Option<OwnedFd> {
+    /// How to reach a non-directory about to lose a name, if that was its
+    /// last (see `Inode::held`): a lower object by its place, an upper one
+    /// by an fd; not for nodes that read another object by design
+    /// (indexed, metadata-only).
+    fn holdable(&self, node: &Arc<Inode>) -> Option<Held> {
         if node.is_dir() || node.has_index() || node.has_lowerdata() {
             return None;
         }
-        self.path_fd(node).ok()
+        match node.top()? {
+            l if !self.layers.is_upper(l) => {
+                let (dir, name) = self.entry_in(node, l).ok()?;
+                Some(Held::Place(l, dir, name))
+            }
+            _ => Some(Held::Object(Arc::new(self.path_fd(node).ok()?))),
+        }
     }
 
     /// Forgets one name of a node; a node with no names left loses its key
     /// and keeps its object in `held`.
-    fn detach(&self, node: &Arc<Inode>, parent: u64, name: &OsStr, held: Option<OwnedFd>) {
+    fn detach(&self, node: &Arc<Inode>, parent: u64, name: &OsStr, held: Option<Held>) {
         node.remove_alias(parent, &name.to_os_string());
         if !node.is_named() {
-            if let Some(fd) = held {
-                node.set_held(Some(fd));
+            if held.is_some() {
+                node.set_held(held);
             }
             // The upper inode may be freed and reused by a new file, which
             // must not inherit this one's number.

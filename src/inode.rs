@@ -193,17 +193,26 @@ struct Extra {
     /// A metadata-only copy's data: the lower file (O_PATH) reads go to
     /// until a write copies the data up (metacopy=on).
     lowerdata: Option<Arc<std::os::fd::OwnedFd>>,
-    /// The object (O_PATH) of a non-directory whose last name went away
-    /// (unlinked or renamed over) while the kernel still holds the node:
-    /// requests reach it through this fd until FORGET, as the kernel's
-    /// overlay keeps using its dentry.
-    held: Option<Arc<std::os::fd::OwnedFd>>,
+    /// How requests reach a non-directory whose last name went away
+    /// (unlinked or renamed over) while the kernel still holds the node,
+    /// until FORGET, as the kernel's overlay keeps using its dentry.
+    held: Option<Held>,
     /// How its open files reach their data: the kernel keeps an inode
     /// either cached (data through us) or passthrough (one backing file
     /// for all its opens), never both at once.
     io: IoMode,
     /// Names after the first, for hard links.
     more_aliases: Vec<Alias>,
+}
+
+/// See `Extra::held`.
+pub enum Held {
+    /// The object itself (O_PATH): an upper one, whose name is gone.
+    Object(Arc<std::os::fd::OwnedFd>),
+    /// Where a lower object still is: lower layers never change, so its
+    /// place (the layer, its dir there, its name) outlives the merged name
+    /// and costs no system call to keep.
+    Place(LayerIdx, Arc<std::os::fd::OwnedFd>, std::ffi::CString),
 }
 
 impl State {
@@ -368,14 +377,28 @@ impl Inode {
             .is_some_and(|e| e.lowerdata.is_some())
     }
 
-    /// See `Extra::held`.
+    /// The held object (see `Extra::held`).
     pub fn held(&self) -> Option<Arc<std::os::fd::OwnedFd>> {
-        self.state.read().extra.as_ref()?.held.clone()
+        match self.state.read().extra.as_ref()?.held.as_ref()? {
+            Held::Object(fd) => Some(fd.clone()),
+            Held::Place(..) => None,
+        }
     }
 
-    pub fn set_held(&self, fd: Option<std::os::fd::OwnedFd>) {
+    /// The held place in `layer` (see `Extra::held`).
+    pub fn held_place(
+        &self,
+        layer: LayerIdx,
+    ) -> Option<(Arc<std::os::fd::OwnedFd>, std::ffi::CString)> {
+        match self.state.read().extra.as_ref()?.held.as_ref()? {
+            Held::Place(l, dir, name) if *l == layer => Some((dir.clone(), name.clone())),
+            _ => None,
+        }
+    }
+
+    pub fn set_held(&self, held: Option<Held>) {
         let mut st = self.state.write();
-        st.extra_mut().held = fd.map(Arc::new);
+        st.extra_mut().held = held;
         st.trim();
     }
 

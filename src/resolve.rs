@@ -345,8 +345,11 @@ impl Overlay {
                 return Ok(e);
             }
         }
-        // Its names went away since the kernel looked it up: see `check_same`.
-        let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ESTALE))?;
+        // Its names went away since the kernel looked it up: see
+        // `check_same`; a lower object is still at its held place.
+        let Some((parent, name)) = node.alias() else {
+            return node.held_place(layer).ok_or_else(|| sys::err(libc::ESTALE));
+        };
         Ok((self.dir_fd(&parent, layer)?, sys::cstr(&name)?))
     }
 
