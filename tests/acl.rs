@@ -32,29 +32,48 @@ const OTHER: u16 = 0x20;
 const NOBODY: u32 = 65534;
 const NO_ID: u32 = u32::MAX;
 
-fn default_acl_replaces_umask(b: Backend) {
-    let l = Layers::new(1);
-    std::fs::create_dir(l.l(0, "d")).unwrap();
-    let _m = mount(b, &l);
-    let default = acl(&[
+/// rwx for the owner and nobody, r-x for the group and others.
+fn default_acl() -> Vec<u8> {
+    acl(&[
         (USER_OBJ, 7, NO_ID),
         (USER, 7, NOBODY),
         (GROUP_OBJ, 5, NO_ID),
         (MASK, 7, NO_ID),
         (OTHER, 5, NO_ID),
-    ]);
-    setxattr(l.m("d"), "system.posix_acl_default", &default);
-    // Mode 0666 with the usual umask 022: the default ACL, not the umask,
-    // decides the group/mask bits of the new file.
+    ])
+}
+
+/// Runs `f` with the usual umask 022 (process-wide: the ACL tests make
+/// files only inside it).
+fn with_umask_022(f: impl FnOnce()) {
+    // SAFETY: umask only swaps the process's mask.
     let old = unsafe { libc::umask(0o022) };
+    f();
+    unsafe { libc::umask(old) };
+}
+
+/// A new file asked for with mode 0666.
+fn create_0666(p: &std::path::Path) {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o666)
-        .open(l.m("d/new"))
+        .open(p)
         .unwrap();
-    std::fs::create_dir(l.m("plain")).unwrap();
-    unsafe { libc::umask(old) };
+}
+
+fn default_acl_replaces_umask(b: Backend) {
+    let l = Layers::new(1);
+    std::fs::create_dir(l.l(0, "d")).unwrap();
+    let _m = mount(b, &l);
+    let default = default_acl();
+    setxattr(l.m("d"), "system.posix_acl_default", &default);
+    // Mode 0666 with the usual umask 022: the default ACL, not the umask,
+    // decides the group/mask bits of the new file.
+    with_umask_022(|| {
+        create_0666(&l.m("d/new"));
+        std::fs::create_dir(l.m("plain")).unwrap();
+    });
     let mode = std::fs::metadata(l.m("d/new"))
         .unwrap()
         .permissions()
@@ -117,26 +136,15 @@ fn default_acl_over_whiteout(b: Backend) {
     std::fs::create_dir(l.l(0, "d")).unwrap();
     write(l.l(0, "d/f"), "f");
     std::fs::create_dir(l.l(0, "d/sub")).unwrap();
-    let default = acl(&[
-        (USER_OBJ, 7, NO_ID),
-        (USER, 7, NOBODY),
-        (GROUP_OBJ, 5, NO_ID),
-        (MASK, 7, NO_ID),
-        (OTHER, 5, NO_ID),
-    ]);
+    let default = default_acl();
     setxattr(l.l(0, "d"), "system.posix_acl_default", &default);
     let _m = mount(b, &l);
     std::fs::remove_file(l.m("d/f")).unwrap();
     std::fs::remove_dir(l.m("d/sub")).unwrap();
-    let old = unsafe { libc::umask(0o022) };
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o666)
-        .open(l.m("d/f"))
-        .unwrap();
-    std::fs::create_dir(l.m("d/sub")).unwrap();
-    unsafe { libc::umask(old) };
+    with_umask_022(|| {
+        create_0666(&l.m("d/f"));
+        std::fs::create_dir(l.m("d/sub")).unwrap();
+    });
     let mode = |p| std::fs::metadata(l.m(p)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("d/f"), 0o664, "file: the default ACL's mask, not 0666");
     assert_eq!(
