@@ -147,6 +147,11 @@ impl Overlay {
             PassthroughMode::All => h.is_upper() || !h.writable,
         };
         let chosen = h.node.with_io(|io| {
+            // A copied-up file no open file reads from below: its kept
+            // lower backing goes, and its upper file is the backing now.
+            if io.lower && h.is_upper() && io.backing_users() == 0 {
+                io.drop_kept();
+            }
             if let Some(b) = io.backing.as_ref().and_then(|w| w.upgrade()) {
                 if io.lower && h.writable {
                     return None;
@@ -165,6 +170,9 @@ impl Overlay {
                     let b = Arc::new(b);
                     io.backing = Some(Arc::downgrade(&b));
                     io.lower = !h.is_upper();
+                    if io.lower {
+                        io.kept = Some(b.clone());
+                    }
                     h.set_backing(b.clone());
                     Passthrough::Backing(b)
                 }
@@ -244,7 +252,11 @@ impl Overlay {
                 return Err(e);
             }
         };
-        self.check_same(&node, &key, &sys::fstat(fd.as_fd())?)?;
+        // Lower layers never change: only an upper name can have been
+        // taken by another object since it was resolved.
+        if self.layers.is_upper(top) {
+            self.check_same(&node, &key, &sys::fstat(fd.as_fd())?)?;
+        }
         Ok(self.new_handle(&node, fd, flags, handles))
     }
 

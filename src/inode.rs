@@ -133,18 +133,41 @@ pub struct IoMode {
     pub backing: Option<Weak<fuser::BackingId>>,
     /// That backing file is a lower file (`passthrough=all`).
     pub lower: bool,
+    /// A lower backing file stays registered after its last close, until
+    /// the kernel forgets the node: opening the file again costs no
+    /// registration (two ioctls). Lower files never change, and the kernel
+    /// binds an inode to a backing file only while a file is open.
+    pub kept: Option<Arc<fuser::BackingId>>,
 }
 
 impl IoMode {
+    /// Open handles sharing the backing file.
+    pub fn backing_users(&self) -> usize {
+        let refs = self.backing.as_ref().map_or(0, Weak::strong_count);
+        refs.saturating_sub(usize::from(self.kept.is_some()))
+    }
+
     /// Open read-only files read a lower file in the kernel: a write must
     /// not share their backing.
     pub fn lower_backed(&self) -> bool {
-        self.lower && self.backing.as_ref().is_some_and(|w| w.strong_count() > 0)
+        self.lower && self.backing_users() > 0
     }
 
-    /// No open file: nothing to keep.
+    /// Forgets a lower backing file that no open file uses.
+    pub fn drop_kept(&mut self) {
+        // Closed (BACKING_CLOSE) here unless an open file still shares it.
+        drop(self.kept.take());
+        if self.backing_users() == 0 {
+            self.backing = None;
+            self.lower = false;
+        }
+    }
+
+    /// No open file and no kept backing: nothing to keep.
     fn idle(&self) -> bool {
-        self.cached == 0 && self.backing.as_ref().is_none_or(|w| w.strong_count() == 0)
+        self.cached == 0
+            && self.kept.is_none()
+            && self.backing.as_ref().is_none_or(|w| w.strong_count() == 0)
     }
 }
 

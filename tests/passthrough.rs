@@ -12,7 +12,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 
-both_backends!(reader_follows_copy_up, truncate_while_reader_open,);
+both_backends!(
+    reader_follows_copy_up,
+    truncate_while_reader_open,
+    reopen_after_a_change_reads_it,
+);
 
 /// Which data path rovl uses in a scenario.
 #[derive(Clone, Copy, PartialEq)]
@@ -106,6 +110,41 @@ fn truncate_while_reader_open(b: Backend) {
         assert_eq!(read_string(l.l(0, "o")), "abcdef");
         assert_eq!(r1.metadata().unwrap().ino(), lstat(l.m("t")).st_ino);
         assert_eq!(r2.metadata().unwrap().ino(), lstat(l.m("o")).st_ino);
+    }
+}
+
+/// Lower files read and closed, then changed with no file open: a new
+/// open reads the change (rovl keeps a closed lower file's backing for the
+/// next open; a change must not be read through it).
+fn reopen_after_a_change_reads_it(b: Backend) {
+    let l = Layers::new(1);
+    for n in ["w", "c", "t"] {
+        write(l.l(0, n), "0123456789");
+    }
+    let _mnt = mount(b, &l);
+    for n in ["w", "c", "t"] {
+        assert_eq!(read_string(l.m(n)), "0123456789");
+    }
+    let ino = lstat(l.m("w")).st_ino;
+    std::fs::write(l.m("w"), "new").unwrap();
+    assert_eq!(read_string(l.m("w")), "new");
+    assert_eq!(lstat(l.m("w")).st_ino, ino);
+    // Copied up by chmod, read again, then written.
+    let c = cstr(&l.m("c"));
+    // SAFETY: a valid C path.
+    assert_eq!(unsafe { libc::chmod(c.as_ptr(), 0o600) }, 0);
+    assert_eq!(read_string(l.m("c")), "0123456789");
+    let mut w = OpenOptions::new().append(true).open(l.m("c")).unwrap();
+    w.write_all(b"+").unwrap();
+    drop(w);
+    assert_eq!(read_string(l.m("c")), "0123456789+");
+    // truncate(2) by path: no open file at all.
+    let t = cstr(&l.m("t"));
+    // SAFETY: a valid C path.
+    assert_eq!(unsafe { libc::truncate(t.as_ptr(), 2) }, 0);
+    assert_eq!(read_string(l.m("t")), "01");
+    for n in ["w", "c", "t"] {
+        assert_eq!(read_string(l.l(0, n)), "0123456789");
     }
 }
 
