@@ -255,6 +255,7 @@ impl Overlay {
                 s.upper_markers = crate::inode::Markers::None;
             }
             s.layers = crate::inode::LayerList::from_vec(layers);
+            s.default_acl = None;
         });
     }
 

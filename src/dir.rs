@@ -36,8 +36,23 @@ impl Overlay {
     /// The umask applies unless the parent has a default ACL, which the
     /// upper filesystem then applies instead (POSIX ACL semantics).
     pub(crate) fn masked(&self, parent: u64, mode: u32, umask: u32, files: &Handles) -> u32 {
-        let acl = OsStr::new("system.posix_acl_default");
-        let has_default_acl = self.getxattr(parent, acl, files).is_ok();
+        let node = self.node(parent).ok();
+        // Known after the first create in the dir: one system call less
+        // per create (the kernel holds the dir's lock for xattr changes
+        // and creates alike, so none races with this).
+        let known = node.as_ref().and_then(|n| n.state.read().default_acl);
+        let has_default_acl = known.unwrap_or_else(|| {
+            let acl = OsStr::new("system.posix_acl_default");
+            let r = self.getxattr(parent, acl, files);
+            let sure = r.as_ref().map_or_else(
+                |e| matches!(e.raw(), libc::ENODATA | libc::EOPNOTSUPP),
+                |_| true,
+            );
+            if let Some(n) = node.as_ref().filter(|_| sure) {
+                n.state.write().default_acl = Some(r.is_ok());
+            }
+            r.is_ok()
+        });
         if has_default_acl {
             mode
         } else {

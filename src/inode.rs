@@ -200,6 +200,9 @@ pub struct State {
     pub impure: bool,
     /// What is known of `.wh.` markers in the upper dir (see `marked_in`).
     pub upper_markers: Markers,
+    /// Whether the dir has a default ACL, once a create asked (`masked`);
+    /// a change of its xattrs or layers forgets it.
+    pub default_acl: Option<bool>,
     /// What few nodes have, boxed so that the others stay small.
     extra: Option<Box<Extra>>,
 }
@@ -524,6 +527,7 @@ impl InodeTable {
                 unkeyed: false,
                 impure: false,
                 upper_markers: Markers::Unknown,
+                default_acl: None,
                 extra: None,
             }),
             copyup_lock: Mutex::new(()),
@@ -644,6 +648,7 @@ impl InodeTable {
                     unkeyed: false,
                     impure: false,
                     upper_markers: Markers::Unknown,
+                    default_acl: None,
                     extra: None,
                 }),
                 copyup_lock: Mutex::new(()),

@@ -108,7 +108,9 @@ impl Overlay {
         let real = self.real_xattr_name(name)?;
         self.copy_up(&node)?;
         let (fd, _) = self.object_fd(&node, handles)?;
-        sys::setxattr(fd.as_fd(), &real, value, flags)
+        let r = sys::setxattr(fd.as_fd(), &real, value, flags);
+        node.state.write().default_acl = None;
+        r
     }
 
     pub(crate) fn removexattr(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> Result<()> {
@@ -121,7 +123,9 @@ impl Overlay {
         sys::getxattr(fd.as_fd(), &real)?;
         self.copy_up(&node)?;
         let (fd, _) = self.object_fd(&node, handles)?;
-        sys::removexattr(fd.as_fd(), &real)?;
+        let r = sys::removexattr(fd.as_fd(), &real);
+        node.state.write().default_acl = None;
+        r?;
         if name.as_bytes() == b"security.capability" {
             self.caps_removed
                 .store(nodeid, std::sync::atomic::Ordering::Relaxed);

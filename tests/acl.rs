@@ -66,6 +66,11 @@ fn default_acl_replaces_umask(b: Backend) {
     let l = Layers::new(1);
     std::fs::create_dir(l.l(0, "d")).unwrap();
     let _m = mount(b, &l);
+    let mode = |p| std::fs::metadata(l.m(p)).unwrap().permissions().mode() & 0o777;
+    // rovl keeps what it learns of the parent's default ACL: a change of
+    // it must show in the next create.
+    with_umask_022(|| create_0666(&l.m("d/before")));
+    assert_eq!(mode("d/before"), 0o644);
     let default = default_acl();
     setxattr(l.m("d"), "system.posix_acl_default", &default);
     // Mode 0666 with the usual umask 022: the default ACL, not the umask,
@@ -74,12 +79,11 @@ fn default_acl_replaces_umask(b: Backend) {
         create_0666(&l.m("d/new"));
         std::fs::create_dir(l.m("plain")).unwrap();
     });
-    let mode = std::fs::metadata(l.m("d/new"))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o664, "the mask bits come from the default ACL");
+    assert_eq!(
+        mode("d/new"),
+        0o664,
+        "the mask bits come from the default ACL"
+    );
     let access = getxattr(l.m("d/new"), "system.posix_acl_access").expect("inherited ACL");
     assert!(access.len() > 4);
     // Without a default ACL the umask applies.
@@ -89,6 +93,13 @@ fn default_acl_replaces_umask(b: Backend) {
         .mode()
         & 0o777;
     assert_eq!(plain, 0o755);
+    try_removexattr(l.m("d"), "system.posix_acl_default").unwrap();
+    with_umask_022(|| create_0666(&l.m("d/after")));
+    assert_eq!(mode("d/after"), 0o644, "the umask again");
+    // Set again on the dir, now upper (no copy-up this time).
+    setxattr(l.m("d"), "system.posix_acl_default", &default);
+    with_umask_022(|| create_0666(&l.m("d/again")));
+    assert_eq!(mode("d/again"), 0o664, "the default ACL again");
 }
 
 fn access_acl_grants_read(b: Backend) {
