@@ -393,7 +393,12 @@ fn open(dir: &Path, flags: i32) -> Result<OwnedFd, String> {
 /// warm-up; the time per call.
 fn time_loop(l: Loop, dir: &Path, n: usize) -> Result<Duration, String> {
     let dfd = open(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
-    let ffd = open(&dir.join("f"), libc::O_RDONLY)?;
+    // Held only for its loop: an open file would keep the open-close loop
+    // from ever opening `f` first (rovl registers a backing file then).
+    let ffd = match l {
+        Loop::Getxattr => Some(open(&dir.join("f"), libc::O_RDONLY)?),
+        _ => None,
+    };
     let f = c"f";
     let xname = c"user.rovl.roundtrip";
     let stamp = UNIX_EPOCH.elapsed().unwrap().as_nanos();
@@ -409,8 +414,8 @@ fn time_loop(l: Loop, dir: &Path, n: usize) -> Result<Duration, String> {
         unsafe {
             match l {
                 Loop::Getxattr => {
-                    let r =
-                        libc::fgetxattr(ffd.as_raw_fd(), xname.as_ptr(), std::ptr::null_mut(), 0);
+                    let fd = ffd.as_ref().map_or(-1, |f| f.as_raw_fd());
+                    let r = libc::fgetxattr(fd, xname.as_ptr(), std::ptr::null_mut(), 0);
                     let e = std::io::Error::last_os_error().raw_os_error();
                     if r >= 0 || !matches!(e, Some(libc::ENODATA) | Some(libc::ENOTSUP)) {
                         return Err(format!("getxattr: {r} {e:?}"));
