@@ -42,14 +42,15 @@ pub struct Walked {
 }
 
 /// A lookup's walk down the layers (the kernel's `ovl_lookup_data`).
-struct LookupState {
+struct LookupState<'n> {
     /// What to find in the next layer.
-    target: Target,
+    target: Target<'n>,
     /// The layers to search, top-down, and the next one's position.
     layers: Vec<LayerIdx>,
     next: usize,
-    /// What the parent's listing says of the target name (for that name).
-    holders: Option<(CString, crate::resolve::Holders)>,
+    /// What the parent's listing says of the target name (reset when a
+    /// redirect changes the name).
+    holders: Option<crate::resolve::Holders>,
     /// What was found so far.
     found: Option<Found>,
     /// The layer whose whiteout ended the lookup.
@@ -65,9 +66,10 @@ enum Step {
 }
 
 /// Where the next layers are searched.
-enum Target {
-    /// This name in the parent's directory of each layer.
-    Name(CString),
+enum Target<'n> {
+    /// This name in the parent's directory of each layer: the one asked
+    /// for (borrowed: no allocation per lookup), or a redirect's.
+    Name(Cow<'n, CStr>),
     /// This path from the root of each layer below.
     Path(Vec<OsString>),
 }
@@ -92,7 +94,7 @@ impl Overlay {
         name: &CStr,
     ) -> Result<(Option<Found>, bool)> {
         let mut s = LookupState {
-            target: Target::Name(name.to_owned()),
+            target: Target::Name(Cow::Borrowed(name)),
             layers: parent.layers(),
             next: 0,
             holders: None,
@@ -129,7 +131,7 @@ impl Overlay {
         // layer the last. The name is borrowed: no allocation per layer.
         let (dfd, cname, stop): (_, Cow<'_, CStr>, _) = match &s.target {
             Target::Name(n) => match self.dir_fd(parent, l) {
-                Ok(fd) => (fd, Cow::Borrowed(n.as_c_str()), false),
+                Ok(fd) => (fd, Cow::Borrowed(n.as_ref()), false),
                 Err(e) if e.is_missing() => return Ok(Next),
                 Err(e) => return Err(e),
             },
@@ -149,7 +151,7 @@ impl Overlay {
         let marked = || {
             below
                 && match s.holders.as_ref().filter(|_| by_name) {
-                    Some((_, h)) => self.marked_in(parent, h, l, dfd.as_fd(), &cname),
+                    Some(h) => self.marked_in(parent, h, l, dfd.as_fd(), &cname),
                     None => has_marker(dfd.as_fd(), &cname),
                 }
         };
@@ -212,7 +214,10 @@ impl Overlay {
                 f.redirect = Some(r.clone());
             }
             match r {
-                Redirect::Rel(n) => s.target = Target::Name(sys::cstr(&n)?),
+                Redirect::Rel(n) => {
+                    s.target = Target::Name(Cow::Owned(sys::cstr(&n)?));
+                    s.holders = None;
+                }
                 Redirect::Abs(p) => {
                     // An absolute redirect searches every layer below.
                     s.target = Target::Path(p);
@@ -230,12 +235,10 @@ impl Overlay {
         let Target::Name(n) = &s.target else {
             return true;
         };
-        if s.holders.as_ref().is_none_or(|(k, _)| k != n) {
-            s.holders = Some((n.clone(), self.holders(parent, &s.layers, n)));
-        }
-        s.holders
-            .as_mut()
-            .is_some_and(|(_, h)| self.may_hold(h, parent, l, n))
+        let h = s
+            .holders
+            .get_or_insert_with(|| self.holders(parent, &s.layers, n));
+        self.may_hold(h, parent, l, n)
     }
 
     /// Where an absolute redirect leads in layer `l`, walked a component at
