@@ -13,6 +13,17 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The tests of this file one at a time: `ring_policy_follows_the_load`
+/// needs the machine idle but for its own requests.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 const SERVING: &str = "serving FUSE requests through io_uring";
 
@@ -256,6 +267,7 @@ fn transport(m: &RovlMount) -> String {
 
 #[test]
 fn serves_through_io_uring_as_the_kernel_overlay_behaves() {
+    let _serial = serial();
     if !require_root_fuse() || !require_kernel_overlay() {
         return;
     }
@@ -290,6 +302,7 @@ fn serves_through_io_uring_as_the_kernel_overlay_behaves() {
 /// entries of one queue are in use together.
 #[test]
 fn parallel_callers() {
+    let _serial = serial();
     if !require_root_fuse() {
         return;
     }
@@ -335,6 +348,7 @@ fn parallel_callers() {
 
 #[test]
 fn io_uring_off_keeps_dev_fuse() {
+    let _serial = serial();
     if !require_root_fuse() {
         return;
     }
@@ -349,6 +363,123 @@ fn io_uring_off_keeps_dev_fuse() {
         !threads(&m).iter().any(|t| t.starts_with("fuser-ring-")),
         "{:?}",
         threads(&m)
+    );
+    assert!(m.unmount().success());
+}
+
+/// Ring threads by CPU: (cpu, tid).
+fn ring_threads(m: &RovlMount) -> Vec<(usize, i32)> {
+    let dir = format!("/proc/{}/task", m.child.id());
+    let mut v: Vec<(usize, i32)> = fs::read_dir(dir)
+        .expect("read the daemon's tasks")
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            let cpu = comm.trim().strip_prefix("fuser-ring-")?.parse().ok()?;
+            Some((cpu, t.file_name().to_str()?.parse().ok()?))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs `f` on a thread of its own bound to `cpu`: its requests go to that
+/// CPU's ring.
+fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and
+            // sched_setaffinity only touch it and this thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+                    0,
+                    "bind to CPU {cpu}"
+                );
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Sends requests from every CPU until each ring thread has `policy`
+/// (bounded); says which do not.
+fn wait_for_policy(m: &RovlMount, policy: i32, probe: &Path) -> Vec<(usize, i32)> {
+    static NAMES: AtomicUsize = AtomicUsize::new(0);
+    let rings = ring_threads(m);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for &(cpu, _) in &rings {
+            on_cpu(cpu, || {
+                for _ in 0..20 {
+                    // A name never asked for: the kernel caches misses.
+                    let n = NAMES.fetch_add(1, Ordering::Relaxed);
+                    let p = probe.join(format!("no{n}"));
+                    assert_eq!(errno(fs::metadata(p)), Some(libc::ENOENT));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+        // SAFETY: reads a thread's policy; no memory is passed.
+        let off: Vec<_> = rings
+            .iter()
+            .copied()
+            .filter(|&(_, tid)| unsafe { libc::sched_getscheduler(tid) } != policy)
+            .collect();
+        if off.is_empty() || Instant::now() > deadline {
+            return off;
+        }
+    }
+}
+
+/// A ring thread commits replies as an idle-policy thread while the machine
+/// has an idle CPU, so that the woken caller stays on its CPU, and is a
+/// normal thread again once every CPU is busy, where an idle-policy thread
+/// would wait for the CPU behind other tasks.
+#[test]
+fn ring_policy_follows_the_load() {
+    let _serial = serial();
+    if !require_root_fuse() {
+        return;
+    }
+    let Some(_on) = UringOn::new() else { return };
+    let l = Layers::new(1);
+    write(l.l(0, "d/f"), "x");
+    let m = mount_logged(&l, "");
+    assert_eq!(read_string(l.m("d/f")), "x");
+    assert_uring(&m);
+    let d = l.m("d");
+
+    let busy = wait_for_policy(&m, libc::SCHED_IDLE, &d);
+    assert!(
+        busy.is_empty(),
+        "rings not idle-policy on an idle machine: {busy:?}"
+    );
+
+    // A busy loop on every CPU.
+    let stop = AtomicBool::new(false);
+    let off = std::thread::scope(|s| {
+        for (cpu, _) in ring_threads(&m) {
+            let stop = &stop;
+            s.spawn(move || {
+                on_cpu(cpu, || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            });
+        }
+        let off = wait_for_policy(&m, libc::SCHED_OTHER, &d);
+        stop.store(true, Ordering::Relaxed);
+        off
+    });
+    assert!(
+        off.is_empty(),
+        "rings still idle-policy under load: {off:?}"
     );
     assert!(m.unmount().success());
 }

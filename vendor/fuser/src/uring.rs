@@ -21,6 +21,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
+use std::time::Instant;
 
 use io_uring::IoUring;
 use io_uring::cqueue;
@@ -189,6 +191,7 @@ impl Rings {
         let payload = payload.max(MIN_PAYLOAD);
         let (tx, rx) = mpsc::channel();
         let mut res = Ok(());
+        let reversible = idle_policy_reversible();
         for qid in 0..cpus {
             let tx = tx.clone();
             let se = SessionEventLoop {
@@ -201,7 +204,7 @@ impl Rings {
             let fuse = ch.as_fd().as_raw_fd();
             let spawned = std::thread::Builder::new()
                 .name(se.thread_name.clone())
-                .spawn(move || match Queue::new(qid, fuse, payload, se) {
+                .spawn(move || match Queue::new(qid, fuse, payload, se, reversible) {
                     Ok(q) => q.serve(tx),
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -269,10 +272,128 @@ struct Queue<FS: Filesystem> {
     se: SessionEventLoop<FS>,
     /// A request copied out when its op header would leave it unaligned.
     scratch: Vec<u64>,
+    policy: Policy,
+}
+
+/// How often a queue looks at the machine's idle time, at most.
+const LOAD_PERIOD: Duration = Duration::from_millis(50);
+
+/// The queue thread's scheduling policy. A reply wakes its caller, and the
+/// scheduler wakes a task on an idle CPU rather than on a busy one: every
+/// request would move the caller to the other CPU and back, a wake-up of a
+/// halted (virtual) CPU each time. A CPU whose only tasks are idle-policy
+/// ones counts as idle, so a queue thread of that policy keeps its caller
+/// here, on the CPU where the kernel queues the caller's next request.
+///
+/// An idle-policy thread gets no CPU while another task of its scheduling
+/// group wants it, so the policy is taken only while the machine has an
+/// idle CPU (from `/proc/stat`): then the scheduler moves such tasks there
+/// rather than onto this thread's CPU. Under load the thread is a normal
+/// one, as before.
+struct Policy {
+    /// `/proc/stat`, when the thread may also leave the idle policy again.
+    stat: Option<std::fs::File>,
+    buf: Vec<u8>,
+    idle: bool,
+    checked: Option<Instant>,
+    /// Idle and total jiffies of all CPUs at the last look.
+    last: (u64, u64),
+}
+
+impl Policy {
+    fn new(reversible: bool) -> Policy {
+        let mut p = Policy {
+            stat: reversible
+                .then(|| std::fs::File::open("/proc/stat").ok())
+                .flatten(),
+            buf: Vec::new(),
+            idle: false,
+            checked: None,
+            last: (0, 0),
+        };
+        // The first look measures from here, not from boot.
+        p.update();
+        p
+    }
+
+    /// Before a wait for the next request: the policy the load calls for.
+    fn update(&mut self) {
+        let Some(stat) = &self.stat else {
+            return;
+        };
+        let now = Instant::now();
+        if self.checked.is_some_and(|t| now - t < LOAD_PERIOD) {
+            return;
+        }
+        self.checked = Some(now);
+        let Some((idle, total, cpus)) = read_stat(stat, &mut self.buf) else {
+            return;
+        };
+        let (d_idle, d_total) = (idle - self.last.0.min(idle), total - self.last.1.min(total));
+        let first = self.last == (0, 0);
+        self.last = (idle, total);
+        if first {
+            return;
+        }
+        // At least half a CPU's time idle over the last period.
+        let want = d_total > 0 && 2 * d_idle * cpus >= d_total;
+        if want != self.idle && set_idle_policy(want) {
+            debug!("io_uring: {} scheduling policy", if want { "idle" } else { "normal" });
+            self.idle = want;
+        }
+    }
+}
+
+/// Idle and total jiffies summed over all CPUs, and the number of CPUs.
+fn read_stat(f: &std::fs::File, buf: &mut Vec<u8>) -> Option<(u64, u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    buf.resize(buf.len().max(4096), 0);
+    let n = loop {
+        let n = f.read_at(buf, 0).ok()?;
+        if n < buf.len() {
+            break n;
+        }
+        let len = buf.len() * 2;
+        buf.resize(len, 0);
+    };
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let mut lines = text.lines();
+    // "cpu  user nice system idle iowait irq softirq steal guest guest_nice"
+    let f: Vec<u64> = lines
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let cpus = lines.take_while(|l| l.starts_with("cpu")).count() as u64;
+    Some((f.get(3)? + f.get(4)?, f.iter().sum(), cpus.max(1)))
+}
+
+fn set_idle_policy(idle: bool) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    // SAFETY: sets the calling thread's policy from a valid param.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
+/// Whether a thread may leave the idle policy again (CAP_SYS_NICE, or a
+/// high enough RLIMIT_NICE): tried on a thread of its own, which ends
+/// either way.
+fn idle_policy_reversible() -> bool {
+    std::thread::spawn(|| set_idle_policy(true) && set_idle_policy(false))
+        .join()
+        .unwrap_or(false)
 }
 
 impl<FS: Filesystem> Queue<FS> {
-    fn new(qid: usize, fuse: i32, payload: usize, se: SessionEventLoop<FS>) -> io::Result<Self> {
+    fn new(
+        qid: usize,
+        fuse: i32,
+        payload: usize,
+        se: SessionEventLoop<FS>,
+        reversible: bool,
+    ) -> io::Result<Self> {
         pin_to_cpu(qid);
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_cqsize((QUEUE_DEPTH * 2) as u32)
@@ -289,6 +410,7 @@ impl<FS: Filesystem> Queue<FS> {
             },
             se,
             scratch: Vec::new(),
+            policy: Policy::new(reversible),
         })
     }
 
@@ -392,6 +514,7 @@ impl<FS: Filesystem> Queue<FS> {
             if self.outstanding == 0 {
                 break;
             }
+            self.policy.update();
             self.submit(1)?;
             done.clear();
             done.extend(self.completions());
