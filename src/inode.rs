@@ -333,6 +333,11 @@ impl Inode {
         self.state.read().alias.as_ref().map(owned)
     }
 
+    /// Whether `name` in dir `parent` is one of the node's names.
+    pub fn is_named_as(&self, parent: u64, name: &OsStr) -> bool {
+        self.state.read().has_alias(parent, name)
+    }
+
     /// Whether the node has a name left.
     pub fn is_named(&self) -> bool {
         self.state.read().alias.is_some()

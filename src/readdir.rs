@@ -3,7 +3,7 @@
 //! A listing is read once at opendir, so an open directory sees a snapshot.
 
 use crate::error::Result;
-use crate::inode::Inode;
+use crate::inode::{Inode, Key};
 use crate::overlay::{dtype_kind, Counted, Overlay, Ox};
 use crate::sys;
 use crate::whiteout::{hidden_by, is_wh_name};
@@ -20,6 +20,8 @@ pub struct DirEntry {
     pub name: OsString,
     pub ino: u64,
     pub kind: fuser::FileType,
+    /// The layer object's (device, inode number): the key of its node.
+    pub real: (u64, u64),
 }
 
 impl Overlay {
@@ -37,11 +39,13 @@ impl Overlay {
                 name: ".".into(),
                 ino: node.ino(),
                 kind: fuser::FileType::Directory,
+                real: (0, 0),
             },
             DirEntry {
                 name: "..".into(),
                 ino: parent_ino,
                 kind: fuser::FileType::Directory,
+                real: (0, 0),
             },
         ];
         let merged = layers.len() > 1;
@@ -90,6 +94,7 @@ impl Overlay {
                     name: e.name,
                     ino,
                     kind: dtype_kind(d_type),
+                    real: (dev, e.ino),
                 });
             }
             // A layer's markers hide names of the layers below it, not its own.
@@ -235,6 +240,21 @@ impl Overlay {
                 d_ino: e.ino,
                 counted: None,
             };
+        }
+        // A name the kernel already holds the node of needs no lookup:
+        // node id 0 links nothing and leaves its dentry and attributes as
+        // they are (a second listing, as `rm -rf` makes, or `git status`
+        // after its lstats).
+        if let Some(node) = self.table.find_key(&Key::Real(e.real.0, e.real.1)) {
+            if node.is_named_as(dir, &e.name) {
+                attr.kind = e.kind;
+                return PlusEntry {
+                    attr,
+                    ttl: Duration::ZERO,
+                    d_ino: node.ino(),
+                    counted: None,
+                };
+            }
         }
         match self.lookup(dir, &e.name) {
             Ok((node, st)) => {
