@@ -199,10 +199,13 @@ impl Overlay {
             }
             _ => {
                 let node = self.instantiate(&parent, name, found).0;
+                let mut st = node.state.write();
+                // Made by us: no capability xattr; no `.wh.` marker in a dir.
+                st.no_caps = true;
                 if is_dir {
-                    // Made by us: no `.wh.` marker in it.
-                    node.state.write().upper_markers = Markers::None;
+                    st.upper_markers = Markers::None;
                 }
+                drop(st);
                 node
             }
         };

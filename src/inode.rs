@@ -203,6 +203,10 @@ pub struct State {
     /// Whether the dir has a default ACL, once a create asked (`masked`);
     /// a change of its xattrs or layers forgets it.
     pub default_acl: Option<bool>,
+    /// Made by this mount and given no xattr since: it has no
+    /// `security.capability`, which the kernel asks before each first
+    /// write and each chown of a file.
+    pub no_caps: bool,
     /// What few nodes have, boxed so that the others stay small.
     extra: Option<Box<Extra>>,
 }
@@ -533,6 +537,7 @@ impl InodeTable {
                 impure: false,
                 upper_markers: Markers::Unknown,
                 default_acl: None,
+                no_caps: false,
                 extra: None,
             }),
             copyup_lock: Mutex::new(()),
@@ -654,6 +659,7 @@ impl InodeTable {
                     impure: false,
                     upper_markers: Markers::Unknown,
                     default_acl: None,
+                    no_caps: false,
                     extra: None,
                 }),
                 copyup_lock: Mutex::new(()),

@@ -57,6 +57,9 @@ impl Overlay {
         if node.nodeid == crate::inode::ROOT {
             return sys::getxattr(self.layers.get(top).root.as_fd(), &real);
         }
+        if name.as_bytes() == b"security.capability" && node.state.read().no_caps {
+            return Err(sys::err(libc::ENODATA));
+        }
         // `ls -l` asks this of every file: one system call, no open.
         let r = self
             .entry_in(&node, top)
@@ -108,6 +111,7 @@ impl Overlay {
         let real = self.real_xattr_name(name)?;
         self.copy_up(&node)?;
         let (fd, _) = self.object_fd(&node, handles)?;
+        node.state.write().no_caps = false;
         let r = sys::setxattr(fd.as_fd(), &real, value, flags);
         node.state.write().default_acl = None;
         r

@@ -15,7 +15,8 @@ use std::path::Path;
 both_backends!(
     dropped_without_fsetid,
     kept_with_fsetid,
-    capabilities_go_and_suid_stays
+    capabilities_go_and_suid_stays,
+    capabilities_of_a_new_file
 );
 
 const CAP_FSETID: u32 = 4;
@@ -209,6 +210,44 @@ fn capabilities_go_and_suid_stays(b: Backend) {
     .unwrap();
     for (f, want) in [("root", 0o4755), ("nofsetid", 0o755)] {
         assert_eq!(lstat(l.m(f)).st_mode & 0o7777, want, "{b:?} {f}");
+        assert_eq!(
+            sys::lgetxattr(&l.m(f), "security.capability"),
+            Err(libc::ENODATA),
+            "{b:?} {f}: capabilities kept"
+        );
+    }
+}
+
+/// Capabilities set on files made through the mount read back, and go with
+/// a chown and a write as on any file (rovl knows such a file has none
+/// until an xattr is set on it, and answers the kernel's asking without
+/// the upper layer).
+fn capabilities_of_a_new_file(b: Backend) {
+    let l = Layers::new(1);
+    let _m = mount(b, &l);
+    for f in ["chowned", "written"] {
+        let p = l.m(f);
+        write(&p, "abc");
+        assert_eq!(
+            sys::lgetxattr(&p, "security.capability"),
+            Err(libc::ENODATA),
+            "{b:?} {f}: a new file"
+        );
+        sys::lsetxattr(&p, "security.capability", &CAPS, 0).unwrap();
+        assert_eq!(
+            sys::lgetxattr(&p, "security.capability"),
+            Ok(CAPS.to_vec()),
+            "{b:?} {f}: capabilities set"
+        );
+    }
+    std::os::unix::fs::lchown(l.m("chowned"), Some(0), Some(0)).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(l.m("written"))
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    for f in ["chowned", "written"] {
         assert_eq!(
             sys::lgetxattr(&l.m(f), "security.capability"),
             Err(libc::ENODATA),
