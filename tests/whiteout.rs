@@ -15,6 +15,7 @@ both_backends!(
     rmdir_not_empty,
     rmdir_upper_only_dir,
     recreate_file_over_whiteout,
+    create_over_whiteouts_in_upper_only_dirs,
     mkdir_over_removed_lower_dir_is_opaque,
     mkdir_over_removed_lower_file_is_opaque,
     unlink_in_lower_subdir_copies_up_parent,
@@ -139,6 +140,45 @@ fn recreate_file_over_whiteout(b: Backend) {
     assert_eq!(read_string(l.m("f")), "new");
     assert_eq!(read_string(l.u("f")), "new");
     assert_eq!(read_string(l.l(0, "f")), "old");
+    assert!(work_leftovers(&l).is_empty());
+}
+
+/// Whiteouts left in dirs of the upper layer alone (an opaque dir, a dir
+/// no lower layer has) are replaced by new objects of every kind, as
+/// after a removal through the mount.
+fn create_over_whiteouts_in_upper_only_dirs(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "o/f"), "lower");
+    std::fs::create_dir_all(l.u("o")).unwrap();
+    set_opaque(l.u("o"));
+    let kinds = ["d", "f", "p", "s"];
+    for dir in ["o", "n"] {
+        for k in kinds {
+            mknod_whiteout(l.u(&format!("{dir}/{k}")));
+        }
+    }
+    let _m = mount(b, &l);
+    for dir in ["o", "n"] {
+        let at = |k: &str| l.m(&format!("{dir}/{k}"));
+        // (A one-layer dir lists its whiteouts, as on the kernel.)
+        for k in kinds {
+            assert_eq!(errno(try_lstat(at(k))), Some(libc::ENOENT), "{b:?} {dir}/{k}");
+        }
+        write(at("f"), "new");
+        mkdir(at("d"));
+        std::os::unix::fs::symlink("t", at("s")).unwrap();
+        mknod(at("p"), libc::S_IFIFO | 0o644, 0);
+        assert_eq!(read_string(at("f")), "new", "{b:?} {dir}");
+        assert_eq!(
+            names(l.m(dir)),
+            kinds.map(String::from).to_vec(),
+            "{b:?} {dir}"
+        );
+        assert_eq!(read_string(l.u(&format!("{dir}/f"))), "new", "{b:?} {dir}");
+        assert!(is_opaque(l.u(&format!("{dir}/d"))), "{b:?} {dir}/d: opaque");
+        let st = lstat(l.u(&format!("{dir}/p")));
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFIFO, "{b:?} {dir}/p");
+    }
     assert!(work_leftovers(&l).is_empty());
 }
 
