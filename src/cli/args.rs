@@ -19,7 +19,8 @@ Mount options (-o, comma separated; details: docs/options.md):
   xino=on|off|auto       unique inode numbers across filesystems
   userxattr              user.overlay.* xattrs (rootless)
   volatile               no fsync of the upper layer
-  passthrough=off|all    FUSE passthrough of lower files (default off)
+  passthrough=off|upper|all   FUSE passthrough of file data (default all)
+  io_uring=on|off        FUSE over io_uring where the kernel offers it (default on)
   uidmapping=, gidmapping=, squash_to_root, xattr_permissions=1|2
                          fuse-overlayfs' options for container engines
   allow_other, allow_root, default_permissions, nodev, nosuid, noexec
