@@ -162,7 +162,11 @@ fn create_over_whiteouts_in_upper_only_dirs(b: Backend) {
         let at = |k: &str| l.m(&format!("{dir}/{k}"));
         // (A one-layer dir lists its whiteouts, as on the kernel.)
         for k in kinds {
-            assert_eq!(errno(try_lstat(at(k))), Some(libc::ENOENT), "{b:?} {dir}/{k}");
+            assert_eq!(
+                errno(try_lstat(at(k))),
+                Some(libc::ENOENT),
+                "{b:?} {dir}/{k}"
+            );
         }
         write(at("f"), "new");
         mkdir(at("d"));
