@@ -256,6 +256,8 @@ impl Overlay {
             }
             s.layers = crate::inode::LayerList::from_vec(layers);
             s.default_acl = None;
+            // The copy may carry what the lower object lacked (a label).
+            s.xattrs = crate::inode::Xattrs::Unknown;
         });
     }
 

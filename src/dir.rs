@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::file::Handles;
-use crate::inode::{Held, Inode, Markers, Redirect};
+use crate::inode::{Held, Inode, Markers, Redirect, Xattrs};
 use crate::layer::UPPER;
 use crate::lookup::Found;
 use crate::options::RedirectDir;
@@ -230,7 +230,7 @@ impl Overlay {
                 let node = self.instantiate(parent, name, found).0;
                 let mut st = node.state.write();
                 // Made by us: no capability xattr; no `.wh.` marker in a dir.
-                st.no_caps = true;
+                st.xattrs = Xattrs::NoCaps;
                 if is_dir {
                     st.upper_markers = Markers::None;
                 }

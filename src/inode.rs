@@ -203,12 +203,22 @@ pub struct State {
     /// Whether the dir has a default ACL, once a create asked (`masked`);
     /// a change of its xattrs or layers forgets it.
     pub default_acl: Option<bool>,
-    /// Made by this mount and given no xattr since: it has no
-    /// `security.capability`, which the kernel asks before each first
-    /// write and each chown of a file.
-    pub no_caps: bool,
+    /// What is known of the object's xattrs without asking its layer.
+    pub xattrs: Xattrs,
     /// What few nodes have, boxed so that the others stay small.
     extra: Option<Box<Extra>>,
+}
+
+/// What a node knows of its object's xattrs. The kernel asks for
+/// `security.capability` before the first write and at each chown of a
+/// file, and at each exec, and never caches the answer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Xattrs {
+    Unknown,
+    /// Made by this mount and given no xattr since: no capability.
+    NoCaps,
+    /// A lower object that lists none (lower layers never change).
+    None,
 }
 
 /// The rarely set parts of a node's state.
@@ -537,7 +547,7 @@ impl InodeTable {
                 impure: false,
                 upper_markers: Markers::Unknown,
                 default_acl: None,
-                no_caps: false,
+                xattrs: Xattrs::Unknown,
                 extra: None,
             }),
             copyup_lock: Mutex::new(()),
@@ -659,7 +669,7 @@ impl InodeTable {
                     impure: false,
                     upper_markers: Markers::Unknown,
                     default_acl: None,
-                    no_caps: false,
+                    xattrs: Xattrs::Unknown,
                     extra: None,
                 }),
                 copyup_lock: Mutex::new(()),

@@ -4,6 +4,7 @@
 
 use crate::error::Result;
 use crate::file::Handles;
+use crate::inode::Xattrs;
 use crate::overlay::Overlay;
 use crate::sys;
 use std::ffi::{CString, OsStr};
@@ -57,19 +58,36 @@ impl Overlay {
         if node.nodeid == crate::inode::ROOT {
             return sys::getxattr(self.layers.get(top).root.as_fd(), &real);
         }
-        if name.as_bytes() == b"security.capability" && node.state.read().no_caps {
-            return Err(sys::err(libc::ENODATA));
+        let known = node.state.read().xattrs;
+        match known {
+            Xattrs::None => return Err(sys::err(libc::ENODATA)),
+            Xattrs::NoCaps if name.as_bytes() == b"security.capability" => {
+                return Err(sys::err(libc::ENODATA))
+            }
+            _ => {}
+        }
+        let at = self.entry_in(&node, top);
+        // A lower object is asked for its list once instead (as cheap as
+        // one getxattr): most list none, and are never asked again.
+        if known == Xattrs::Unknown && !self.layers.is_upper(top) {
+            if let Ok((pfd, cname)) = &at {
+                if sys::listxattr_at(pfd.as_fd(), cname).is_ok_and(|l| l.is_empty()) {
+                    node.state.write().xattrs = Xattrs::None;
+                    return Err(sys::err(libc::ENODATA));
+                }
+            }
         }
         // `ls -l` asks this of every file: one system call, no open.
-        let r = self
-            .entry_in(&node, top)
-            .and_then(|(pfd, cname)| sys::getxattr_at(pfd.as_fd(), &cname, &real));
+        let r = at.and_then(|(pfd, cname)| sys::getxattr_at(pfd.as_fd(), &cname, &real));
         r.or_else(|e| sys::getxattr(self.open_file_fd(&node, handles, e)?.as_fd(), &real))
     }
 
     pub(crate) fn listxattr(&self, nodeid: u64, handles: &Handles) -> Result<Vec<u8>> {
         self.check_xattrs()?;
         let node = self.node(nodeid)?;
+        if node.state.read().xattrs == Xattrs::None {
+            return Ok(Vec::new());
+        }
         let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
         let raw = if node.nodeid == crate::inode::ROOT {
             sys::listxattr(self.layers.get(top).root.as_fd())?
@@ -79,6 +97,9 @@ impl Overlay {
                 .and_then(|(pfd, cname)| sys::listxattr_at(pfd.as_fd(), &cname));
             r.or_else(|e| sys::listxattr(self.open_file_fd(&node, handles, e)?.as_fd()))?
         };
+        if raw.is_empty() && !self.layers.is_upper(top) {
+            node.state.write().xattrs = Xattrs::None;
+        }
         let p = self.xattr_prefix.as_bytes();
         let mut esc = p.to_vec();
         esc.extend_from_slice(b"overlay.");
@@ -111,7 +132,7 @@ impl Overlay {
         let real = self.real_xattr_name(name)?;
         self.copy_up(&node)?;
         let (fd, _) = self.object_fd(&node, handles)?;
-        node.state.write().no_caps = false;
+        node.state.write().xattrs = Xattrs::Unknown;
         let r = sys::setxattr(fd.as_fd(), &real, value, flags);
         node.state.write().default_acl = None;
         r
