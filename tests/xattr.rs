@@ -255,15 +255,27 @@ fn lower_files_without_xattrs_then_given_some(b: Backend) {
     setxattr(l.l(0, "has"), "user.y", b"2");
     let _m = mount(b, &l);
     assert_eq!(getxattr(l.m("byname"), "user.x"), None, "{b:?}");
-    assert_eq!(getxattr(l.m("byname"), "security.capability"), None, "{b:?}");
+    assert_eq!(
+        getxattr(l.m("byname"), "security.capability"),
+        None,
+        "{b:?}"
+    );
     assert!(listxattr(l.m("bylist")).is_empty(), "{b:?}");
     assert_eq!(getxattr(l.m("bylist"), "user.x"), None, "{b:?}");
     assert_eq!(getxattr(l.m("has"), "user.y").as_deref(), Some(&b"2"[..]));
     assert_eq!(getxattr(l.m("has"), "user.z"), None, "{b:?}");
     for f in ["byname", "bylist"] {
         setxattr(l.m(f), "user.x", b"1");
-        assert_eq!(getxattr(l.m(f), "user.x").as_deref(), Some(&b"1"[..]), "{b:?} {f}");
+        assert_eq!(
+            getxattr(l.m(f), "user.x").as_deref(),
+            Some(&b"1"[..]),
+            "{b:?} {f}"
+        );
         assert_eq!(listxattr(l.m(f)), vec!["user.x"], "{b:?} {f}");
-        assert_eq!(getxattr(l.u(f), "user.x").as_deref(), Some(&b"1"[..]), "{b:?} {f}");
+        assert_eq!(
+            getxattr(l.u(f), "user.x").as_deref(),
+            Some(&b"1"[..]),
+            "{b:?} {f}"
+        );
     }
 }
