@@ -38,14 +38,25 @@ fn mount_logged(l: &Layers, extra: &str) -> RovlMount {
     .expect("mount rovl")
 }
 
+/// The daemon's threads: (tid, name).
+fn tasks(m: &RovlMount) -> Vec<(i32, String)> {
+    let dir = format!("/proc/{}/task", m.child.id());
+    fs::read_dir(dir)
+        .expect("read the daemon's tasks")
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((
+                t.file_name().to_str()?.parse().ok()?,
+                comm.trim().to_string(),
+            ))
+        })
+        .collect()
+}
+
 /// Names of the daemon's threads.
 fn threads(m: &RovlMount) -> Vec<String> {
-    let dir = format!("/proc/{}/task", m.child.id());
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .expect("read the daemon's tasks")
-        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|s| s.trim().to_string())
-        .collect();
+    let mut v: Vec<String> = tasks(m).into_iter().map(|(_, n)| n).collect();
     v.sort();
     v
 }
@@ -369,15 +380,9 @@ fn io_uring_off_keeps_dev_fuse() {
 
 /// Ring threads by CPU: (cpu, tid).
 fn ring_threads(m: &RovlMount) -> Vec<(usize, i32)> {
-    let dir = format!("/proc/{}/task", m.child.id());
-    let mut v: Vec<(usize, i32)> = fs::read_dir(dir)
-        .expect("read the daemon's tasks")
-        .filter_map(|t| {
-            let t = t.ok()?;
-            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
-            let cpu = comm.trim().strip_prefix("fuser-ring-")?.parse().ok()?;
-            Some((cpu, t.file_name().to_str()?.parse().ok()?))
-        })
+    let mut v: Vec<(usize, i32)> = tasks(m)
+        .into_iter()
+        .filter_map(|(tid, n)| Some((n.strip_prefix("fuser-ring-")?.parse().ok()?, tid)))
         .collect();
     v.sort();
     v
@@ -436,8 +441,8 @@ fn wait_for_policy(m: &RovlMount, policy: i32, probe: &Path) -> Vec<(usize, i32)
     }
 }
 
-/// A ring thread commits replies as an idle-policy thread while the machine
-/// has an idle CPU, so that the woken caller stays on its CPU, and is a
+/// A ring thread runs with the idle policy while the machine has an idle
+/// CPU, so that the caller its reply wakes stays on its CPU, and is a
 /// normal thread again once every CPU is busy, where an idle-policy thread
 /// would wait for the CPU behind other tasks.
 #[test]
