@@ -4,12 +4,14 @@
 
 use crate::error::Result;
 use crate::file::Handles;
-use crate::inode::Xattrs;
+use crate::inode::{Inode, Key, Xattrs};
+use crate::layer::LayerIdx;
 use crate::overlay::Overlay;
 use crate::sys;
 use std::ffi::{CString, OsStr};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 impl Overlay {
     /// The real xattr name behind a name seen through the mount.
@@ -69,7 +71,7 @@ impl Overlay {
         let at = self.entry_in(&node, top);
         // A lower object is asked for its list once instead (as cheap as
         // one getxattr): most list none, and are never asked again.
-        if known == Xattrs::Unknown && !self.layers.is_upper(top) {
+        if known == Xattrs::Unknown && self.lower_xattrs_fixed(&node, top) {
             if let Ok((pfd, cname)) = &at {
                 if sys::listxattr_at(pfd.as_fd(), cname).is_ok_and(|l| l.is_empty()) {
                     node.state.write().xattrs = Xattrs::None;
@@ -80,6 +82,15 @@ impl Overlay {
         // `ls -l` asks this of every file: one system call, no open.
         let r = at.and_then(|(pfd, cname)| sys::getxattr_at(pfd.as_fd(), &cname, &real));
         r.or_else(|e| sys::getxattr(self.open_file_fd(&node, handles, e)?.as_fd(), &real))
+    }
+
+    /// Whether the node's xattrs are those of a lower object, which never
+    /// change: not a hard link (whose copy-up through another name, with
+    /// index=on, gives this one the copy's xattrs).
+    fn lower_xattrs_fixed(&self, node: &Arc<Inode>, top: LayerIdx) -> bool {
+        !self.layers.is_upper(top)
+            && !node.has_index()
+            && matches!(node.state.read().key, Key::Real(..))
     }
 
     pub(crate) fn listxattr(&self, nodeid: u64, handles: &Handles) -> Result<Vec<u8>> {
@@ -97,7 +108,7 @@ impl Overlay {
                 .and_then(|(pfd, cname)| sys::listxattr_at(pfd.as_fd(), &cname));
             r.or_else(|e| sys::listxattr(self.open_file_fd(&node, handles, e)?.as_fd()))?
         };
-        if raw.is_empty() && !self.layers.is_upper(top) {
+        if raw.is_empty() && self.lower_xattrs_fixed(&node, top) {
             node.state.write().xattrs = Xattrs::None;
         }
         let p = self.xattr_prefix.as_bytes();

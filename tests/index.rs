@@ -13,6 +13,7 @@ both_backends!(
     stale_and_orphan_entries_removed_at_mount,
     bad_index_entry_refused,
     read_only_mount_reads_the_index,
+    xattr_set_through_one_name_shows_through_all,
 );
 
 /// Index entries other than leftovers (`#...`), by name.
@@ -210,5 +211,25 @@ fn read_only_mount_reads_the_index(b: Backend) {
     for n in ["a", "b"] {
         let st = lstat(l.m(n));
         assert_eq!((st.st_nlink, st.st_ino), (2, ino), "{n}");
+    }
+}
+
+/// An xattr set through one name of a lower hard link shows through the
+/// others, also where they were asked before (and found none).
+fn xattr_set_through_one_name_shows_through_all(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "a"), "data");
+    std::fs::hard_link(l.l(0, "a"), l.l(0, "b")).unwrap();
+    let _m = mount_opts(b, &l, OPTS);
+    assert_eq!(getxattr(l.m("b"), "user.x"), None, "{b:?}");
+    assert!(listxattr(l.m("b")).is_empty(), "{b:?}");
+    setxattr(l.m("a"), "user.x", b"1");
+    for n in ["a", "b"] {
+        assert_eq!(
+            getxattr(l.m(n), "user.x").as_deref(),
+            Some(&b"1"[..]),
+            "{b:?} {n}"
+        );
+        assert_eq!(listxattr(l.m(n)), vec!["user.x"], "{b:?} {n}");
     }
 }
