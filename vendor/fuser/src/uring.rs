@@ -295,25 +295,29 @@ struct Policy {
     stat: Option<std::fs::File>,
     buf: Vec<u8>,
     idle: bool,
-    checked: Option<Instant>,
-    /// Idle and total jiffies of all CPUs at the last look.
-    last: (u64, u64),
+    checked: Instant,
+    /// Idle and total jiffies of all CPUs at the last look: the first
+    /// measures from the queue's start, not from boot.
+    last: Option<(u64, u64)>,
 }
 
 impl Policy {
     fn new(reversible: bool) -> Policy {
-        let mut p = Policy {
-            stat: reversible
-                .then(|| std::fs::File::open("/proc/stat").ok())
-                .flatten(),
-            buf: Vec::new(),
+        let stat = reversible
+            .then(|| std::fs::File::open("/proc/stat").ok())
+            .flatten();
+        let mut buf = Vec::new();
+        let last = stat
+            .as_ref()
+            .and_then(|f| read_stat(f, &mut buf))
+            .map(|(idle, total, _)| (idle, total));
+        Policy {
+            stat,
+            buf,
             idle: false,
-            checked: None,
-            last: (0, 0),
-        };
-        // The first look measures from here, not from boot.
-        p.update();
-        p
+            checked: Instant::now(),
+            last,
+        }
     }
 
     /// Before a wait for the next request: the policy the load calls for.
@@ -322,19 +326,17 @@ impl Policy {
             return;
         };
         let now = Instant::now();
-        if self.checked.is_some_and(|t| now - t < LOAD_PERIOD) {
+        if now - self.checked < LOAD_PERIOD {
             return;
         }
-        self.checked = Some(now);
+        self.checked = now;
         let Some((idle, total, cpus)) = read_stat(stat, &mut self.buf) else {
             return;
         };
-        let (d_idle, d_total) = (idle - self.last.0.min(idle), total - self.last.1.min(total));
-        let first = self.last == (0, 0);
-        self.last = (idle, total);
-        if first {
+        let Some((last_idle, last_total)) = self.last.replace((idle, total)) else {
             return;
-        }
+        };
+        let (d_idle, d_total) = (idle.saturating_sub(last_idle), total.saturating_sub(last_total));
         // At least half a CPU's time idle over the last period.
         let want = d_total > 0 && 2 * d_idle * cpus >= d_total;
         if want != self.idle && set_idle_policy(want) {
