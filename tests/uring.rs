@@ -478,9 +478,15 @@ fn ring_policy_follows_the_load() {
                 })
             });
         }
-        let off = wait_for_policy(&m, libc::SCHED_OTHER, &d);
-        stop.store(true, Ordering::Relaxed);
-        off
+        // The loops end even when the wait panics: the scope joins them.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        wait_for_policy(&m, libc::SCHED_OTHER, &d)
     });
     assert!(
         off.is_empty(),
