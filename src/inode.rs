@@ -14,7 +14,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use std::ffi::{OsStr, OsString};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 pub const ROOT: u64 = 1;
@@ -331,6 +331,9 @@ pub struct Inode {
     ino: AtomicU64,
     /// `S_IFMT` bits; the type of a node never changes.
     pub kind: u32,
+    /// Names looked up in vain in its one lower layer, while that layer is
+    /// not listed (`resolve::note_miss`); `LIST` once it should be.
+    pub lower_misses: AtomicU16,
     lookups: AtomicU64,
     pub state: RwLock<State>,
     /// Serializes copy-up of this node.
@@ -538,6 +541,7 @@ impl InodeTable {
             ino: AtomicU64::new(ROOT),
             kind: libc::S_IFDIR,
             // The kernel never forgets the root.
+            lower_misses: AtomicU16::new(0),
             lookups: AtomicU64::new(1),
             state: RwLock::new(State {
                 alias: None,
@@ -660,6 +664,7 @@ impl InodeTable {
                 nodeid,
                 ino: AtomicU64::new(if ino == 0 { nodeid } else { ino }),
                 kind,
+                lower_misses: AtomicU16::new(0),
                 lookups: AtomicU64::new(1),
                 state: RwLock::new(State {
                     alias: None,

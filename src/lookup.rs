@@ -156,7 +156,12 @@ impl Overlay {
                 }
         };
         let st = match self.probe(dfd.as_fd(), &cname, l, marked)? {
-            Entry::Missing => return Ok(if stop { Done } else { Next }),
+            Entry::Missing => {
+                if let Some(h) = s.holders.as_ref().filter(|_| by_name) {
+                    self.note_miss(parent, h, l, dfd.as_fd());
+                }
+                return Ok(if stop { Done } else { Next });
+            }
             Entry::Whiteout => {
                 s.whiteout_in = Some(l);
                 return Ok(Done);
@@ -305,7 +310,7 @@ impl Overlay {
             match self.probe(pfd.as_fd(), name, l, marked)? {
                 Entry::Present(_) => return Ok(true),
                 Entry::Whiteout | Entry::Marked => return Ok(false),
-                Entry::Missing => {}
+                Entry::Missing => self.note_miss(parent, &holders, l, pfd.as_fd()),
             }
         }
         Ok(false)

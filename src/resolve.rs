@@ -19,7 +19,11 @@ use std::ffi::{CStr, CString, OsStr};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+
+/// `Inode::lower_misses` once the dir's one lower layer should be listed.
+const LIST: u16 = u16::MAX;
 
 /// The resolution caches of a mount.
 pub(crate) struct DirCache {
@@ -213,15 +217,23 @@ impl Overlay {
     }
 
     /// What `node`'s listing says of `name`. Listings are kept for dirs
-    /// merged from several lower layers, where they save most probes.
+    /// merged from several lower layers, where they save most probes, and
+    /// for a dir of one lower layer once its misses call for one
+    /// (`note_miss`).
     pub(crate) fn holders(&self, node: &Arc<Inode>, layers: &[LayerIdx], name: &CStr) -> Holders {
+        let unlisted = Holders {
+            dir: None,
+            held: None,
+            listed: Bits::default(),
+        };
         let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
-        if lowers < 2 {
-            return Holders {
-                dir: None,
-                held: None,
-                listed: Bits::default(),
-            };
+        let wanted = match lowers {
+            0 => return unlisted,
+            1 => node.lower_misses.load(Relaxed) == LIST,
+            _ => true,
+        };
+        if !wanted {
+            return unlisted;
         }
         // Cached once a layer is listed (see `list_layer`).
         let cached = self.cache.listings.lock().lru.get(&node.nodeid).cloned();
@@ -264,6 +276,32 @@ impl Overlay {
             }
         }
         h.held.as_ref().is_some_and(|x| x.contains(l))
+    }
+
+    /// Counts a name that lower layer `l` of `node`, a dir of one lower
+    /// layer not listed, turned out to lack. Listing the layer costs about
+    /// a probe per 128 bytes of its size (some 6 entries), so it is listed
+    /// once the probes spent in vain have cost that much (the rent-or-buy
+    /// rule: at most twice the better choice's cost, whatever comes next).
+    /// Dirs where names are looked up but not missed are never listed.
+    pub(crate) fn note_miss(&self, node: &Inode, h: &Holders, l: LayerIdx, dir: BorrowedFd<'_>) {
+        if h.dir.is_some() || self.layers.is_upper(l) {
+            return;
+        }
+        let n = node.lower_misses.load(Relaxed);
+        if n >= LIST - 1 {
+            return;
+        }
+        let n = n + 1;
+        node.lower_misses.store(n, Relaxed);
+        // The size is read at 4, 8, 16... misses: a few fstats per dir.
+        if n >= 4 && n.is_power_of_two() {
+            if let Ok(st) = sys::fstat(dir) {
+                if u64::from(n) * 128 >= st.st_size as u64 {
+                    node.lower_misses.store(LIST, Relaxed);
+                }
+            }
+        }
     }
 
     /// Whether dir `dir`, `node`'s in layer `l`, which lacks `name`, holds

@@ -18,6 +18,7 @@ both_backends!(
     lookup_missing_is_enoent,
     deep_merge_three_lowers,
     lookups_over_many_lowers,
+    lookups_in_one_lower_after_many_misses,
 );
 
 fn top_layer_wins_for_files(b: Backend) {
@@ -256,4 +257,80 @@ fn lookups_over_many_lowers(b: Backend) {
     want.extend(["every".to_string(), "sub".to_string()]);
     want.sort();
     assert_eq!(names(l.m("d")), want);
+}
+
+/// Many names missed in a dir of one lower layer (which rovl then answers
+/// from a listing of that layer), then every kind of name in it looked up,
+/// made and removed as before.
+fn lookups_in_one_lower_after_many_misses(b: Backend) {
+    let l = Layers::new(1);
+    write(l.l(0, "d/a"), "a");
+    write(l.l(0, "d/sub/inner"), "i");
+    mknod_whiteout(l.l(0, "d/gone"));
+    write(l.l(0, "e/f"), "f");
+    write(l.u("d/up"), "u");
+    let _m = mount(b, &l);
+    for i in 0..300 {
+        for d in ["d", "e"] {
+            assert_eq!(
+                errno(try_lstat(l.m(&format!("{d}/miss{i}")))),
+                Some(libc::ENOENT)
+            );
+        }
+    }
+    assert_eq!(read_string(l.m("d/a")), "a");
+    assert_eq!(read_string(l.m("d/sub/inner")), "i");
+    assert_eq!(read_string(l.m("d/up")), "u");
+    assert_eq!(read_string(l.m("e/f")), "f");
+    assert_eq!(errno(try_lstat(l.m("d/gone"))), Some(libc::ENOENT));
+    assert_eq!(errno(try_lstat(l.m("d/missing"))), Some(libc::ENOENT));
+    write(l.m("d/new"), "n");
+    write(l.m("e/new"), "n");
+    std::fs::remove_file(l.m("d/a")).unwrap();
+    assert!(is_whiteout(l.u("d/a")));
+    assert_eq!(errno(try_lstat(l.m("d/a"))), Some(libc::ENOENT));
+    assert_eq!(names(l.m("d")), vec!["new", "sub", "up"]);
+    assert_eq!(names(l.m("e")), vec!["f", "new"]);
+    assert_eq!(names(l.u("e")), vec!["new"]);
+}
+
+/// A dir of one lower layer is listed only once names missed in it have
+/// cost about what its listing does: never where names are only found
+/// (`rovl stats` counts the names held by listings).
+#[test]
+fn one_lower_dir_listed_after_misses_only() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(1);
+    for i in 0..200 {
+        write(l.l(0, &format!("found/f{i}")), "x");
+    }
+    for n in ["one", "two", "three"] {
+        write(l.l(0, &format!("missed/{n}")), "y");
+    }
+    let _m = mount(Backend::Rovl, &l);
+    let listed = || {
+        let r = run_rovl(&["stats", "--json", l.merged.to_str().unwrap()]);
+        let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats");
+        s["listings"].as_u64().expect("listings")
+    };
+    for i in 0..200 {
+        lstat(l.m(&format!("found/f{i}")));
+    }
+    assert_eq!(listed(), 0, "a dir whose names were all found was listed");
+    for i in 0..3 {
+        assert_eq!(
+            errno(try_lstat(l.m(&format!("missed/m{i}")))),
+            Some(libc::ENOENT)
+        );
+    }
+    assert_eq!(listed(), 0, "listed after 3 misses");
+    for i in 3..300 {
+        assert_eq!(
+            errno(try_lstat(l.m(&format!("missed/m{i}")))),
+            Some(libc::ENOENT)
+        );
+    }
+    assert_eq!(listed(), 3, "the three names of the missed dir");
 }
