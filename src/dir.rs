@@ -394,6 +394,9 @@ impl Overlay {
         self.check_writable()?;
         let parent = self.node(parent_id)?;
         let cname = Self::check_name(name)?;
+        if !dir && self.unlink_lower(&parent, name, &cname)? {
+            return Ok(());
+        }
         let f = self
             .find(&parent, &cname)?
             .ok_or_else(|| sys::err(libc::ENOENT))?;
@@ -431,12 +434,7 @@ impl Overlay {
         }
         // (An indexed name was just linked up.)
         let lower_only = lower_only && nlink.is_none();
-        // An unlinked upper file's space must come back at once, as on the
-        // kernel's overlay: only lower objects (kept anyway) are held.
-        let held = node
-            .as_ref()
-            .filter(|n| n.top().is_some_and(|t| !self.layers.is_upper(t)))
-            .and_then(|n| self.holdable(n));
+        let held = node.as_ref().and_then(|n| self.holdable_lower(n));
         let res = (|| -> Result<()> {
             self.copy_up(&parent)?;
             let ufd = self.dir_fd(&parent, UPPER)?;
@@ -468,6 +466,52 @@ impl Overlay {
             self.detach(&n, parent.nodeid, name, held);
         }
         Ok(())
+    }
+
+    /// Unlink of a file only lower layers hold, in a dir with an upper
+    /// half: the link of the shared whiteout into the upper dir is also the
+    /// probe of the name there, one lookup less. A taken name (`EEXIST`),
+    /// or any other failure, sends the unlink the full way; false then. The
+    /// kernel holds the parent's lock, so no request through the mount
+    /// takes the name in between.
+    fn unlink_lower(&self, parent: &Arc<Inode>, name: &OsStr, cname: &CStr) -> Result<bool> {
+        let layers = parent.layers();
+        if self.index.is_some()
+            || layers.len() < 2
+            || !self.layers.is_upper(layers[0])
+            || !self.shares_whiteouts()
+        {
+            return Ok(false);
+        }
+        let lowers = layers[1..].to_vec();
+        let Some(f) = self.find_in(parent, cname, lowers)?.0 else {
+            return Ok(false);
+        };
+        if sys::is_dir(f.st.st_mode) {
+            return Ok(false);
+        }
+        let node = self.table.find_key(&self.key_of(parent, name, &f).0);
+        let held = node.as_ref().and_then(|n| self.holdable_lower(n));
+        let Ok(ufd) = self.dir_fd(parent, UPPER) else {
+            return Ok(false);
+        };
+        if !self.link_whiteout(ufd.as_fd(), cname) {
+            return Ok(false);
+        }
+        if let Some(n) = node {
+            self.detach(&n, parent.nodeid, name, held);
+        }
+        Ok(true)
+    }
+
+    /// [`Self::holdable`] for a node whose top object is a lower one: an
+    /// unlinked upper file's space must come back at once, as on the
+    /// kernel's overlay, so only lower objects (kept anyway) are held.
+    fn holdable_lower(&self, node: &Arc<Inode>) -> Option<Held> {
+        let top = node.top()?;
+        (!self.layers.is_upper(top))
+            .then(|| self.holdable(node))
+            .flatten()
     }
 
     /// How to reach a non-directory about to lose a name, if that was its

@@ -93,9 +93,19 @@ impl Overlay {
         parent: &Arc<Inode>,
         name: &CStr,
     ) -> Result<(Option<Found>, bool)> {
+        self.find_in(parent, name, parent.layers())
+    }
+
+    /// [`Self::find_over`] in some of the parent's layers only (top-down).
+    pub(crate) fn find_in(
+        &self,
+        parent: &Arc<Inode>,
+        name: &CStr,
+        layers: Vec<LayerIdx>,
+    ) -> Result<(Option<Found>, bool)> {
         let mut s = LookupState {
             target: Target::Name(Cow::Borrowed(name)),
-            layers: parent.layers(),
+            layers,
             next: 0,
             holders: None,
             found: None,

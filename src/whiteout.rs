@@ -236,6 +236,12 @@ impl Overlay {
         make_whiteout(dir, name, &self.xattrs.whiteout[0])
     }
 
+    /// Whether whiteouts are links of a shared one (until mknod or links
+    /// are refused).
+    pub(crate) fn shares_whiteouts(&self) -> bool {
+        !self.shared_whiteout.off.load(Ordering::Relaxed)
+    }
+
     /// Links the shared whiteout at `dir/name`; false when there is none
     /// to link (mknod refused, links refused, or the name is taken).
     pub(crate) fn link_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> bool {

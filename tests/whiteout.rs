@@ -21,6 +21,7 @@ both_backends!(
     unlink_in_lower_subdir_copies_up_parent,
     whiteout_listed_in_one_layer_dir,
     whiteouts_share_one_inode,
+    unlink_each_kind_of_name_in_a_merged_dir,
 );
 
 fn assert_whiteout(p: &std::path::Path) {
@@ -269,5 +270,44 @@ fn whiteouts_share_one_inode(b: Backend) {
     }
     // Four names in the upper dir and the one in W/work.
     assert_eq!(sts[0].st_nlink, 5);
+    assert!(work_leftovers(&l).is_empty());
+}
+
+/// Unlink of every kind of name in a dir with an upper half over two
+/// lowers: rovl links the whiteout without probing the upper dir first
+/// where only lowers hold the name, and takes the full way where the
+/// upper dir holds it too.
+fn unlink_each_kind_of_name_in_a_merged_dir(b: Backend) {
+    let l = Layers::new(2);
+    for f in ["low0", "both", "copied", "open"] {
+        write(l.l(0, &format!("d/{f}")), f);
+    }
+    write(l.l(1, "d/low1"), "low1");
+    write(l.l(1, "d/both"), "under");
+    write(l.l(1, "d/hidden"), "hidden");
+    mkdir(l.l(1, "d/sub"));
+    std::fs::hard_link(l.l(0, "d/low0"), l.l(0, "d/link0")).unwrap();
+    write(l.u("d/both"), "upper");
+    mknod_whiteout(l.u("d/hidden"));
+    let _m = mount(b, &l);
+    std::fs::write(l.m("d/copied"), "changed").unwrap();
+    let open = std::fs::File::open(l.m("d/open")).unwrap();
+    for f in ["low0", "low1", "both", "copied", "open"] {
+        std::fs::remove_file(l.m(&format!("d/{f}"))).unwrap();
+        assert_whiteout(&l.u(&format!("d/{f}")));
+        assert_eq!(errno(try_lstat(l.m(&format!("d/{f}")))), Some(libc::ENOENT));
+    }
+    assert_eq!(
+        errno(std::fs::remove_file(l.m("d/hidden"))),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        errno(std::fs::remove_file(l.m("d/sub"))),
+        Some(libc::EISDIR)
+    );
+    assert_eq!(std::io::read_to_string(open).unwrap(), "open");
+    assert_eq!(read_string(l.m("d/link0")), "low0");
+    assert_eq!(names(l.m("d")), vec!["link0", "sub"]);
+    assert_eq!(read_string(l.l(0, "d/low0")), "low0");
     assert!(work_leftovers(&l).is_empty());
 }
