@@ -378,3 +378,53 @@ fn upper_markers_hide_whatever_is_looked_up_first() {
     );
     drop(m);
 }
+
+/// A dir of one lower layer holding markers of every kind, looked up after
+/// enough misses that rovl answers from a listing of the layer: markers
+/// stay unseen, a name beside its own marker shows (a marker hides only
+/// what is below), and a whiteout looks up as missing.
+#[test]
+fn markers_in_a_listed_dir_of_one_lower() {
+    if !require_root_fuse() {
+        return;
+    }
+    let l = Layers::new(2);
+    write(l.l(1, "other"), "o");
+    for (f, data) in [
+        ("d/x", "x"),
+        ("d/.wh.x", ""),
+        ("d/.wh.gone", ""),
+        ("d/y", "y"),
+    ] {
+        write(l.l(0, f), data);
+    }
+    write(l.l(0, "d/.wh..wh..opq"), "");
+    mknod_whiteout(l.l(0, "d/dev"));
+    let m = RovlMount::start(&l.opts(), &l.merged).expect("mount");
+    let listed = || {
+        let r = run_rovl(&["stats", "--json", l.merged.to_str().unwrap()]);
+        let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats");
+        s["listings"].as_u64().expect("listings")
+    };
+    lstat(l.m("d"));
+    let before = listed();
+    for i in 0..300 {
+        assert_eq!(
+            errno(try_lstat(l.m(&format!("d/miss{i}")))),
+            Some(libc::ENOENT)
+        );
+    }
+    assert_eq!(listed() - before, 6, "the six entries of d's layer");
+    for p in [".wh.x", ".wh.gone", "gone", ".wh..wh..opq", "dev", "z"] {
+        assert_eq!(
+            errno(try_lstat(l.m(&format!("d/{p}")))),
+            Some(libc::ENOENT),
+            "d/{p}"
+        );
+    }
+    assert_eq!(read_string(l.m("d/x")), "x");
+    assert_eq!(read_string(l.m("d/y")), "y");
+    // As the kernel lists a dir of one layer: its whiteout shows.
+    assert_eq!(names(l.m("d")), vec!["dev", "x", "y"]);
+    drop(m);
+}
