@@ -241,9 +241,7 @@ fn log_file_and_stats_of_a_daemon() {
         .open(l.m("big"))
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"!"))
         .unwrap();
-    let r = run_rovl(&["stats", "--json", l.merged.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", r.stderr);
-    let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let s = rovl_stats(&l.merged);
     assert_eq!(s["copy_ups"], 1, "{s}");
     assert_eq!(s["copy_up_bytes"], 100_000, "{s}");
     assert!(s["requests"]["open"].as_u64() >= Some(1), "{s}");
@@ -300,14 +298,11 @@ fn lookup_counts_even_out() {
     std::fs::remove_dir_all(l.m("e")).unwrap();
     mkdir(l.m("e"));
     assert_eq!(errno(std::fs::remove_dir(l.m("d"))), Some(libc::ENOTEMPTY));
-    let mnt = l.merged.to_str().unwrap();
     let start = std::time::Instant::now();
     let nodes = loop {
         // Every dentry and inode the kernel can let go (not outliving the test).
         let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
-        let r = run_rovl(&["stats", "--json", mnt]);
-        let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats");
-        let nodes = s["nodes"].as_u64().unwrap();
+        let nodes = rovl_stats(&l.merged)["nodes"].as_u64().unwrap();
         if nodes <= 1 || start.elapsed().as_secs() > 30 {
             break nodes;
         }

@@ -311,9 +311,9 @@ fn one_lower_dir_listed_after_misses_only() {
     }
     let _m = mount(Backend::Rovl, &l);
     let listed = || {
-        let r = run_rovl(&["stats", "--json", l.merged.to_str().unwrap()]);
-        let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats");
-        s["listings"].as_u64().expect("listings")
+        rovl_stats(&l.merged)["listings"]
+            .as_u64()
+            .expect("listings")
     };
     for i in 0..200 {
         lstat(l.m(&format!("found/f{i}")));

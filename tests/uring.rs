@@ -270,10 +270,10 @@ fn assert_uring(m: &RovlMount) {
 
 /// The transport `rovl stats` reports.
 fn transport(m: &RovlMount) -> String {
-    let r = run_rovl(&["stats", "--json", m.mountpoint.to_str().unwrap()]);
-    assert!(r.status.success(), "rovl stats: {}", r.stderr);
-    let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats JSON");
-    s["transport"].as_str().unwrap_or_default().to_string()
+    rovl_stats(&m.mountpoint)["transport"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]

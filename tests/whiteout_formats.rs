@@ -402,9 +402,9 @@ fn markers_in_a_listed_dir_of_one_lower() {
     mknod_whiteout(l.l(0, "d/dev"));
     let m = RovlMount::start(&l.opts(), &l.merged).expect("mount");
     let listed = || {
-        let r = run_rovl(&["stats", "--json", l.merged.to_str().unwrap()]);
-        let s: serde_json::Value = serde_json::from_str(&r.stdout).expect("stats");
-        s["listings"].as_u64().expect("listings")
+        rovl_stats(&l.merged)["listings"]
+            .as_u64()
+            .expect("listings")
     };
     lstat(l.m("d"));
     let before = listed();

@@ -423,6 +423,13 @@ pub fn run_rovl<S: AsRef<OsStr>>(args: &[S]) -> Run {
     }
 }
 
+/// `rovl stats --json MNT`: the daemon's counters.
+pub fn rovl_stats(mnt: &Path) -> serde_json::Value {
+    let r = run_rovl(&[OsStr::new("stats"), OsStr::new("--json"), mnt.as_os_str()]);
+    assert!(r.status.success(), "rovl stats: {}", r.stderr);
+    serde_json::from_str(&r.stdout).expect("rovl stats JSON")
+}
+
 // ---------------------------------------------------------------------------
 // Mount guards
 
