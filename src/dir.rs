@@ -475,7 +475,7 @@ impl Overlay {
     /// kernel holds the parent's lock, so no request through the mount
     /// takes the name in between.
     fn unlink_lower(&self, parent: &Arc<Inode>, name: &OsStr, cname: &CStr) -> Result<bool> {
-        let layers = parent.layers();
+        let mut layers = parent.layers();
         if self.index.is_some()
             || layers.len() < 2
             || !self.layers.is_upper(layers[0])
@@ -483,8 +483,8 @@ impl Overlay {
         {
             return Ok(false);
         }
-        let lowers = layers[1..].to_vec();
-        let Some(f) = self.find_in(parent, cname, lowers)?.0 else {
+        layers.remove(0);
+        let Some(f) = self.find_in(parent, cname, layers)?.0 else {
             return Ok(false);
         };
         if sys::is_dir(f.st.st_mode) {

@@ -221,19 +221,18 @@ impl Overlay {
     /// for a dir of one lower layer once its misses call for one
     /// (`note_miss`).
     pub(crate) fn holders(&self, node: &Arc<Inode>, layers: &[LayerIdx], name: &CStr) -> Holders {
-        let unlisted = Holders {
-            dir: None,
-            held: None,
-            listed: Bits::default(),
-        };
         let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
         let wanted = match lowers {
-            0 => return unlisted,
+            0 => false,
             1 => node.lower_misses.load(Relaxed) == LIST,
             _ => true,
         };
         if !wanted {
-            return unlisted;
+            return Holders {
+                dir: None,
+                held: None,
+                listed: Bits::default(),
+            };
         }
         // Cached once a layer is listed (see `list_layer`).
         let cached = self.cache.listings.lock().lru.get(&node.nodeid).cloned();
