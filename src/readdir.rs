@@ -59,6 +59,9 @@ impl Overlay {
             let upper = self.layers.is_upper(l);
             // Only a dir marked `opaque=x` holds xattr whiteouts, as the kernel reads it.
             let xwhiteouts = hide_whiteouts && self.has_xwhiteouts(dfd.as_fd(), l);
+            // Whether links of the shared whiteout can be told by number:
+            // asked at the first device entry.
+            let mut upper_fs = None;
             for e in sys::read_dir_all(&rd)? {
                 if is_wh_name(e.name.as_bytes()) {
                     if let Some(n) = hidden_by(e.name.as_bytes()).filter(|_| merged) {
@@ -74,6 +77,13 @@ impl Overlay {
                 if maybe_xwhiteout
                     || (hide_whiteouts && (d_type == libc::DT_CHR || d_type == libc::DT_UNKNOWN))
                 {
+                    if upper
+                        && d_type == libc::DT_CHR
+                        && *upper_fs.get_or_insert_with(|| self.on_upper_fs(dfd.as_fd()))
+                        && self.is_shared_whiteout(&e)
+                    {
+                        continue;
+                    }
                     let c = sys::cstr(&e.name)?;
                     match sys::fstatat(dfd.as_fd(), &c) {
                         Ok(st) if self.is_whiteout_at(dfd.as_fd(), &c, &st, l) => continue,

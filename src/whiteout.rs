@@ -13,9 +13,9 @@ use crate::inode::Redirect;
 use crate::layer::LayerIdx;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -111,6 +111,12 @@ pub(crate) struct SharedWhiteout {
     name: Mutex<Option<Arc<CStr>>>,
     /// Links or mknod refused: each whiteout is made on its own.
     off: AtomicBool,
+    /// The inode numbers of the shared whiteouts made so far, each held by
+    /// an `O_PATH` fd until unmount so that no other file of the upper fs
+    /// can take the number: a device entry of the upper fs with one of
+    /// them is a whiteout without a stat (the kernel knows its whiteouts
+    /// from its listing, too).
+    pinned: RwLock<Vec<(u64, OwnedFd)>>,
 }
 
 /// An error that says the filesystem or our privileges refuse the call,
@@ -242,6 +248,25 @@ impl Overlay {
         !self.shared_whiteout.off.load(Ordering::Relaxed)
     }
 
+    /// Whether directory entry `e` of a dir on the upper fs is a link of a
+    /// shared whiteout, known by its type and number alone.
+    pub(crate) fn is_shared_whiteout(&self, e: &sys::RawDirent) -> bool {
+        e.d_type == libc::DT_CHR
+            && self
+                .shared_whiteout
+                .pinned
+                .read()
+                .iter()
+                .any(|(ino, _)| *ino == e.ino)
+    }
+
+    /// Whether dir `dir` is on the upper fs (not on a mount over a dir of
+    /// it), where [`Self::is_shared_whiteout`] can tell.
+    pub(crate) fn on_upper_fs(&self, dir: BorrowedFd<'_>) -> bool {
+        self.layers.has_upper
+            && sys::fstat(dir).is_ok_and(|st| st.st_dev == self.layers.get(crate::layer::UPPER).dev)
+    }
+
     /// Links the shared whiteout at `dir/name`; false when there is none
     /// to link (mknod refused, links refused, or the name is taken).
     pub(crate) fn link_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> bool {
@@ -263,6 +288,11 @@ impl Overlay {
                             log::debug!("no shared whiteout ({e})");
                             sw.off.store(refused(&e), Ordering::Relaxed);
                             return false;
+                        }
+                        if let Ok(fd) = sys::openat(work, &n, libc::O_PATH, 0) {
+                            if let Ok(st) = sys::fstat(fd.as_fd()) {
+                                sw.pinned.write().push((st.st_ino, fd));
+                            }
                         }
                         cur.insert(n).clone()
                     }
@@ -302,12 +332,17 @@ impl Overlay {
     pub(crate) fn clear_whiteouts(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         let l = crate::layer::UPPER;
         let d = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        for e in sys::read_dir_all(&d)? {
+        let entries = sys::read_dir_all(&d)?;
+        let upper_fs =
+            entries.iter().any(|e| e.d_type == libc::DT_CHR) && self.on_upper_fs(d.as_fd());
+        for e in entries {
             let c = sys::cstr(&e.name)?;
-            let st = sys::fstatat(d.as_fd(), &c)?;
-            let marker = is_wh_name(c.to_bytes()) && !sys::is_dir(st.st_mode);
-            if !marker && !self.is_whiteout_at(d.as_fd(), &c, &st, l) {
-                return Err(sys::err(libc::ENOTEMPTY));
+            if !(upper_fs && self.is_shared_whiteout(&e)) {
+                let st = sys::fstatat(d.as_fd(), &c)?;
+                let marker = is_wh_name(c.to_bytes()) && !sys::is_dir(st.st_mode);
+                if !marker && !self.is_whiteout_at(d.as_fd(), &c, &st, l) {
+                    return Err(sys::err(libc::ENOTEMPTY));
+                }
             }
             sys::unlinkat(d.as_fd(), &c, 0)?;
         }
