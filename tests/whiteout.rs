@@ -22,6 +22,7 @@ both_backends!(
     unlink_in_lower_subdir_copies_up_parent,
     whiteout_listed_in_one_layer_dir,
     whiteouts_share_one_inode,
+    whiteouts_past_the_link_limit,
     unlink_each_kind_of_name_in_a_merged_dir,
 );
 
@@ -298,6 +299,54 @@ fn whiteouts_share_one_inode(b: Backend) {
     // Four names in the upper dir and the one in W/work.
     assert_eq!(sts[0].st_nlink, 5);
     assert!(work_leftovers(&l).is_empty());
+}
+
+/// Past the upper fs's link limit (ext4's 65,000) whiteouts go on as links
+/// of a new shared whiteout, as the kernel's do (`ovl_whiteout` on
+/// `EMLINK`). rovl holds each one it made until unmount and tells links
+/// of either by number, so listings hide them and rmdir clears them.
+fn whiteouts_past_the_link_limit(b: Backend) {
+    const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+    const DIRS: usize = 66;
+    const PER_DIR: usize = 1000;
+    let l = Layers::new(1);
+    if sys::fs_magic(&l.upper) != Ok(EXT4_SUPER_MAGIC) {
+        missing("whiteouts_past_the_link_limit needs an ext4 /tmp (a link limit of 65,000)");
+        return;
+    }
+    let dir = |d: usize| format!("d{d:02}");
+    for d in 0..DIRS {
+        mkdir(l.l(0, &dir(d)));
+        for f in 0..PER_DIR {
+            std::fs::File::create(l.l(0, &format!("{}/f{f:03}", dir(d)))).unwrap();
+        }
+    }
+    let _m = mount(b, &l);
+    for d in 0..DIRS {
+        for f in 0..PER_DIR {
+            std::fs::remove_file(l.m(&format!("{}/f{f:03}", dir(d)))).unwrap();
+        }
+    }
+    let mut inos = std::collections::BTreeSet::new();
+    for d in 0..DIRS {
+        assert!(names(l.m(&dir(d))).is_empty(), "{}: all removed", dir(d));
+        for f in names(l.u(&dir(d))) {
+            let st = lstat(l.u(&format!("{}/{f}", dir(d))));
+            assert!(
+                is_whiteout(l.u(&format!("{}/{f}", dir(d)))),
+                "{}/{f}",
+                dir(d)
+            );
+            inos.insert(st.st_ino);
+        }
+    }
+    assert!(inos.len() >= 2, "66,000 whiteouts over one inode: {inos:?}");
+    for d in 0..DIRS {
+        std::fs::remove_dir(l.m(&dir(d))).unwrap();
+        assert_whiteout(&l.u(&dir(d)));
+    }
+    assert!(names(&l.merged).is_empty());
+    assert!(work_leftovers(&l).is_empty(), "{:?}", work_leftovers(&l));
 }
 
 /// Unlink of every kind of name in a dir with an upper half over two

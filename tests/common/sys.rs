@@ -229,6 +229,16 @@ pub fn readlink(p: &Path) -> Sys<Vec<u8>> {
     Ok(buf)
 }
 
+/// The filesystem type of the fs holding `p` (`statfs`'s `f_type`).
+pub fn fs_magic(p: &Path) -> Sys<i64> {
+    let c = cpath(p);
+    // SAFETY: zeroed is a valid statfs.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and a statfs to fill.
+    check(unsafe { libc::statfs(c.as_ptr(), &mut s) })?;
+    Ok(s.f_type as i64)
+}
+
 pub fn mknod(p: &Path, mode: u32, dev: libc::dev_t) -> Sys<()> {
     let c = cpath(p);
     // SAFETY: valid C string.
