@@ -208,6 +208,7 @@ impl Overlay {
             lowerdata: None,
             metacopy: false,
             fresh: true,
+            bare: false,
         };
         let node = match obj {
             NewObj::Link { src } => {

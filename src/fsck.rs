@@ -428,7 +428,7 @@ impl Checker {
         shown: &str,
     ) -> sys::Result<()> {
         let list = sys::listxattr_at(d, name).unwrap_or_default();
-        let has = |x: &CString| list.split(|&b| b == 0).any(|n| n == x.to_bytes());
+        let has = |x: &CString| ondisk::has_name(&list, x.to_bytes());
         for x in ondisk::overlay_names("whiteout") {
             if has(&x) {
                 self.found(

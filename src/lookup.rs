@@ -31,6 +31,9 @@ pub struct Found {
     pub metacopy: bool,
     /// Made just now by this mount: it has no origin to read.
     pub fresh: bool,
+    /// The top object carries no xattr (its list was read for the
+    /// whiteout check of a zero-size file).
+    pub bare: bool,
 }
 
 /// An absolute path walked in one layer.
@@ -165,7 +168,7 @@ impl Overlay {
                     None => has_marker(dfd.as_fd(), &cname),
                 }
         };
-        let st = match self.probe(dfd.as_fd(), &cname, l, marked)? {
+        let (st, bare) = match self.probe(dfd.as_fd(), &cname, l, marked)? {
             Entry::Missing => {
                 if let Some(h) = s.holders.as_ref().filter(|_| by_name) {
                     self.note_miss(parent, h, l, dfd.as_fd());
@@ -177,7 +180,7 @@ impl Overlay {
                 return Ok(Done);
             }
             Entry::Marked => return Ok(Done),
-            Entry::Present(st) => st,
+            Entry::Present { st, bare } => (st, bare),
         };
         let is_dir = sys::is_dir(st.st_mode);
         match &mut s.found {
@@ -211,6 +214,7 @@ impl Overlay {
                     lowerdata: None,
                     metacopy,
                     fresh: false,
+                    bare,
                 });
                 if !is_dir && !metacopy {
                     return Ok(Done);
@@ -268,8 +272,8 @@ impl Overlay {
             let cn = sys::cstr(c)?;
             match self.probe(fd.as_fd(), &cn, l, || has_marker(fd.as_fd(), &cn))? {
                 Entry::Missing => return Ok(Walked { at: None, stop }),
-                Entry::Present(st) if sys::is_dir(st.st_mode) => {}
-                Entry::Whiteout | Entry::Marked | Entry::Present(_) => {
+                Entry::Present { st, .. } if sys::is_dir(st.st_mode) => {}
+                Entry::Whiteout | Entry::Marked | Entry::Present { .. } => {
                     return Ok(Walked {
                         at: None,
                         stop: true,
@@ -318,7 +322,7 @@ impl Overlay {
             let below = i + 1 < layers.len();
             let marked = || below && self.marked_in(parent, &holders, l, pfd.as_fd(), name);
             match self.probe(pfd.as_fd(), name, l, marked)? {
-                Entry::Present(_) => return Ok(true),
+                Entry::Present { .. } => return Ok(true),
                 Entry::Whiteout | Entry::Marked => return Ok(false),
                 Entry::Missing => self.note_miss(parent, &holders, l, pfd.as_fd()),
             }
@@ -480,6 +484,7 @@ impl Overlay {
             redirect,
             lowerdata,
             metacopy,
+            bare,
             ..
         } = f;
         let top = layers[0];
@@ -508,6 +513,10 @@ impl Overlay {
             if metacopy {
                 node.set_lowerdata(lowerdata);
                 node.set_redirect(redirect);
+            }
+            // Its list, read for the whiteout check, spares GETXATTR one.
+            if bare {
+                self.note_no_xattrs(&node, top);
             }
         }
         (Counted::new(self, node), st)

@@ -172,7 +172,8 @@ pub fn classify(dir: BorrowedFd<'_>, name: &CStr, st: &Stat, list: Option<&[u8]>
     }
 }
 
-fn has_name(list: &[u8], name: &[u8]) -> bool {
+/// Whether a raw `listxattr` list (NUL-separated) holds `name`.
+pub(crate) fn has_name(list: &[u8], name: &[u8]) -> bool {
     list.split(|&b| b == 0).any(|n| n == name)
 }
 

@@ -11,6 +11,7 @@
 use crate::error::Result;
 use crate::inode::Redirect;
 use crate::layer::LayerIdx;
+use crate::ondisk::has_name;
 use crate::overlay::Overlay;
 use crate::sys::{self, Stat};
 use parking_lot::{Mutex, RwLock};
@@ -64,7 +65,24 @@ pub fn has_opaque_marker(dir: BorrowedFd<'_>, name: &CStr) -> bool {
 /// Whether the (zero-size, regular) file `dir/name` carries one of the
 /// whiteout xattrs `names`: the kernel's xattr whiteout.
 pub fn is_xattr_whiteout(dir: BorrowedFd<'_>, name: &CStr, names: &[CString]) -> bool {
-    names.iter().any(|x| sys::getxattr_at(dir, name, x).is_ok())
+    xattr_whiteout(dir, name, names).is_none()
+}
+
+/// [`is_xattr_whiteout`]: `None` for a whiteout, else whether the file is
+/// known to carry no xattr at all. Several names cost one list instead of
+/// a `getxattr` each (most such files list none).
+fn xattr_whiteout(dir: BorrowedFd<'_>, name: &CStr, names: &[CString]) -> Option<bool> {
+    match names {
+        [one] => match sys::getxattr_at(dir, name, one) {
+            Ok(_) => None,
+            Err(_) => Some(false),
+        },
+        _ => match sys::listxattr_at(dir, name) {
+            Ok(list) if names.iter().any(|x| has_name(&list, x.to_bytes())) => None,
+            Ok(list) => Some(list.is_empty()),
+            Err(_) => Some(false),
+        },
+    }
 }
 
 /// Makes a whiteout at `dir/name`: a 0/0 device as the kernel makes it,
@@ -135,7 +153,12 @@ pub enum Entry {
     Whiteout,
     /// Nothing, but a `.wh.NAME` marker hides the name below.
     Marked,
-    Present(Stat),
+    /// An object; `bare`: it carries no xattr (known when its list was
+    /// read for the whiteout check).
+    Present {
+        st: Stat,
+        bare: bool,
+    },
 }
 
 /// What a directory entry's xattrs and markers say of the layers below it.
@@ -157,8 +180,10 @@ impl Overlay {
         marked: impl FnOnce() -> bool,
     ) -> Result<Entry> {
         match sys::fstatat(dir, name) {
-            Ok(st) if self.is_whiteout_at(dir, name, &st, l) => Ok(Entry::Whiteout),
-            Ok(st) => Ok(Entry::Present(st)),
+            Ok(st) => Ok(match self.whiteout_or_bare(dir, name, &st, l) {
+                None => Entry::Whiteout,
+                Some(bare) => Entry::Present { st, bare },
+            }),
             Err(e) if e.raw() == libc::ENOENT => Ok(if marked() {
                 Entry::Marked
             } else {
@@ -178,10 +203,25 @@ impl Overlay {
         st: &Stat,
         l: LayerIdx,
     ) -> bool {
-        sys::is_whiteout(st)
-            || (sys::mode_type(st.st_mode) == libc::S_IFREG
-                && st.st_size == 0
-                && is_xattr_whiteout(dir, name, self.layout_names(&self.xattrs.whiteout, l)))
+        self.whiteout_or_bare(dir, name, st, l).is_none()
+    }
+
+    /// [`Self::is_whiteout_at`]: `None` for a whiteout, else whether the
+    /// object is known to carry no xattr.
+    fn whiteout_or_bare(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        st: &Stat,
+        l: LayerIdx,
+    ) -> Option<bool> {
+        if sys::is_whiteout(st) {
+            return None;
+        }
+        if sys::mode_type(st.st_mode) != libc::S_IFREG || st.st_size != 0 {
+            return Some(false);
+        }
+        xattr_whiteout(dir, name, self.layout_names(&self.xattrs.whiteout, l))
     }
 
     /// Format markers read in layer `l`: in a lower layer, those of every
@@ -200,7 +240,7 @@ impl Overlay {
     pub(crate) fn dir_marks(&self, dir: BorrowedFd<'_>, name: &CStr, l: LayerIdx) -> DirMarks {
         let mut marks = DirMarks::default();
         let list = sys::listxattr_at(dir, name).unwrap_or_default();
-        let has = |x: &CStr| list.split(|&b| b == 0).any(|n| n == x.to_bytes());
+        let has = |x: &CStr| has_name(&list, x.to_bytes());
         let value_is_y =
             |x: &CStr| has(x) && matches!(sys::getxattr_at(dir, name, x), Ok(v) if v == b"y");
         let foreign = !self.layers.is_upper(l) && value_is_y(FOREIGN_OPAQUE);

@@ -74,7 +74,7 @@ impl Overlay {
         if known == Xattrs::Unknown && self.lower_xattrs_fixed(&node, top) {
             if let Ok((pfd, cname)) = &at {
                 if sys::listxattr_at(pfd.as_fd(), cname).is_ok_and(|l| l.is_empty()) {
-                    node.state.write().xattrs = Xattrs::None;
+                    self.note_no_xattrs(&node, top);
                     return Err(sys::err(libc::ENODATA));
                 }
             }
@@ -93,6 +93,20 @@ impl Overlay {
             && matches!(node.state.read().key, Key::Real(..))
     }
 
+    /// Records that node's lower object (top layer `top`) lists no xattr,
+    /// so that later requests need no system call; unless it was copied
+    /// up since (a copy-up resets what is known).
+    pub(crate) fn note_no_xattrs(&self, node: &Arc<Inode>, top: LayerIdx) {
+        if !self.lower_xattrs_fixed(node, top) {
+            return;
+        }
+        let mut s = node.state.write();
+        let still_lower = s.layers.as_slice().first() == Some(&top);
+        if still_lower && s.xattrs == Xattrs::Unknown {
+            s.xattrs = Xattrs::None;
+        }
+    }
+
     pub(crate) fn listxattr(&self, nodeid: u64, handles: &Handles) -> Result<Vec<u8>> {
         self.check_xattrs()?;
         let node = self.node(nodeid)?;
@@ -108,8 +122,8 @@ impl Overlay {
                 .and_then(|(pfd, cname)| sys::listxattr_at(pfd.as_fd(), &cname));
             r.or_else(|e| sys::listxattr(self.open_file_fd(&node, handles, e)?.as_fd()))?
         };
-        if raw.is_empty() && self.lower_xattrs_fixed(&node, top) {
-            node.state.write().xattrs = Xattrs::None;
+        if raw.is_empty() {
+            self.note_no_xattrs(&node, top);
         }
         let p = self.xattr_prefix.as_bytes();
         let mut esc = p.to_vec();

@@ -15,6 +15,7 @@ both_backends!(
     xattr_on_upper_dir,
     selinux_labels_pass_through,
     lower_files_without_xattrs_then_given_some,
+    empty_lower_files_without_xattrs_then_given_some,
 );
 
 fn user_xattrs_roundtrip(b: Backend) {
@@ -247,11 +248,21 @@ fn selinux_missing_enodata_matches_kernel() {
 /// rovl answers the later misses of a lower file that lists none from
 /// what it learned; a copy-up or a set forgets it.
 fn lower_files_without_xattrs_then_given_some(b: Backend) {
+    without_xattrs_then_given_some(b, |f| f);
+}
+
+/// rovl reads an empty lower file's xattr list at lookup (for the xattr
+/// whiteout check) and answers its GETXATTRs from what it read.
+fn empty_lower_files_without_xattrs_then_given_some(b: Backend) {
+    without_xattrs_then_given_some(b, |_| "");
+}
+
+fn without_xattrs_then_given_some(b: Backend, content: fn(&str) -> &str) {
     let l = Layers::new(1);
     for f in ["byname", "bylist"] {
-        write(l.l(0, f), f);
+        write(l.l(0, f), content(f));
     }
-    write(l.l(0, "has"), "has");
+    write(l.l(0, "has"), content("has"));
     setxattr(l.l(0, "has"), "user.y", b"2");
     let _m = mount(b, &l);
     assert_eq!(getxattr(l.m("byname"), "user.x"), None, "{b:?}");
