@@ -55,11 +55,7 @@ impl Overlay {
 
     fn getxattr_real(&self, nodeid: u64, name: &OsStr, handles: &Handles) -> Result<Vec<u8>> {
         let node = self.node(nodeid)?;
-        let real = self.real_xattr_name(name)?;
-        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
-        if node.nodeid == crate::inode::ROOT {
-            return sys::getxattr(self.layers.get(top).root.as_fd(), &real);
-        }
+        // What the node knows answers before any name is built.
         let known = node.state.read().xattrs;
         match known {
             Xattrs::None => return Err(sys::err(libc::ENODATA)),
@@ -67,6 +63,11 @@ impl Overlay {
                 return Err(sys::err(libc::ENODATA))
             }
             _ => {}
+        }
+        let real = self.real_xattr_name(name)?;
+        let top = node.top().ok_or_else(|| sys::err(libc::ENOENT))?;
+        if node.nodeid == crate::inode::ROOT {
+            return sys::getxattr(self.layers.get(top).root.as_fd(), &real);
         }
         let at = self.entry_in(&node, top);
         // A lower object is asked for its list once instead (as cheap as
