@@ -192,6 +192,10 @@ impl TestUser {
 impl Drop for TestUser {
     fn drop(&mut self) {
         self.kill_processes();
+        // rovl's runtime dir for a user without XDG_RUNTIME_DIR: a daemon
+        // ended above leaves its mount record there, which the next test
+        // user, given the same uid, would find.
+        let _ = std::fs::remove_dir_all(format!("/tmp/rovl-{}", self.uid));
         for _ in 0..50 {
             let st = Command::new("userdel").arg(&self.name).status();
             if st.is_ok_and(|s| s.success()) {
