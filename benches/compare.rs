@@ -33,6 +33,8 @@
 mod child;
 #[path = "compare/data.rs"]
 mod data;
+#[path = "compare/floor.rs"]
+mod floor;
 #[path = "compare/report.rs"]
 mod report;
 #[path = "compare/runner.rs"]
@@ -100,6 +102,8 @@ struct Workload {
     needs: Option<&'static str>,
     /// Reads the daemon's RSS after the job and a cache drop (daemons only).
     memory: bool,
+    /// Creates or changes files: more than the FUSE floor serves.
+    writes: bool,
 }
 
 const fn w(
@@ -117,6 +121,7 @@ const fn w(
         job,
         needs: None,
         memory: false,
+        writes: false,
     }
 }
 
@@ -127,6 +132,11 @@ const fn needs(mut wl: Workload, tool: &'static str) -> Workload {
 
 const fn memory(mut wl: Workload) -> Workload {
     wl.memory = true;
+    wl
+}
+
+const fn writes(mut wl: Workload) -> Workload {
+    wl.writes = true;
     wl
 }
 
@@ -235,21 +245,21 @@ const WORKLOADS: &[Workload] = &[
         ),
         "git",
     ),
-    w(
+    writes(w(
         "tar-extract",
         "tar -xf of the tarball into a lower dir",
         DataSet::Scratch,
         Cache::Fresh,
         tar_extract,
-    ),
-    w(
+    )),
+    writes(w(
         "dd-write-fsync",
         "dd bs=1M conv=fsync of a new file",
         DataSet::Scratch,
         Cache::Fresh,
         dd_write,
-    ),
-    needs(
+    )),
+    writes(needs(
         w(
             "fio-seqwrite-1m",
             "fio 1M sequential write of a new file, end_fsync",
@@ -258,7 +268,7 @@ const WORKLOADS: &[Workload] = &[
             fio_seqwrite,
         ),
         "fio",
-    ),
+    )),
     w(
         "rm-rf-lower",
         "rm -rf of a lower tree",
@@ -266,20 +276,20 @@ const WORKLOADS: &[Workload] = &[
         Cache::Fresh,
         rm_rf,
     ),
-    w(
+    writes(w(
         "copyup-append",
         "append 1 byte to each lower file",
         DataSet::CopyUp,
         Cache::Fresh,
         copyup_append,
-    ),
-    w(
+    )),
+    writes(w(
         "copyup-chmod",
         "chmod of every lower file",
         DataSet::CopyUp,
         Cache::Fresh,
         copyup_chmod,
-    ),
+    )),
     w(
         "dd-read-cold",
         "dd bs=1M of the lower file to /dev/null",
@@ -815,6 +825,10 @@ fn discover(cfg: &Config, fsdir: &Path, mnts: &Path, notes: &mut Vec<String>) ->
         ));
     }
     kinds.push(("tmpfs".into(), Kind::Tmpfs));
+    match std::env::current_exe() {
+        Ok(me) => kinds.push(("fuse floor".into(), Kind::FuseFloor(me))),
+        Err(e) => notes.push(format!("fuse floor: this bench's path: {e}; skipped")),
+    }
     let mut out = Vec::new();
     for (i, (name, kind)) in kinds.into_iter().enumerate() {
         let mnt = mnts.join(format!("m{i}"));
@@ -910,7 +924,10 @@ fn mount_once<T>(
             if fresh {
                 ds.generate(sizes, &Dest::Flat(flat.clone()))?;
             }
-            Source::Flat(&flat)
+            Source::Flat {
+                dir: &flat,
+                run: &run,
+            }
         };
         let m = s.mount(src)?;
         let root = m.mnt.join(ds.root_entry());
@@ -1096,6 +1113,8 @@ fn run(cfg: &Config) -> Result<(), String> {
             for s in &subjects {
                 let status = if w.memory && !s.has_daemon() {
                     Status::Skipped("no daemon".into())
+                } else if w.writes && matches!(s.kind, Kind::FuseFloor(_)) {
+                    Status::Skipped("the FUSE floor serves reads and removals only".into())
                 } else {
                     // The floor copies fresh data for every write workload.
                     let floor_fresh = !s.is_overlay() && w.cache == Cache::Fresh;
@@ -1206,6 +1225,18 @@ fn run(cfg: &Config) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, arg, tree, mnt] = &args[..] {
+        if arg == floor::ARG {
+            return match floor::serve(Path::new(tree), Path::new(mnt)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fuse floor: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
     // `cargo test --all-targets` runs benches without `--bench`: not the place for a 10-minute run.
     if !std::env::args().any(|a| a == "--bench") {
         println!("compare: run with `cargo bench --bench compare`; nothing to do here");

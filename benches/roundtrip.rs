@@ -621,12 +621,7 @@ mod minimal {
             MountOption::DefaultPermissions,
         ];
         config.acl = fuser::SessionACL::All;
-        config.n_threads = Some(
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                .max(2),
-        );
+        config.n_threads = Some(rovl::session::default_threads());
         config.clone_fd = true;
         if let Err(e) = fuser::mount(Minimal(uring), mnt, &config) {
             eprintln!("minimal: {e}");

@@ -146,25 +146,28 @@ fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>>) {
     }
 }
 
+/// What rovl asks of the kernel at INIT, where offered (besides ACLs,
+/// passthrough and io_uring). rovl is the only writer of its view: the
+/// kernel may cache what it can.
+pub const INIT_FLAGS: InitFlags = InitFlags::FUSE_ATOMIC_O_TRUNC
+    .union(InitFlags::FUSE_CACHE_SYMLINKS)
+    .union(InitFlags::FUSE_DO_READDIRPLUS)
+    .union(InitFlags::FUSE_READDIRPLUS_AUTO)
+    .union(InitFlags::FUSE_PARALLEL_DIROPS)
+    // The umask is ours to apply: not where a default ACL rules.
+    .union(InitFlags::FUSE_DONT_MASK)
+    // Dropping set-user-ID is ours: the kernel then stops asking for the
+    // attributes before every chown.
+    .union(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+
 impl fuser::Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // rovl is the only writer of its view: let the kernel cache what it can.
-        let want = InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            // The umask is ours to apply: not where a default ACL rules.
-            | InitFlags::FUSE_DONT_MASK
-            // Dropping set-user-ID is ours: the kernel then stops asking for
-            // the attributes before every chown.
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         // The kernel then caches ACLs per inode: `ls -l` stops asking for
         // system.posix_acl_access on every call.
         let want = if self.ovl.cfg.noacl || self.ovl.cfg.noxattrs {
-            want
+            INIT_FLAGS
         } else {
-            want | InitFlags::FUSE_POSIX_ACL
+            INIT_FLAGS | InitFlags::FUSE_POSIX_ACL
         };
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);

@@ -158,10 +158,7 @@ pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> St
     let threads = if cfg.threads > 0 {
         cfg.threads
     } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .max(2)
+        default_threads()
     };
     let mut config = fuser::Config::default();
     config.n_threads = Some(threads);
@@ -179,6 +176,14 @@ pub fn mount(cfg: &MountConfig, layers: Layers, workdir: Option<&WorkDir>) -> St
     mounted.session = Some(session);
     raise_readahead(&cfg.mountpoint);
     Ok(mounted)
+}
+
+/// Worker threads unless `threads=` says: one per CPU, at least two.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
 }
 
 /// Mounts `/dev/fuse` with mount(2) where we may (root, or mapped root

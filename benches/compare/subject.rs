@@ -23,6 +23,9 @@ pub enum Kind {
     Rovl(PathBuf, String),
     /// The merged view copied into a plain tmpfs directory, bind-mounted: the floor.
     Tmpfs,
+    /// The same copy served from memory through rovl's FUSE session by this
+    /// bench binary (`floor.rs`): the floor of any FUSE overlay.
+    FuseFloor(PathBuf),
 }
 
 pub struct Subject {
@@ -41,8 +44,8 @@ pub enum Source<'a> {
         lowers: &'a [PathBuf],
         run: &'a Path,
     },
-    /// A directory to bind-mount.
-    Flat(&'a Path),
+    /// A directory to bind-mount or serve, with a fresh dir for logs under `run`.
+    Flat { dir: &'a Path, run: &'a Path },
 }
 
 impl Subject {
@@ -53,6 +56,7 @@ impl Subject {
             Kind::FuseOverlayfs(_) => "fuse.fuse-overlayfs (or fuse, source fuse-overlayfs)",
             Kind::Rovl(..) => "fuse.rovl",
             Kind::Tmpfs => "tmpfs",
+            Kind::FuseFloor(_) => "fuse (source rovl-floor)",
         }
     }
 
@@ -66,11 +70,12 @@ impl Subject {
             }
             Kind::Rovl(..) => e.fstype == "fuse.rovl",
             Kind::Tmpfs => e.fstype == "tmpfs",
+            Kind::FuseFloor(_) => e.fstype.starts_with("fuse") && e.source == crate::floor::FSNAME,
         }
     }
 
     pub fn is_overlay(&self) -> bool {
-        !matches!(self.kind, Kind::Tmpfs)
+        !matches!(self.kind, Kind::Tmpfs | Kind::FuseFloor(_))
     }
 
     pub fn has_daemon(&self) -> bool {
@@ -87,7 +92,12 @@ impl Subject {
             daemon: None,
         };
         match (&self.kind, src) {
-            (Kind::Tmpfs, Source::Flat(dir)) => {
+            (Kind::FuseFloor(bin), Source::Flat { dir, run }) => {
+                let mut c = Command::new(bin);
+                c.arg(crate::floor::ARG).arg(dir);
+                m.daemon = Some(spawn_daemon(&mut c, &self.mnt, run)?);
+            }
+            (Kind::Tmpfs, Source::Flat { dir, .. }) => {
                 crate::data::run_quiet(Command::new("mount").arg("--bind").arg(dir).arg(&self.mnt))?
             }
             (Kind::Kernel, Source::Overlay { lowers, run }) => crate::data::run_quiet(
