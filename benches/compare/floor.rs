@@ -152,18 +152,32 @@ impl Floor {
         d.names.get(name).map(|&(c, _)| c).ok_or(Errno::ENOENT)
     }
 
-    /// Entries from `offset` on: ".", "..", then the live ones.
-    fn entries(&self, ino: INodeNo, offset: u64) -> Result<Vec<(u64, u64, OsString)>, Errno> {
+    /// Calls `add(node, offset, name)` for the entries from `offset` on
+    /// (".", "..", then the live ones) until it says the reply is full.
+    fn each_entry(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
         let node = self.node(ino)?;
         let d = self.dir(ino)?.read();
-        let dots = [(ino.0, OsString::from(".")), (node.parent, "..".into())];
-        let live = d.list.iter().flatten().map(|(n, c)| (*c, n.clone()));
-        let all = dots.into_iter().chain(live);
-        Ok(all
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, (c, n))| (c, i as u64 + 1, n))
-            .collect())
+        let dots = [(ino.0, "."), (node.parent, "..")];
+        for (k, (c, n)) in dots.iter().enumerate().skip(offset as usize) {
+            if add(*c, k as u64 + 1, OsStr::new(n)) {
+                return Ok(());
+            }
+        }
+        // Entry `i` of the list is at offset `i + 3`: holes keep them.
+        let from = (offset as usize).saturating_sub(dots.len());
+        for (i, e) in d.list.iter().enumerate().skip(from) {
+            if let Some((n, c)) = e {
+                if add(*c, (i + dots.len()) as u64 + 1, n) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool) -> Result<(), Errno> {
@@ -364,17 +378,13 @@ impl fuser::Filesystem for Floor {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.entries(ino, offset) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
-        for (c, off, name) in entries {
-            let kind = self.nodes[&c].attr.kind;
-            if reply.add(INodeNo(c), off, kind, &name) {
-                break;
-            }
+        let r = self.each_entry(ino, offset, |c, off, name| {
+            reply.add(INodeNo(c), off, self.nodes[&c].attr.kind, name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok()
     }
 
     fn readdirplus(
@@ -385,17 +395,14 @@ impl fuser::Filesystem for Floor {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.entries(ino, offset) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
-        for (c, off, name) in entries {
+        let r = self.each_entry(ino, offset, |c, off, name| {
             let a = &self.nodes[&c].attr;
-            if reply.add(INodeNo(c), off, &name, &TTL, a, Generation(0)) {
-                break;
-            }
+            reply.add(INodeNo(c), off, name, &TTL, a, Generation(0))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok()
     }
 
     fn getxattr(&self, _: &Request, _: INodeNo, name: &OsStr, _: u32, reply: ReplyXattr) {
