@@ -62,7 +62,9 @@ impl Overlay {
             // Whether links of the shared whiteout can be told by number:
             // asked at the first device entry.
             let mut upper_fs = None;
-            for e in sys::read_dir_all(&rd)? {
+            let entries = sys::read_dir_all(&rd)?;
+            self.share_listing(node, &layers, l, &entries);
+            for e in entries {
                 if is_wh_name(e.name.as_bytes()) {
                     if let Some(n) = hidden_by(e.name.as_bytes()).filter(|_| merged) {
                         hidden.push(OsStr::from_bytes(n).to_os_string());

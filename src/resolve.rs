@@ -221,13 +221,7 @@ impl Overlay {
     /// for a dir of one lower layer once its misses call for one
     /// (`note_miss`).
     pub(crate) fn holders(&self, node: &Arc<Inode>, layers: &[LayerIdx], name: &CStr) -> Holders {
-        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
-        let wanted = match lowers {
-            0 => false,
-            1 => node.lower_misses.load(Relaxed) == LIST,
-            _ => true,
-        };
-        if !wanted {
+        if !self.wants_listings(node, layers) {
             return Holders {
                 dir: None,
                 held: None,
@@ -246,6 +240,41 @@ impl Overlay {
             held,
             listed,
         }
+    }
+
+    /// Whether lookups in `node`, a dir of `layers`, read the listings of
+    /// its lower layers: always where several lower layers merge, and in
+    /// one lower layer once misses there have cost about a listing.
+    fn wants_listings(&self, node: &Inode, layers: &[LayerIdx]) -> bool {
+        let lowers = layers.iter().filter(|&&l| !self.layers.is_upper(l)).count();
+        match lowers {
+            0 => false,
+            1 => node.lower_misses.load(Relaxed) == LIST,
+            _ => true,
+        }
+    }
+
+    /// Keeps the entries of lower layer `l` of `node` (a dir of `layers`),
+    /// just read for its merged listing, where its lookups would read the
+    /// layer again: a readdirplus then looks its entries up with no
+    /// second listing. A lower layer never changes under the mount.
+    pub(crate) fn share_listing(
+        &self,
+        node: &Arc<Inode>,
+        layers: &[LayerIdx],
+        l: LayerIdx,
+        entries: &[sys::RawDirent],
+    ) {
+        if self.layers.is_upper(l) || !self.wants_listings(node, layers) {
+            return;
+        }
+        let cached = self.cache.listings.lock().lru.get(&node.nodeid).cloned();
+        let dir = cached.unwrap_or_default();
+        if dir.inner.read().listed.has(l) {
+            return;
+        }
+        let names = entries.iter().map(|e| Box::from(e.name.as_os_str()));
+        self.fill_listing(&dir, node, l, names);
     }
 
     /// Whether lower layer `l` of `node` may hold `name`: false only when
@@ -345,17 +374,29 @@ impl Overlay {
         let Ok(entries) = entries else {
             return;
         };
-        let added = entries.len();
+        let names = entries.into_iter().map(|e| e.name.into_boxed_os_str());
+        self.fill_listing(dir, node, l, names);
+    }
+
+    /// Adds the entry names of lower layer `l` to `dir`, `node`'s listing.
+    fn fill_listing(
+        &self,
+        dir: &Arc<DirNames>,
+        node: &Arc<Inode>,
+        l: LayerIdx,
+        names: impl ExactSizeIterator<Item = Box<OsStr>>,
+    ) {
+        let added = names.len();
         {
             let mut g = dir.inner.write();
             if g.listed.has(l) {
                 return;
             }
-            for e in entries {
+            for name in names {
                 // A `.wh.NAME` marker: this layer may hide NAME (the probe tells).
-                let name = match crate::whiteout::hidden_by(e.name.as_bytes()) {
+                let name = match crate::whiteout::hidden_by(name.as_bytes()) {
                     Some(n) => OsStr::from_bytes(n).into(),
-                    None => e.name.into_boxed_os_str(),
+                    None => name,
                 };
                 match g.names.entry(name) {
                     Entry::Occupied(mut o) => o.get_mut().add(l),
