@@ -397,7 +397,13 @@ fn git_commit(repo: &Path) -> Result<(), String> {
     let steps: [&[&str]; 3] = [
         &["init", "-q", "-b", "main"],
         &["add", "-A"],
+        // No auto gc: a detached one would pack and prune the objects
+        // while the subjects already read them.
         &[
+            "-c",
+            "gc.auto=0",
+            "-c",
+            "maintenance.auto=false",
             "-c",
             "user.name=bench",
             "-c",
