@@ -105,10 +105,11 @@ impl Floor {
 
     /// Adds `path` and what is below it; returns its node id.
     fn add(&mut self, path: &Path, parent: u64, name: OsString) -> io::Result<u64> {
-        let m = fs::symlink_metadata(path)?;
+        let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let m = fs::symlink_metadata(path).map_err(at)?;
         let ino = if self.nodes.is_empty() { ROOT } else { m.ino() };
         let link = if m.file_type().is_symlink() {
-            Some(fs::read_link(path)?.into_os_string())
+            Some(fs::read_link(path).map_err(at)?.into_os_string())
         } else {
             None
         };
@@ -126,13 +127,13 @@ impl Floor {
         if m.is_dir() {
             let mut list = Vec::new();
             let mut names = HashMap::new();
-            for e in fs::read_dir(path)? {
-                let e = e?;
+            for e in fs::read_dir(path).map_err(at)? {
+                let e = e.map_err(at)?;
                 let child = self.add(&e.path(), ino, e.file_name())?;
                 names.insert(e.file_name(), (child, list.len()));
                 list.push(Some((e.file_name(), child)));
             }
-            let fd = rovl::sys::open_dir_path(path).map_err(io::Error::from)?;
+            let fd = rovl::sys::open_dir_path(path).map_err(|e| at(e.into()))?;
             self.nodes.get_mut(&ino).expect("added above").dir =
                 Some(RwLock::new(Dir { fd, list, names }));
         }
@@ -425,7 +426,7 @@ impl fuser::Filesystem for Floor {
 
 /// Loads `tree` and serves it at `mnt` until unmounted.
 pub fn serve(tree: &Path, mnt: &Path) -> Result<(), String> {
-    let floor = Floor::load(tree).map_err(|e| format!("{}: {e}", tree.display()))?;
+    let floor = Floor::load(tree).map_err(|e| e.to_string())?;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::FSName(FSNAME.into()),
