@@ -206,35 +206,6 @@ impl Floor {
     }
 }
 
-fn entry(reply: ReplyEntry, r: Result<&Node, Errno>) {
-    match r {
-        Ok(n) => reply.entry(&TTL, &n.attr, Generation(0)),
-        // A negative entry the kernel may cache, as rovl replies.
-        Err(e) if e == Errno::ENOENT => reply.entry(&TTL, &attr_zero(), Generation(0)),
-        Err(e) => reply.error(e),
-    }
-}
-
-fn attr_zero() -> FileAttr {
-    FileAttr {
-        ino: INodeNo(0),
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
 impl fuser::Filesystem for Floor {
     fn init(&mut self, _: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let have = config.capabilities();
@@ -254,10 +225,18 @@ impl fuser::Filesystem for Floor {
     }
 
     fn lookup(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(
-            reply,
-            self.child(parent, name).and_then(|c| self.node(INodeNo(c))),
-        )
+        match self.child(parent, name).and_then(|c| self.node(INodeNo(c))) {
+            Ok(n) => reply.entry(&TTL, &n.attr, Generation(0)),
+            // A negative entry (node id 0) the kernel may cache, as rovl replies.
+            Err(e) if e == Errno::ENOENT => {
+                let none = FileAttr {
+                    ino: INodeNo(0),
+                    ..self.nodes[&ROOT].attr
+                };
+                reply.entry(&TTL, &none, Generation(0))
+            }
+            Err(e) => reply.error(e),
+        }
     }
 
     fn getattr(&self, _: &Request, ino: INodeNo, _: Option<FileHandle>, reply: ReplyAttr) {
