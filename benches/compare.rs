@@ -1,4 +1,6 @@
-//! rovl against kernel overlayfs, fuse-overlayfs and plain tmpfs (issue 3).
+//! rovl against kernel overlayfs, fuse-overlayfs, plain tmpfs and the FUSE
+//! floor (`compare/floor.rs`: the tree served from memory through rovl's
+//! session, no layer work) (issue 3).
 //!
 //! `cargo bench --bench compare` (as root). It mounts a tmpfs under a fresh
 //! /tmp/rovl-bench.* dir, gives every subject its own identical copy of each
