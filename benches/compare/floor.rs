@@ -4,7 +4,8 @@
 //! but doing no layer work: no lookups in layers, no listing merges, no
 //! whiteouts. What it costs is the kernel's FUSE client and the transport:
 //! the least any FUSE overlay pays on this kernel. It serves reads and
-//! removals (in memory only); anything that writes gets `EROFS`.
+//! removals (in memory only): an open for writing gets `EROFS`, and the
+//! requests that create or change files are not served (`ENOSYS`).
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
@@ -28,6 +29,7 @@ use std::time::{Duration, UNIX_EPOCH};
 pub const ARG: &str = "--serve-floor";
 /// The source name it mounts with, as mountinfo shows it.
 pub const FSNAME: &str = "rovl-floor";
+/// The root's node id, as FUSE fixes it.
 const ROOT: u64 = 1;
 /// rovl's default entry and attribute time.
 const TTL: Duration = Duration::from_secs(86400);
