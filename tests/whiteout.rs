@@ -83,11 +83,17 @@ fn rmdir_lower_empty_dir_leaves_whiteout(b: Backend) {
     let l = Layers::new(1);
     mkdir(l.l(0, "d"));
     let _m = mount(b, &l);
+    rmdir_to_whiteout(&l);
+    assert!(exists(l.l(0, "d")));
+}
+
+/// Removes the merged dir `d`, which must leave its whiteout in the upper
+/// dir and nothing in the workdir.
+fn rmdir_to_whiteout(l: &Layers) {
     std::fs::remove_dir(l.m("d")).unwrap();
     assert_whiteout(&l.u("d"));
     assert!(!exists(l.m("d")));
-    assert!(exists(l.l(0, "d")));
-    assert!(work_leftovers(&l).is_empty());
+    assert!(work_leftovers(l).is_empty(), "{:?}", work_leftovers(l));
 }
 
 fn rmdir_merged_dir_of_whiteouts(b: Backend) {
@@ -98,10 +104,7 @@ fn rmdir_merged_dir_of_whiteouts(b: Backend) {
     std::fs::remove_file(l.m("d/a")).unwrap();
     std::fs::remove_file(l.m("d/b")).unwrap();
     assert!(names(l.m("d")).is_empty());
-    std::fs::remove_dir(l.m("d")).unwrap();
-    assert_whiteout(&l.u("d"));
-    assert!(!exists(l.m("d")));
-    assert!(work_leftovers(&l).is_empty(), "{:?}", work_leftovers(&l));
+    rmdir_to_whiteout(&l);
 }
 
 /// rovl tells links of its shared whiteout by their number (held until
@@ -124,10 +127,7 @@ fn rmdir_merged_dir_of_whiteouts_and_a_device(b: Backend) {
     assert_eq!(errno(std::fs::remove_dir(l.m("d"))), Some(libc::ENOTEMPTY));
     std::fs::remove_file(l.m("d/dev")).unwrap();
     assert!(names(l.m("d")).is_empty());
-    std::fs::remove_dir(l.m("d")).unwrap();
-    assert_whiteout(&l.u("d"));
-    assert!(!exists(l.m("d")));
-    assert!(work_leftovers(&l).is_empty(), "{:?}", work_leftovers(&l));
+    rmdir_to_whiteout(&l);
 }
 
 fn rmdir_not_empty(b: Backend) {
