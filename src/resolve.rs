@@ -487,6 +487,12 @@ impl Overlay {
         if node.nodeid == ROOT {
             return sys::fstat(self.layers.get(top).root.as_fd());
         }
+        // A dir's cached fd is the dir itself: no walk of its name.
+        if node.is_dir() {
+            if let Some(fd) = self.cache.fds.lock().get(&(node.nodeid, top)).cloned() {
+                return sys::fstat(fd.as_fd());
+            }
+        }
         let (pfd, name) = match self.entry_in(node, top) {
             Ok(e) => e,
             Err(e) => return sys::fstat(node.held().ok_or(e)?.as_fd()),
