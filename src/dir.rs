@@ -484,14 +484,22 @@ impl Overlay {
         {
             return Ok(false);
         }
-        layers.remove(0);
-        let Some(f) = self.find_in(parent, cname, layers)?.0 else {
-            return Ok(false);
+        // The node the kernel holds for the name, when it was looked up
+        // lately, tells what is there: lower layers never change.
+        let node = match self.named_child(parent.nodeid, name) {
+            Some(n) if !n.is_dir() && n.top().is_some_and(|t| !self.layers.is_upper(t)) => Some(n),
+            Some(_) => return Ok(false),
+            None => {
+                layers.remove(0);
+                let Some(f) = self.find_in(parent, cname, layers)?.0 else {
+                    return Ok(false);
+                };
+                if sys::is_dir(f.st.st_mode) {
+                    return Ok(false);
+                }
+                self.table.find_key(&self.key_of(parent, name, &f).0)
+            }
         };
-        if sys::is_dir(f.st.st_mode) {
-            return Ok(false);
-        }
-        let node = self.table.find_key(&self.key_of(parent, name, &f).0);
         let held = node.as_ref().and_then(|n| self.holdable_lower(n));
         let Ok(ufd) = self.dir_fd(parent, UPPER) else {
             return Ok(false);

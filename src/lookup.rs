@@ -496,6 +496,7 @@ impl Overlay {
             parent,
             &name.to_os_string(),
         );
+        self.note_named(parent.nodeid, name, node.nodeid);
         if node.is_dir() {
             if node.redirect() != redirect {
                 node.set_redirect(redirect);

@@ -16,10 +16,11 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// `Inode::lower_misses` once the dir's one lower layer should be listed.
@@ -33,11 +34,18 @@ pub(crate) struct DirCache {
     /// Names in a merged dir's lower layers (which never change), so a
     /// lookup over many layers probes only those that hold the name.
     listings: Mutex<NameCache>,
+    /// The node last looked up under each (parent, name), one slot per
+    /// hash of both, overwritten on collision: an unlink finds there the
+    /// node the kernel holds for the name without probing the layers.
+    recent: Box<[AtomicU64]>,
+    hasher: RandomState,
 }
 
 impl DirCache {
-    /// At most `fds` dir fds, and listings of about `entries` * 4 names.
+    /// At most `fds` dir fds, listings of about `entries` * 4 names, and
+    /// about `entries` recent names (8 bytes each).
     pub(crate) fn new(fds: usize, entries: usize) -> DirCache {
+        let slots = entries.clamp(1024, 1 << 16).next_power_of_two();
         DirCache {
             fds: Mutex::new(LruCache::new(
                 NonZeroUsize::new(fds).unwrap_or(NonZeroUsize::MIN),
@@ -48,7 +56,14 @@ impl DirCache {
                 // Names, not dirs: memory stays bounded however big the dirs.
                 cap: entries.saturating_mul(4).max(1024),
             }),
+            recent: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            hasher: RandomState::new(),
         }
+    }
+
+    fn recent_slot(&self, parent: u64, name: &OsStr) -> &AtomicU64 {
+        let h = self.hasher.hash_one((parent, name.as_bytes()));
+        &self.recent[h as usize & (self.recent.len() - 1)]
     }
 
     /// Dir fds and listed names held now.
@@ -203,6 +218,19 @@ impl Overlay {
         )?);
         self.cache.fds.lock().put((node.nodeid, layer), fd.clone());
         Ok(fd)
+    }
+
+    /// Notes that `node` was just looked up as `name` in `parent`.
+    pub(crate) fn note_named(&self, parent: u64, name: &OsStr, node: u64) {
+        self.cache.recent_slot(parent, name).store(node, Relaxed);
+    }
+
+    /// The node the kernel holds for `name` in `parent`, if it was looked
+    /// up recently and is still named so.
+    pub(crate) fn named_child(&self, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
+        let id = self.cache.recent_slot(parent, name).load(Relaxed);
+        let node = self.table.get(id)?;
+        node.is_named_as(parent, name).then_some(node)
     }
 
     /// Drops cached fds and listings of a directory (after rmdir, rename or forget).
