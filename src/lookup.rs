@@ -458,8 +458,11 @@ impl Overlay {
     /// A lower name of an indexed hard link whose index entry is a
     /// metadata-only copy reads its own lower file: the entry has no data.
     pub(crate) fn own_lower_data(&self, node: &Arc<Inode>) -> Option<Arc<OwnedFd>> {
+        if !self.cfg.metacopy || self.index.is_none() {
+            return None;
+        }
         let top = node.top()?;
-        if self.layers.is_upper(top) || !self.cfg.metacopy || !node.has_index() {
+        if self.layers.is_upper(top) || !node.has_index() {
             return None;
         }
         let (idir, iname) = self.index_dir_entry(node)?;

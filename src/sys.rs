@@ -580,15 +580,16 @@ pub struct RawDirent {
 /// Reads all entries of a directory (opened O_RDONLY|O_DIRECTORY), "." and ".." excluded.
 pub fn read_dir_all(fd: &OwnedFd) -> Result<Vec<RawDirent>> {
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    // Not zeroed: only the bytes the kernel wrote are read.
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
-        // SAFETY: live fds and NUL-terminated names; the kernel touches only what the arguments describe.
+        // SAFETY: a live fd and a buffer of `capacity` writable bytes.
         let n = unsafe {
             libc::syscall(
                 libc::SYS_getdents64,
                 fd.as_raw_fd(),
                 buf.as_mut_ptr(),
-                buf.len(),
+                buf.capacity(),
             )
         };
         if n < 0 {
@@ -597,10 +598,12 @@ pub fn read_dir_all(fd: &OwnedFd) -> Result<Vec<RawDirent>> {
         if n == 0 {
             break;
         }
+        // SAFETY: getdents64 filled the first `n` bytes.
+        let filled = unsafe { std::slice::from_raw_parts(buf.as_ptr(), n as usize) };
         let mut off = 0usize;
-        while off < n as usize {
+        while off < filled.len() {
             // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-            let rec = &buf[off..];
+            let rec = &filled[off..];
             let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
             let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
             let d_type = rec[18];
