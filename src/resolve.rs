@@ -192,8 +192,8 @@ impl Overlay {
         if node.nodeid == ROOT {
             return Ok(self.layers.get(layer).root.clone());
         }
-        if let Some(fd) = self.cache.fds.lock().get(&(node.nodeid, layer)) {
-            return Ok(fd.clone());
+        if let Some(fd) = self.cached_dir_fd(node, layer) {
+            return Ok(fd);
         }
         let (parent, name) = node.alias().ok_or_else(|| sys::err(libc::ENOENT))?;
         // A renamed directory is found in the lower layers where it was.
@@ -218,6 +218,11 @@ impl Overlay {
         )?);
         self.cache.fds.lock().put((node.nodeid, layer), fd.clone());
         Ok(fd)
+    }
+
+    /// The fd of directory `node` in `layer` if the cache holds it.
+    fn cached_dir_fd(&self, node: &Inode, layer: LayerIdx) -> Option<Arc<OwnedFd>> {
+        self.cache.fds.lock().get(&(node.nodeid, layer)).cloned()
     }
 
     /// Notes that `node` was just looked up as `name` in `parent`.
@@ -517,7 +522,7 @@ impl Overlay {
         }
         // A dir's cached fd is the dir itself: no walk of its name.
         if node.is_dir() {
-            if let Some(fd) = self.cache.fds.lock().get(&(node.nodeid, top)).cloned() {
+            if let Some(fd) = self.cached_dir_fd(node, top) {
                 return sys::fstat(fd.as_fd());
             }
         }
