@@ -110,6 +110,10 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// Free memory an arena may keep at its top (glibc's default until its
+/// dynamic threshold moves it, 128 KiB; 1 MiB spares small churn).
+const TRIM_THRESHOLD: usize = 1 << 20;
+
 pub struct Overlay {
     pub(crate) layers: Layers,
     pub(crate) table: InodeTable,
@@ -163,6 +167,9 @@ impl Overlay {
             None => None,
         };
         let root_layers: Vec<LayerIdx> = layers.indices().collect();
+        // Memory follows the kernel's cache (see `forget`) only if every
+        // thread's arena hands its freed top back too.
+        sys::fix_malloc_trim_threshold(TRIM_THRESHOLD);
         // Cached dir fds must stay well inside the fd limit.
         let fds = sys::raise_fd_limit();
         let cap = cfg.cache_entries.min((fds / 4) as usize).max(16);

@@ -873,6 +873,16 @@ pub fn getrandom(buf: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// Fixes the size of free memory a malloc arena keeps at its top.
+/// `malloc_trim` releases the top of the main arena only; another thread's
+/// arena gives its top back on `free` once it passes this threshold, which
+/// glibc otherwise raises up to 64 MiB after large blocks are freed.
+pub fn fix_malloc_trim_threshold(bytes: usize) {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only changes a tunable of the allocator.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, bytes) };
+}
+
 /// Gives freed heap memory back to the system.
 pub fn malloc_trim() {
     // SAFETY: malloc_trim only releases memory the allocator holds free.
