@@ -877,6 +877,7 @@ pub fn getrandom(buf: &mut [u8]) -> Result<()> {
 /// `malloc_trim` releases the top of the main arena only; another thread's
 /// arena gives its top back on `free` once it passes this threshold, which
 /// glibc otherwise raises up to 64 MiB after large blocks are freed.
+/// Fixing it also keeps blocks over 128 KiB in mappings of their own.
 pub fn fix_malloc_trim_threshold(bytes: usize) {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only changes a tunable of the allocator.
